@@ -1,0 +1,453 @@
+"""HydraModel: one base model as policy, reference, reward model and critic.
+
+Four modes, one code path (see DESIGN.md, "The four modes"). Each mode is a *role plan*: for every role it
+names which base model serves it and which adapter is active there (``None`` = adapters off, ``FULL`` = a
+plain, fully-trainable model). Everything else - switching, scoring, saving - reads the plan, so the memory
+comparison between modes compares layouts, not implementations.
+
+    mode      bases                         policy        reference   reward      critic
+    full      policy, reference, reward,    policy FULL   reference   reward      critic FULL
+              critic (4 full copies)
+    lora      sft, rm (2 copies)            sft/actor     sft/off     rm/off      rm/critic
+    j-hydra   shared (1 copy)               shared/shared shared/off  shared/off  shared/shared
+    hydra     shared (1 copy)               shared/actor  shared/off  shared/off  shared/critic
+
+Heads live outside peft (peft's ``disable_adapter`` would silently swap a ``modules_to_save`` head for its
+original copy): ``reward_head`` (frozen, read at the last real token) and ``value_head`` (trainable, one
+value per token, initialised from the reward head).
+
+Sequence layout used by every scoring method: ``input_ids`` (B, P + R) holds left-padded prompts of width P
+followed by right-padded responses of width R; ``attention_mask`` marks real tokens; ``response_mask``
+(B, R) marks real response tokens. Position ids are derived from the mask, as ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import load_causal_lm, resolve_model
+
+logger = logging.getLogger(__name__)
+
+MODES = ("full", "lora", "j-hydra", "hydra")
+ROLES = ("policy", "reference", "reward", "critic")
+FROZEN_ROLES = ("reference", "reward")
+FULL = "<full>"  # a role served by a whole trainable model, no adapter
+
+ROLE_PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
+    "full": {
+        "policy": ("policy", FULL),
+        "reference": ("reference", None),
+        "reward": ("reward", None),
+        "critic": ("critic", FULL),
+    },
+    "lora": {"policy": ("sft", "actor"), "reference": ("sft", None), "reward": ("rm", None), "critic": ("rm", "critic")},
+    "j-hydra": {
+        "policy": ("shared", "shared"),
+        "reference": ("shared", None),
+        "reward": ("shared", None),
+        "critic": ("shared", "shared"),
+    },
+    "hydra": {
+        "policy": ("shared", "actor"),
+        "reference": ("shared", None),
+        "reward": ("shared", None),
+        "critic": ("shared", "critic"),
+    },
+}
+
+HEADS_FILE = "hydra_heads.safetensors"  # reward head (and value head) next to a base or a PPO checkpoint
+MANIFEST_FILE = "hydra_manifest.json"
+
+
+@dataclass
+class HydraModelConfig:
+    """How to build a HydraModel. Shared by the SFT and PPO recipes."""
+
+    model_name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Base model: a bundled short name (smollm2-135m), a local directory or a hub id. For PPO, "
+                  "the Hydra-SFT checkpoint (its reward head is read from hydra_heads.safetensors)."},
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
+    )
+    mode: str = field(default="hydra", metadata={"help": f"Model layout, one of {MODES} (see DESIGN.md)."})
+    quantization: str = field(
+        default="none", metadata={"help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout. 0 keeps PPO's ratios exact."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a comma-separated list."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown mode {self.mode!r}: use one of {', '.join(MODES)}.")
+        if self.quantization not in ("none", "8bit", "4bit"):
+            raise ValueError(f"Unknown quantization {self.quantization!r}: use none, 8bit or 4bit.")
+        if self.mode == "full" and self.quantization != "none":
+            raise ValueError(
+                f"mode 'full' trains every weight, which a {self.quantization} base cannot do; "
+                "use quantization 'none', or mode lora / j-hydra / hydra."
+            )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; on CUDA bf16 where supported, else fp16 (a T4)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def _decoder_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, the same ones ``generate`` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class HydraModel(nn.Module):
+    """Policy, reference, reward model and critic over one (or, for the baselines, 2 or 4) base models."""
+
+    def __init__(self, bases: dict[str, nn.Module], mode: str, hidden_size: int, config: HydraModelConfig):
+        super().__init__()
+        self.mode, self.config = mode, config
+        self.plan = ROLE_PLANS[mode]
+        self.bases = nn.ModuleDict(bases)
+        self.reward_head = nn.Linear(hidden_size, 1)
+        self.value_head = nn.Linear(hidden_size, 1)
+        self.reward_head.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> "HydraModel":
+        """Load the base(s), add adapters as the mode requires, and read the reward head from the base's
+        ``hydra_heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init,
+        so every process of a multi-process run starts identical."""
+        device = torch.device(device)
+        dtype = resolve_dtype(config.dtype, device)
+        load = lambda path: load_causal_lm(  # noqa: E731
+            path, dtype=dtype, quantization=config.quantization, device=device, trust_remote_code=config.trust_remote_code
+        )
+        reward_path = config.reward_model_path or config.model_name_or_path
+        policy_base = _frozen(load(config.model_name_or_path))
+        torch.manual_seed(seed)
+        if config.mode in ("hydra", "j-hydra"):
+            adapters = ["actor", "critic"] if config.mode == "hydra" else ["shared"]
+            bases = {"shared": _with_adapters(policy_base, adapters, config)}
+        elif config.mode == "lora":  # the baseline keeps the SFT model and the reward model apart
+            bases = {"sft": _with_adapters(policy_base, ["actor"], config),
+                     "rm": _with_adapters(_frozen(load(reward_path)), ["critic"], config)}
+        else:
+            bases = {"policy": load(config.model_name_or_path), "reference": policy_base,
+                     "reward": _frozen(load(reward_path)), "critic": load(reward_path)}
+        model = cls(bases, config.mode, policy_base.config.hidden_size, config)
+        model.reward_head.to(device)  # the bases are already placed (bitsandbytes places at load time)
+        model.value_head.to(device)
+        model.load_reward_head(reward_path)
+        for base in model.bases.values():
+            _disable_dropout(base)
+            if config.gradient_checkpointing:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model._remember_trainable()
+        return model
+
+    def load_reward_head(self, base_path: str) -> None:
+        """Reward head from a Hydra-SFT checkpoint; the value head starts as its copy."""
+        heads = Path(resolve_model(base_path)) / HEADS_FILE
+        if heads.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(heads)
+            self.reward_head.load_state_dict({k.removeprefix("reward_head."): v for k, v in state.items()
+                                              if k.startswith("reward_head.")})
+        else:
+            logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
+                           "meaningful rewards.", base_path, HEADS_FILE)
+        self.value_head.load_state_dict(self.reward_head.state_dict())
+
+    def _remember_trainable(self) -> None:
+        # peft's set_adapter() flips requires_grad; we restore this set after every switch.
+        self._trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _restore_trainable(self) -> None:
+        wanted = set(self._trainable_names)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in wanted)
+
+    # ------------------------------------------------------------------------------------------------ roles
+
+    @contextmanager
+    def role(self, name: str):
+        """The one place adapters are switched. Yields the module that serves ``name``.
+
+        Frozen roles (reference, reward) run with adapters off under ``torch.no_grad``; the previous adapter
+        and the trainable set are restored in ``finally``, also when the body raises.
+        """
+        if name not in ROLES:
+            raise ValueError(f"Unknown role {name!r}: use one of {', '.join(ROLES)}.")
+        base_name, adapter = self.plan[name]
+        model = self.bases[base_name]
+        with ExitStack() as stack:
+            if name in FROZEN_ROLES:
+                stack.enter_context(torch.no_grad())
+            if adapter is None and hasattr(model, "disable_adapter"):
+                stack.enter_context(model.disable_adapter())
+            elif adapter not in (None, FULL):
+                stack.enter_context(self._adapter_active(model, adapter))
+            yield model
+
+    @contextmanager
+    def _adapter_active(self, model, adapter: str):
+        previous = model.active_adapter
+        model.set_adapter(adapter)
+        self._restore_trainable()
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+            self._restore_trainable()
+
+    def _same_pass(self, role_a: str, role_b: str) -> bool:
+        """Two roles can share one forward when they use the same base with the same adapter state."""
+        return self.plan[role_a] == self.plan[role_b]
+
+    # ------------------------------------------------------------------------------------------------ scoring
+
+    def _hidden(self, model, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T, H) final-layer hidden states (after the last norm)."""
+        decoder, _ = _decoder_and_lm_head(model)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def _response_logprobs(self, model, hidden, input_ids, prompt_len, temperature, return_entropy=False):
+        """(B, R) log pi(a_t | s_t) of the response tokens, from hidden states at the positions predicting them."""
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        _, lm_head = _decoder_and_lm_head(model)
+        logits = lm_head(hidden[:, prompt_len - 1 : -1]).float() / temperature  # (B, R, V)
+        logprobs = selective_log_softmax(logits, input_ids[:, prompt_len:])
+        if not return_entropy:
+            return logprobs
+        with torch.no_grad():
+            return logprobs, entropy_from_logits(logits.detach())
+
+    def _values(self, hidden, prompt_len) -> torch.Tensor:
+        """(B, R) V(s_t) for each response step, read where the step's token is predicted."""
+        return self.value_head(hidden[:, prompt_len - 1 : -1].float()).squeeze(-1)
+
+    def _rewards(self, hidden, attention_mask) -> torch.Tensor:
+        """(B,) reward head at the last real token (responses are right-padded)."""
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+        return self.reward_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
+
+    def frozen_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
+        """Reference log-probs (B, R) and rewards (B,). One adapters-off forward where the reference and the
+        reward model are the same base (hydra, j-hydra); two forwards otherwise."""
+        with self.role("reference") as model:
+            hidden = self._hidden(model, input_ids, attention_mask)
+            ref_logprobs = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature)
+        if not self._same_pass("reference", "reward"):
+            with self.role("reward") as model:
+                hidden = self._hidden(model, input_ids, attention_mask)
+        with torch.no_grad():
+            rewards = self._rewards(hidden, attention_mask)
+        return ref_logprobs, rewards
+
+    def rewards(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B,) reward-model scores of whole sequences (adapters off, reward head)."""
+        with self.role("reward") as model:
+            return self._rewards(self._hidden(model, input_ids, attention_mask), attention_mask)
+
+    def policy_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
+                      return_entropy: bool = False):
+        """Actor log-probs (B, R) and critic values (B, R), with grad if grad is enabled. One forward where
+        actor and critic share their adapter (j-hydra), two otherwise. With ``return_entropy``, also the
+        per-token policy entropy (B, R), without grad."""
+        with self.role("policy") as model:
+            hidden = self._hidden(model, input_ids, attention_mask)
+            logprobs = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature, return_entropy)
+        if not self._same_pass("policy", "critic"):
+            with self.role("critic") as model:
+                hidden = self._hidden(model, input_ids, attention_mask)
+        values = self._values(hidden, prompt_len)
+        return (*logprobs, values) if return_entropy else (logprobs, values)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, **generation_kwargs) -> torch.Tensor:
+        """Sample with the policy; returns (B, P + R) sequences (HF ``generate`` output)."""
+        with self.role("policy") as model:
+            was_training = model.training
+            model.eval()  # KV cache on; gradient checkpointing only applies in train mode
+            try:
+                return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+            finally:
+                model.train(was_training)
+
+    # ---------------------------------------------------------------------------------------------- accounting
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """Frozen base weights: everything but adapters and heads (includes full-mode trainable copies)."""
+        return [p for name, p in self.named_parameters()
+                if "lora_" not in name and not name.startswith(("reward_head", "value_head"))]
+
+    def base_copies(self) -> int:
+        """How many copies of the base weights are in memory, counted from distinct parameter storages."""
+        seen, total = set(), 0
+        for param in self.base_parameters():
+            storage = param.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        one_base = sum(p.untyped_storage().nbytes() for p in _unique_params(next(iter(self.bases.values()))))
+        return round(total / one_base)
+
+    def frozen_bases(self) -> dict[str, nn.Module]:
+        """The base models whose weights must never change (the ones adapters sit on, or frozen copies)."""
+        trainable_bases = {self.plan[r][0] for r in ROLES if self.plan[r][1] == FULL}
+        return {name: base for name, base in self.bases.items() if name not in trainable_bases}
+
+    def frozen_fingerprint(self) -> dict[str, str]:
+        """sha256 of every frozen base's weights (adapters excluded) and of the reward head."""
+        prints = {"reward_head": _hash_weights(self.reward_head)}
+        prints.update({name: _hash_weights(base) for name, base in self.frozen_bases().items()})
+        return prints
+
+    # ---------------------------------------------------------------------------------------------- save/load
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Adapters in standard peft layout (``<base>/<adapter>/adapter_model.safetensors``, loadable with
+        ``PeftModel.from_pretrained(base, path)``), heads as safetensors, full-mode trainable models with
+        ``save_pretrained``, and a manifest naming base and mode."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for role in ("policy", "critic"):
+            base_name, adapter = self.plan[role]
+            base = self.bases[base_name]
+            if adapter == FULL:
+                base.save_pretrained(directory / base_name)
+            else:
+                base.save_pretrained(directory / base_name, selected_adapters=[adapter])
+        heads = {f"reward_head.{k}": v for k, v in self.reward_head.state_dict().items()}
+        heads.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
+        save_file({k: v.contiguous() for k, v in heads.items()}, directory / HEADS_FILE)
+        manifest = {"format": 1, "mode": self.mode, "config": asdict(self.config), "plan": self.plan}
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HydraModel":
+        """Rebuild from ``save_pretrained`` output: base(s) from the manifest, then the saved trained parts."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a HydraModel checkpoint: {MANIFEST_FILE} is missing.")
+        manifest = json.loads(manifest_path.read_text())
+        model = cls.from_config(HydraModelConfig(**manifest["config"]), device=device)
+        model.load_trained(directory)
+        return model
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Load saved adapters, full-mode trainable weights and heads into this model, in place."""
+        from safetensors.torch import load_file, load_model
+
+        directory = Path(directory)
+        for role in ("policy", "critic"):
+            base_name, adapter = self.plan[role]
+            base = self.bases[base_name]
+            if adapter == FULL:
+                load_model(base, directory / base_name / "model.safetensors", strict=False)
+            else:
+                from peft import set_peft_model_state_dict
+
+                state = load_file(directory / base_name / adapter / "adapter_model.safetensors")
+                set_peft_model_state_dict(base, state, adapter_name=adapter)
+        heads = load_file(directory / HEADS_FILE)
+        self.reward_head.load_state_dict({k[len("reward_head."):]: v for k, v in heads.items() if k.startswith("reward_head.")})
+        self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in heads.items() if k.startswith("value_head.")})
+        self._restore_trainable()
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    return model.requires_grad_(False)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+
+
+def _with_adapters(base: nn.Module, adapters: list[str], config: HydraModelConfig):
+    """Wrap a frozen base in a PeftModel carrying the named LoRA adapters (bias none: adapters off == base)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.add_adapter(name, lora)
+    for name, param in model.named_parameters():  # every adapter trainable, never the base
+        param.requires_grad_("lora_" in name)
+    return model
+
+
+def _unique_params(module: nn.Module):
+    seen = set()
+    for name, param in module.named_parameters():
+        if "lora_" in name or param.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(param.untyped_storage().data_ptr())
+        yield param
+
+
+def _hash_weights(model: nn.Module) -> str:
+    """sha256 over a module's state, adapters excluded. trl's ``hash_module`` cannot skip the adapters (which
+    train) and goes through numpy, which has no bfloat16; raw bytes cover every dtype, 4-bit storage included."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        tensor = tensor.detach().cpu()
+        digest.update(name.encode() + str(tensor.dtype).encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
