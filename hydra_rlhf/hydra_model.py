@@ -297,9 +297,9 @@ class HydraModel(nn.Module):
         return (*logprobs, values) if return_entropy else (logprobs, values)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, **generation_kwargs) -> torch.Tensor:
-        """Sample with the policy; returns (B, P + R) sequences (HF ``generate`` output)."""
-        with self.role("policy") as model:
+    def generate(self, input_ids, attention_mask, role: str = "policy", **generation_kwargs) -> torch.Tensor:
+        """Sample with the policy (or ``role="reference"``: the starting policy); returns (B, P + R) sequences."""
+        with self.role(role) as model:
             was_training = model.training
             model.eval()  # KV cache on; gradient checkpointing only applies in train mode
             try:
@@ -311,6 +311,20 @@ class HydraModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by optimiser group: ``actor`` (the policy's adapter or full model) and ``critic``
+        (the critic's adapter or full model, and the value head). A shared adapter (j-hydra) counts as actor."""
+        groups: dict[str, list[nn.Parameter]] = {"actor": [], "critic": [*self.value_head.parameters()]}
+        seen = {id(p) for p in groups["critic"]}
+        for role, group in (("policy", "actor"), ("critic", "critic")):
+            base_name, adapter = self.plan[role]
+            for name, param in self.bases[base_name].named_parameters():
+                owned = adapter == FULL or f".{adapter}." in name
+                if owned and param.requires_grad and id(param) not in seen:
+                    seen.add(id(param))
+                    groups[group].append(param)
+        return groups
 
     def base_parameters(self) -> list[nn.Parameter]:
         """Frozen base weights: everything but adapters and heads (includes full-mode trainable copies)."""

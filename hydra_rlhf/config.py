@@ -1,0 +1,89 @@
+"""Typed configs with help on every field. ``TrlParser`` turns them into ``--config recipe.yaml`` plus flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .hydra_model import HydraModelConfig
+
+
+@dataclass
+class PPOConfig:
+    """One PPO run: data, rollout, optimisation, logging. Model layout lives in ``HydraModelConfig``."""
+
+    # --- data
+    prompts_path: str = field(
+        default="demo:train", metadata={"help": "Prompts: 'demo:train' / 'demo:eval' (bundled), a local JSONL/Parquet "
+                                        "file, or a hub dataset name."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (text or messages)."})
+    eval_prompts_path: str | None = field(default="demo:eval", metadata={"help": "Held-out prompts for evaluation; "
+                                                                         "empty to skip."})
+    max_prompt_length: int = field(default=64, metadata={"help": "Prompts longer than this (tokens) are cut from the left."})
+    num_eval_prompts: int | None = field(default=None, metadata={"help": "Use only the first N held-out prompts."})
+    # --- rollout
+    batch_size: int = field(default=16, metadata={"help": "Prompts per PPO iteration, per process."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Response length cap (tokens)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used in log-probs)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling. 1.0 keeps PPO's ratios on-policy."})
+    stop_at_eos: bool = field(default=True, metadata={"help": "End a response at the EOS token."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the reward of "
+                                                                      "responses cut off before EOS."})
+    # --- rewards and KL
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial coefficient of the per-token KL penalty."})
+    kl_controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al.)."})
+    kl_target: float = field(default=6.0, metadata={"help": "Adaptive controller: target KL per sequence (nats)."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive controller: horizon in samples."})
+    reward_normalization: str = field(default="none", metadata={"help": "Scores: none, batch (whiten) or running."})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to +-this after normalisation."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    # --- optimisation
+    num_iterations: int = field(default=20, metadata={"help": "PPO iterations (rollout + learning)."})
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
+    minibatch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step (after accumulation)."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    actor_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the actor adapter."})
+    critic_lr: float = field(default=3e-4, metadata={"help": "Learning rate of the critic adapter and value head."})
+    lr_scheduler: str = field(default="constant", metadata={"help": "constant, linear or cosine (over all steps)."})
+    warmup_steps: int = field(default=0, metadata={"help": "LR warm-up optimizer steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
+    clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around old values."})
+    vf_coef: float = field(default=0.5, metadata={"help": "Weight of the value loss."})
+    max_nonfinite_in_a_row: int = field(default=3, metadata={"help": "Stop after this many non-finite updates in a "
+                                                               "row (each is skipped and logged)."})
+    # --- run
+    output_dir: str = field(default="runs/ppo", metadata={"help": "Checkpoints, metrics, memory log, plots."})
+    seed: int = field(default=0, metadata={"help": "Random seed (prompt order, sampling, adapter init)."})
+    save_every: int = field(default=5, metadata={"help": "Checkpoint every N iterations (0: only at the end)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    report_to: str = field(default="none", metadata={"help": "Tracker: none, tensorboard or wandb."})
+    profile_memory: bool = field(default=True, metadata={"help": "Record memory per stage (memory.jsonl)."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every N iterations (0: only before and after)."})
+    eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Response cap at evaluation "
+                                                                    "(default: max_new_tokens)."})
+
+    def __post_init__(self):
+        if self.kl_controller not in ("fixed", "adaptive"):
+            raise ValueError(f"kl_controller {self.kl_controller!r}: use 'fixed' or 'adaptive'.")
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_scheduler {self.lr_scheduler!r}: use constant, linear or cosine.")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ValueError(f"report_to {self.report_to!r}: use none, tensorboard or wandb.")
+        micro = self.minibatch_size // max(self.gradient_accumulation_steps, 1)
+        if self.batch_size % self.minibatch_size or micro * self.gradient_accumulation_steps != self.minibatch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of minibatch_size ({self.minibatch_size}), which "
+                f"must be a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})."
+            )
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (log-probs are divided by it).")
+
+
+def field_names(*dataclass_types) -> set[str]:
+    return {f.name for cls in dataclass_types for f in fields(cls)}
+
+
+__all__ = ["PPOConfig", "HydraModelConfig", "field_names"]

@@ -1,0 +1,127 @@
+"""Data through ``datasets``: bundled demo files, local JSONL/Parquet, or hub datasets.
+
+Formats (TRL's): *standard* rows hold text (``prompt``, ``chosen``, ``rejected``); *conversational* rows hold
+lists of ``{"role", "content"}`` messages. Standard prompts are wrapped as one user message so the chat
+template applies either way. Bad rows are skipped and counted, never silently kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "data"
+BUNDLED = {
+    "demo:train": "demo_prompts_train.jsonl",
+    "demo:eval": "demo_prompts_eval.jsonl",
+    "demo:preferences-train": "demo_preferences_train.jsonl",
+    "demo:preferences-eval": "demo_preferences_eval.jsonl",
+}
+
+
+def load_rows(source: str, split: str = "train"):
+    """A ``datasets.Dataset`` from a bundled name (``demo:train``...), a local .jsonl/.json/.parquet file, or a hub
+    dataset name (needs the network)."""
+    import datasets
+
+    if source in BUNDLED:
+        source = str(DATA_DIR / BUNDLED[source])
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise FileNotFoundError(f"Data file {source} does not exist.")
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    if source.startswith("demo:"):
+        raise ValueError(f"Unknown bundled dataset {source!r}: use one of {', '.join(BUNDLED)}.")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as error:  # offline, unknown name: say what to do instead
+        raise RuntimeError(
+            f"Could not load dataset {source!r} ({type(error).__name__}). Offline, use a local .jsonl/.parquet file "
+            "or a bundled one (demo:train, demo:preferences-train, ...)."
+        ) from error
+
+
+def require_columns(rows, columns: list[str], source: str) -> None:
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise KeyError(f"{source}: column {missing[0]!r} not found; columns are {rows.column_names}. "
+                       "Set the matching *_column option.")
+
+
+def as_messages(value, role: str) -> list[dict] | None:
+    """Text or a message list, as a message list; ``None`` when empty."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value.strip()}] if value.strip() else None
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        return value if any(str(m["content"]).strip() for m in value) else None
+    return None
+
+
+def message_text(messages: list[dict]) -> str:
+    return "\n".join(str(m["content"]) for m in messages)
+
+
+def load_prompts(source: str, column: str = "prompt", limit: int | None = None) -> tuple[list[list[dict]], Counter]:
+    """Prompts as message lists, with a count of skipped rows by reason."""
+    rows = load_rows(source)
+    require_columns(rows, [column], source)
+    prompts, skipped = [], Counter()
+    for value in rows[column]:
+        messages = as_messages(value, "user")
+        if messages is None:
+            skipped["empty prompt"] += 1
+            continue
+        prompts.append(messages)
+    if skipped:
+        logger.warning("%s: skipped %s", source, dict(skipped))
+    return prompts[:limit] if limit else prompts, skipped
+
+
+def load_preferences(
+    source: str, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected", limit=None
+) -> tuple[list[dict], Counter]:
+    """Preference pairs as ``{"prompt": messages, "chosen": messages, "rejected": messages}``; empty rows and
+    pairs whose chosen equals rejected are skipped and counted."""
+    rows = load_rows(source)
+    require_columns(rows, [prompt_column, chosen_column, rejected_column], source)
+    pairs, skipped = [], Counter()
+    for prompt, chosen, rejected in zip(rows[prompt_column], rows[chosen_column], rows[rejected_column]):
+        prompt, chosen, rejected = as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
+        if prompt is None or chosen is None or rejected is None:
+            skipped["empty"] += 1
+        elif message_text(chosen) == message_text(rejected):
+            skipped["chosen equals rejected"] += 1
+        else:
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if skipped:
+        logger.warning("%s: skipped %s", source, dict(skipped))
+    return pairs[:limit] if limit else pairs, skipped
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tuple[list[list[int]], int]:
+    """Chat-templated prompt token ids, truncated from the left to ``max_length``; returns (ids, n_truncated)."""
+    encoded, truncated = [], 0
+    for messages in prompts:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if len(ids) > max_length:
+            ids, truncated = ids[-max_length:], truncated + 1
+        encoded.append(list(ids))
+    return encoded, truncated
+
+
+def left_pad(sequences: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of left-padded sequences."""
+    import torch
+    from trl.trainer.utils import pad
+
+    ids = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    input_ids = pad(ids, padding_value=pad_id, padding_side="left")
+    mask = pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left")
+    return input_ids, mask

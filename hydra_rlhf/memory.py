@@ -1,0 +1,252 @@
+"""Memory measured per named stage, with one helper everywhere.
+
+``MemoryProfiler.stage(name)`` records, for the stage, the peak bytes and the change (end - start):
+
+* CUDA: torch's allocator statistics, peak reset at every stage start (``max_memory_allocated``), with the
+  reserved peak alongside.
+* CPU: there is no allocator peak, so we count **live tensor storages**: a ``TorchDispatchMode`` sees every
+  tensor an op creates, counts its storage once, and uncounts it when the last tensor on it dies. Tensors that
+  existed before profiling started (the weights) are registered up front. This measures tensors only, not the
+  Python/library overhead, so it means the same thing in every mode. The process's peak RSS (``VmHWM``,
+  reset per stage through ``/proc/self/clear_refs``) is recorded beside it as a cross-check.
+
+Both report the same keys, so the table and the JSON read the same on either device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "log")
+CPU_MEASURE = "live tensor-storage bytes (TorchDispatchMode accounting); peak RSS alongside"
+CUDA_MEASURE = "torch.cuda max_memory_allocated, peak reset per stage"
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages, and their peak since the last ``reset_peak``."""
+
+    def __init__(self):
+        super().__init__()
+        self._refs: dict[int, list[int]] = {}  # storage address -> [nbytes, live tensors counted on it]
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf)
+        return out
+
+    def track(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        address, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0:
+            return
+        entry = self._refs.get(address)
+        if entry is None:
+            entry = self._refs[address] = [nbytes, 0]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        # torch keeps a tensor's Python object alive while C++ still holds it (autograd's saved tensors
+        # included), so this fires when the tensor itself is freed.
+        weakref.finalize(tensor, self._release, address)
+
+    def _release(self, address: int) -> None:
+        entry = self._refs.get(address)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._refs[address]
+            self.current -= entry[0]
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+
+def _read_proc_status(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+class MemoryProfiler:
+    """Per-stage memory for a PPO run. Use one instance for the whole run::
+
+        profiler = MemoryProfiler(device, tensors=model.parameters())
+        with profiler.stage("generate"):
+            ...
+        profiler.end_iteration()  # appends one JSONL record when ``log_path`` is set
+
+    On CPU it installs the tensor accounting for its whole life (``close()`` removes it), so tensors that live
+    across stages - rollouts, optimizer state - are counted in every stage they are alive in.
+    """
+
+    def __init__(self, device: torch.device | str, tensors=(), log_path: str | Path | None = None, enabled=True):
+        self.device = torch.device(device)
+        self.enabled = enabled
+        self.log_path = Path(log_path) if log_path else None
+        self.iteration_record: dict[str, dict] = {}
+        self.history: list[dict[str, dict]] = []
+        self._tracker = None
+        if not enabled:
+            self.measure = "disabled"
+        elif self.device.type == "cuda":
+            self.measure = CUDA_MEASURE
+        else:
+            self.measure = CPU_MEASURE
+            self._tracker = LiveTensorBytes()
+            for tensor in tensors:
+                self._tracker.track(tensor)
+            self._tracker.__enter__()
+
+    def register(self, tensors) -> None:
+        """Count tensors created outside profiling (e.g. a model loaded after the profiler)."""
+        if self._tracker is not None:
+            for tensor in tensors:
+                self._tracker.track(tensor)
+
+    def current_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return self._tracker.current if self._tracker else 0
+
+    @contextmanager
+    def stage(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        start = self._start()
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            record = self._finish(start)
+            record["seconds"] = round(time.perf_counter() - began, 4)
+            self.iteration_record[name] = record
+
+    def _start(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._tracker.reset_peak()
+            _reset_peak_rss()
+        return self.current_bytes()
+
+    def _finish(self, start: int) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            end = torch.cuda.memory_allocated(self.device)
+            return {"peak_bytes": torch.cuda.max_memory_allocated(self.device), "delta_bytes": end - start,
+                    "end_bytes": end, "reserved_peak_bytes": torch.cuda.max_memory_reserved(self.device)}
+        end = self._tracker.current
+        return {"peak_bytes": self._tracker.peak, "delta_bytes": end - start, "end_bytes": end,
+                "rss_peak_bytes": _read_proc_status("VmHWM")}
+
+    def end_iteration(self, step: int | None = None) -> dict[str, dict]:
+        """Close the iteration's record, append it to the JSONL log, and return it."""
+        record, self.iteration_record = self.iteration_record, {}
+        if record:
+            self.history.append(record)
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "measure": self.measure, "stages": record}) + "\n")
+        return record
+
+    def summary(self) -> dict[str, dict]:
+        """Per stage over all iterations: the largest peak and the mean change, plus the overall peak."""
+        return summarize(self.history)
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.__exit__(None, None, None)
+            self._tracker = None
+
+
+def summarize(history: list[dict[str, dict]]) -> dict[str, dict]:
+    stages: dict[str, dict] = defaultdict(lambda: {"peak_bytes": 0, "delta_bytes": [], "seconds": []})
+    for record in history:
+        for name, values in record.items():
+            entry = stages[name]
+            entry["peak_bytes"] = max(entry["peak_bytes"], values["peak_bytes"])
+            entry["delta_bytes"].append(values["delta_bytes"])
+            entry["seconds"].append(values.get("seconds", 0.0))
+    ordered = sorted(stages, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+    return {
+        name: {"peak_bytes": stages[name]["peak_bytes"],
+               "delta_bytes": round(sum(stages[name]["delta_bytes"]) / len(stages[name]["delta_bytes"])),
+               "seconds": round(sum(stages[name]["seconds"]) / len(stages[name]["seconds"]), 3)}
+        for name in ordered
+    }
+
+
+def read_memory_log(path: str | Path) -> tuple[str, list[dict[str, dict]]]:
+    """(measure, per-iteration stage records) from a run's ``memory.jsonl``."""
+    measure, history = "unknown", []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            history.append(row["stages"])
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}, line {number}: not a memory record ({error}).") from None
+        measure = row.get("measure", measure)
+    return measure, history
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def stage_table(columns: dict[str, dict[str, dict]], title: str = "Memory per stage"):
+    """A rich Table: one row per stage, peak and change per column (a mode, or a single run)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("stage")
+    for name in columns:
+        table.add_column(f"{name} peak", justify="right")
+        table.add_column(f"{name} change", justify="right")
+    stages = []
+    for summary in columns.values():
+        stages += [s for s in summary if s not in stages]
+    for stage in stages:
+        cells = []
+        for summary in columns.values():
+            values = summary.get(stage)
+            cells += [format_bytes(values["peak_bytes"]), format_bytes(values["delta_bytes"])] if values else ["-", "-"]
+        table.add_row(stage, *cells)
+    overall = [format_bytes(max(v["peak_bytes"] for v in summary.values())) if summary else "-" for summary in columns.values()]
+    table.add_row("[bold]overall peak[/bold]", *[c for o in overall for c in (f"[bold]{o}[/bold]", "")])
+    return table

@@ -1,0 +1,100 @@
+"""``run_ppo``: a whole PPO run (load, train, evaluate, report), shared by ``recipes/ppo.py``, the demo and the
+notebooks. Writes into ``output_dir``: ``metrics.jsonl``, ``memory.jsonl``, ``checkpoints/``, ``final/`` (the
+trained adapters and heads), ``eval.json``, ``training.png``, ``memory.png`` and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import PPOConfig
+from .hydra_model import HydraModel, HydraModelConfig
+from .memory import stage_table
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(report_to: str = "none", output_dir: str = "runs"):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=None if report_to == "none" else report_to,
+        project_dir=output_dir,
+    )
+
+
+def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None, console=None) -> dict:
+    """Train, evaluate on held-out prompts, print the memory table, and return the run's summary."""
+    from rich.console import Console
+
+    from .data import load_prompts
+    from .evaluate import evaluate
+    from .memory import summarize
+    from .models import load_tokenizer, resolve_model
+    from .plots import plot_memory, plot_training
+    from .trainer import PPOTrainer, _eos_ids
+
+    started = time.perf_counter()
+    accelerator = accelerator or make_accelerator(config.report_to, config.output_dir)
+    console = console or Console()
+    output = Path(config.output_dir)
+    with accelerator.main_process_first():  # the bundled model converts once, on the main process
+        resolve_model(model_config.model_name_or_path)
+    tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
+    model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed)
+    prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
+    accelerator.init_trackers("hydra-rlhf", config={**asdict(model_config), **asdict(config)})
+
+    trainer = PPOTrainer(model, tokenizer, config, prompts, accelerator)
+    fingerprint = model.frozen_fingerprint()
+    history = trainer.train()
+    trainer.profiler.close()
+    accelerator.end_training()
+    memory = summarize(trainer.profiler.history)
+    summary = {
+        "mode": model_config.mode,
+        "device": str(accelerator.device),
+        "measure": trainer.profiler.measure,
+        "iterations": trainer.iteration,
+        "base_copies": model.base_copies(),
+        "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
+        "memory": memory,
+        "peak_bytes": max((s["peak_bytes"] for s in memory.values()), default=0),
+        "final_metrics": history[-1] if history else {},
+    }
+    if accelerator.is_main_process:
+        model.save_pretrained(output / "final")
+        if config.eval_prompts_path:
+            eval_prompts, _ = load_prompts(config.eval_prompts_path, config.prompt_column, config.num_eval_prompts)
+            results = evaluate(model, tokenizer, eval_prompts, config.eval_max_new_tokens or config.max_new_tokens,
+                               config.max_prompt_length, eos_token_ids=_eos_ids(tokenizer, model))
+            (output / "eval.json").write_text(json.dumps(results, indent=2))
+            summary["eval"] = results
+        history = _read_history(output / "metrics.jsonl") or history  # a resumed run plots the whole run
+        if history:
+            plot_training(history, output / "training.png")
+        if memory:
+            plot_memory({model_config.mode: memory}, output / "memory.png")
+            console.print(stage_table({model_config.mode: memory}))
+            console.print(f"measure: {summary['measure']}")
+        summary["wall_seconds"] = time.perf_counter() - started
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _read_history(path: Path) -> list[dict]:
+    """metrics.jsonl, one row per iteration (a resumed run re-logs iterations after its checkpoint: keep the last)."""
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["iteration"]] = row
+    return [rows[i] for i in sorted(rows)]

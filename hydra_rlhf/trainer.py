@@ -1,0 +1,320 @@
+"""The PPO loop on a HydraModel. ``PPOTrainer.step`` is one iteration, read top to bottom in numbered stages.
+
+Multi-process (``accelerate launch --num_processes N``): every process samples its own prompts; gradients of
+the (small) trainable set are averaged across processes before each optimiser step, so adapters stay
+identical on every rank without wrapping the multi-role model in DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import ppo_math
+from . import rollout as experience
+from .config import PPOConfig
+from .data import encode_prompts, left_pad
+from .memory import MemoryProfiler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "iter-"
+STATE_FILE = "trainer_state.pt"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite updates in a row; the last good checkpoint is kept."""
+
+
+class PPOTrainer:
+    def __init__(self, model, tokenizer, config: PPOConfig, prompts: list[list[dict]], accelerator=None):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.output_dir = Path(config.output_dir)
+        self.eos_token_ids = _eos_ids(tokenizer, model)
+
+        # Each process takes its own slice of the prompts.
+        encoded, truncated = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+        if truncated:
+            logger.info("%d prompts were longer than %d tokens and were cut from the left.", truncated, config.max_prompt_length)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.prompt_ids = encoded[rank::world]
+        if len(self.prompt_ids) < config.batch_size:
+            raise ValueError(f"Only {len(self.prompt_ids)} prompts per process, fewer than batch_size {config.batch_size}.")
+
+        groups = model.parameter_groups()
+        self.trainable = [p for params in groups.values() for p in params]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": groups["actor"], "lr": config.actor_lr}, {"params": groups["critic"], "lr": config.critic_lr}],
+            weight_decay=config.weight_decay,
+        )
+        steps_per_iteration = config.ppo_epochs * (config.batch_size // config.minibatch_size)
+        self.scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
+                                       num_training_steps=config.num_iterations * steps_per_iteration)
+        self.kl_controller = (
+            ppo_math.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+            if config.kl_controller == "adaptive" else ppo_math.FixedKLController(config.kl_coef)
+        )
+        self.moments = ppo_math.RunningMoments()
+        self.iteration = 0
+        self.nonfinite_in_a_row = 0
+        self.generation_kwargs = dict(
+            max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature, top_p=config.top_p,
+            top_k=0, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids if config.stop_at_eos else None,
+        )
+        self.profiler = MemoryProfiler(
+            self.device, tensors=[*model.parameters(), *model.buffers()],
+            log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
+            enabled=config.profile_memory,
+        )
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    def train(self) -> list[dict]:
+        """Run (or resume) ``num_iterations`` iterations; checkpoint every ``save_every`` and at the end."""
+        from tqdm.auto import tqdm
+
+        if self.config.resume:
+            self.resume()
+        history = []
+        bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc="PPO",
+                   disable=not self.accelerator.is_local_main_process)
+        while self.iteration < self.config.num_iterations:
+            metrics = self.step()
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        bar.close()
+        return history
+
+    def step(self) -> dict:
+        """One PPO iteration."""
+        config, model, stage = self.config, self.model, self.profiler.stage
+        torch.manual_seed(self._seed("sample"))  # a function of (seed, iteration, rank): resumes reproduce it
+        started = time.perf_counter()
+
+        # step 1. generate: the actor samples responses for a batch of prompts
+        with stage("generate"):
+            prompt_ids, prompt_mask = self._next_prompts()
+            model.eval()
+            rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids)
+        # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
+        with stage("score_frozen"):
+            experience.score_frozen(model, rollout, config.temperature)
+        # step 3. score_policy: the actor's log-probs and the critic's values at sampling time
+        with stage("score_policy"):
+            experience.score_policy(model, rollout, config.temperature)
+        # step 4. advantages: KL-shaped rewards, GAE, whitening
+        with stage("advantages"):
+            experience.compute_advantages(rollout, config, self.kl_controller.value, self.moments)
+            finite = self._all_ranks(torch.isfinite(rollout.scores).all())
+        # step 5. train: epochs x minibatches of clipped policy and value losses
+        with stage("train"):
+            model.train()
+            stats = self.learn(rollout) if finite else {"train/skipped_nonfinite_updates": 1.0}
+            healthy = finite and stats["train/skipped_nonfinite_updates"] == 0
+        # step 6. log: metrics, KL controller, checkpoint
+        with stage("log"):
+            self.iteration += 1
+            metrics = self._metrics(rollout, stats, time.perf_counter() - started)
+            self.kl_controller.update(metrics["objective/kl"], config.batch_size * self.accelerator.num_processes)
+            self._log(metrics)
+            self._guard_nonfinite(healthy)
+            periodic = config.save_every and self.iteration % config.save_every == 0
+            if healthy and (periodic or self.iteration == config.num_iterations):
+                self.save_checkpoint()
+        self.profiler.end_iteration(self.iteration)
+        return metrics
+
+    def learn(self, rollout: experience.Rollout) -> dict:
+        """PPO epochs over the rollout: shuffled minibatches, gradient accumulation over micro-batches."""
+        config = self.config
+        generator = torch.Generator().manual_seed(self._seed("shuffle"))
+        micro_size = config.minibatch_size // config.gradient_accumulation_steps
+        stats = defaultdict(list)
+        skipped = 0
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(config.batch_size, generator=generator)
+            for minibatch in order.split(config.minibatch_size):
+                for micro in minibatch.split(micro_size):
+                    loss = self._loss(rollout.select(micro), stats)
+                    (loss / config.gradient_accumulation_steps).backward()
+                skipped += not self._optimizer_step(stats)
+        summary = {key: sum(values) / len(values) for key, values in stats.items()}
+        summary["train/skipped_nonfinite_updates"] = float(skipped)
+        return summary
+
+    def _loss(self, batch: experience.Rollout, stats: dict) -> torch.Tensor:
+        config, mask = self.config, batch.response_mask.float()
+        logprobs, entropy, values = self.model.policy_scores(
+            batch.input_ids, batch.attention_mask, batch.prompt_len, config.temperature, return_entropy=True
+        )
+        pg = ppo_math.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.clip_range)
+        vf_loss, vf_clipfrac = ppo_math.value_loss(values, batch.values, batch.returns, mask, config.clip_range_value)
+        loss = pg.loss + config.vf_coef * vf_loss
+        for key, value in {
+            "policy/loss": pg.loss, "policy/clipfrac": pg.clipfrac, "policy/approx_kl": pg.approx_kl,
+            "policy/ratio": pg.ratio, "policy/entropy": ppo_math.masked_mean(entropy, mask),
+            "value/loss": vf_loss, "value/clipfrac": vf_clipfrac,
+        }.items():
+            stats[key].append(float(value.detach()))
+        return loss
+
+    def _optimizer_step(self, stats: dict) -> bool:
+        """Average gradients across processes, clip, step. A non-finite gradient skips the step."""
+        if self.accelerator.num_processes > 1:
+            for param in self.trainable:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.AVG)
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        if not math.isfinite(grad_norm):  # identical on every rank: the gradients were averaged
+            logger.warning("Iteration %d: non-finite gradient norm; update skipped.", self.iteration + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        stats["train/grad_norm"].append(grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _seed(self, purpose: str) -> int:
+        offset = {"sample": 0, "shuffle": 1}[purpose]
+        return (self.config.seed * 1_000_003 + self.iteration * 7919 + offset) * 131 + self.accelerator.process_index
+
+    def _next_prompts(self):
+        """The iteration's prompts: a seeded permutation per pass over the data, so a resumed run picks the same."""
+        size, n = self.config.batch_size, len(self.prompt_ids)
+        per_pass = n // size
+        epoch, index = divmod(self.iteration, per_pass)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
+        chosen = [self.prompt_ids[i] for i in order[index * size : (index + 1) * size]]
+        ids, mask = left_pad(chosen, self.tokenizer.pad_token_id)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _all_ranks(self, flag: torch.Tensor) -> bool:
+        flag = flag.float().to(self.device).reshape(1)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _metrics(self, rollout: experience.Rollout, stats: dict, seconds: float) -> dict:
+        mask = rollout.response_mask.float()
+        lengths = mask.sum(-1)
+        local = {
+            "objective/reward": rollout.raw_scores.mean(),
+            "objective/scores": rollout.scores.mean(),
+            "objective/kl": rollout.kl.sum(-1).mean(),
+            "objective/non_score_reward": (rollout.rewards.sum(-1) - rollout.scores).mean(),
+            "value/explained_variance": ppo_math.explained_variance(rollout.values, rollout.returns, mask),
+            "value/mean": ppo_math.masked_mean(rollout.values, mask),
+            "response/length_mean": lengths.mean(),
+            "response/eos_fraction": rollout.has_eos.float().mean(),
+        }
+        local = {k: float(v) for k, v in local.items()}
+        local.update(stats)
+        if self.accelerator.num_processes > 1:
+            values = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
+            local = dict(zip(local, values.tolist()))
+        tokens = float(lengths.sum()) * self.accelerator.num_processes
+        local.update({
+            "objective/kl_coef": self.kl_controller.value,
+            "speed/iteration_seconds": seconds,
+            "speed/tokens_per_second": tokens / max(seconds, 1e-9),
+            "lr/actor": self.optimizer.param_groups[0]["lr"],
+            "lr/critic": self.optimizer.param_groups[1]["lr"],
+        })
+        for name, values in self.profiler.iteration_record.items():
+            local[f"memory/{name}_peak_bytes"] = values["peak_bytes"]
+        return local
+
+    def _log(self, metrics: dict) -> None:
+        self.accelerator.log(metrics, step=self.iteration)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": self.iteration, **metrics}) + "\n")
+
+    def _guard_nonfinite(self, healthy: bool) -> None:
+        self.nonfinite_in_a_row = 0 if healthy else self.nonfinite_in_a_row + 1
+        if not healthy:
+            logger.warning("Iteration %d had a non-finite reward or gradient; its updates were skipped.", self.iteration)
+        if self.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} iterations in a row had non-finite rewards or gradients; stopping. "
+                f"The last good checkpoint is in {self.output_dir / 'checkpoints'}."
+            )
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        """Adapters, heads and trainer state, written to a temporary directory and renamed into place."""
+        target = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.iteration:06d}"
+        if self.accelerator.is_main_process:
+            staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            self.model.save_pretrained(staging)
+            torch.save(self._state_dict(), staging / STATE_FILE)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def _state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "moments": self.moments.state_dict(),
+            "config": json.dumps(asdict(self.config)),
+        }
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint in ``output_dir`` (none: start fresh)."""
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            logger.info("No checkpoint in %s; starting from scratch.", self.output_dir)
+            return False
+        self.model.load_trained(checkpoint)
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)  # never an arbitrary pickle
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.moments.load_state_dict(state["moments"])
+        self.iteration, self.nonfinite_in_a_row = state["iteration"], state["nonfinite_in_a_row"]
+        logger.info("Resumed from %s (iteration %d).", checkpoint, self.iteration)
+        return True
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``iter-NNNNNN`` directory; temporary (half-written) ones never carry that name."""
+    directory = Path(output_dir) / "checkpoints"
+    found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
+    return found[-1] if found else None
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(next(iter(model.bases.values())).generation_config, "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return sorted(i for i in ids if i is not None)
