@@ -69,19 +69,14 @@ MANIFEST_FILE = "hydra_manifest.json"
 
 
 @dataclass
-class HydraModelConfig:
-    """How to build a HydraModel. Shared by the SFT and PPO recipes."""
+class ModelConfig:
+    """How to load a base model and its adapters. Shared by the SFT and PPO recipes."""
 
     model_name_or_path: str = field(
         default="smollm2-135m",
         metadata={"help": "Base model: a bundled short name (smollm2-135m), a local directory or a hub id. For PPO, "
                   "the Hydra-SFT checkpoint (its reward head is read from hydra_heads.safetensors)."},
     )
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
-    )
-    mode: str = field(default="hydra", metadata={"help": f"Model layout, one of {MODES} (see DESIGN.md)."})
     quantization: str = field(
         default="none", metadata={"help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."}
     )
@@ -96,10 +91,24 @@ class HydraModelConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"Unknown mode {self.mode!r}: use one of {', '.join(MODES)}.")
         if self.quantization not in ("none", "8bit", "4bit"):
             raise ValueError(f"Unknown quantization {self.quantization!r}: use none, 8bit or 4bit.")
+
+
+@dataclass
+class HydraModelConfig(ModelConfig):
+    """A ModelConfig plus the PPO layout: which mode, and the separate reward model of the baselines."""
+
+    mode: str = field(default="hydra", metadata={"help": f"Model layout, one of {MODES} (see DESIGN.md)."})
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown mode {self.mode!r}: use one of {', '.join(MODES)}.")
         if self.mode == "full" and self.quantization != "none":
             raise ValueError(
                 f"mode 'full' trains every weight, which a {self.quantization} base cannot do; "
@@ -156,10 +165,10 @@ class HydraModel(nn.Module):
         torch.manual_seed(seed)
         if config.mode in ("hydra", "j-hydra"):
             adapters = ["actor", "critic"] if config.mode == "hydra" else ["shared"]
-            bases = {"shared": _with_adapters(policy_base, adapters, config)}
+            bases = {"shared": with_lora_adapters(policy_base, adapters, config)}
         elif config.mode == "lora":  # the baseline keeps the SFT model and the reward model apart
-            bases = {"sft": _with_adapters(policy_base, ["actor"], config),
-                     "rm": _with_adapters(_frozen(load(reward_path)), ["critic"], config)}
+            bases = {"sft": with_lora_adapters(policy_base, ["actor"], config),
+                     "rm": with_lora_adapters(_frozen(load(reward_path)), ["critic"], config)}
         else:
             bases = {"policy": load(config.model_name_or_path), "reference": policy_base,
                      "reward": _frozen(load(reward_path)), "critic": load(reward_path)}
@@ -422,7 +431,7 @@ def _disable_dropout(model: nn.Module) -> None:
     disable_dropout_in_model(model)
 
 
-def _with_adapters(base: nn.Module, adapters: list[str], config: HydraModelConfig):
+def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig):
     """Wrap a frozen base in a PeftModel carrying the named LoRA adapters (bias none: adapters off == base)."""
     from peft import LoraConfig, get_peft_model
 

@@ -1,0 +1,302 @@
+"""Hydra-SFT: one checkpoint that is both the SFT policy (LM head) and the reward model (reward head).
+
+Objectives (one flag):
+* ``hydra``  - LM loss on the chosen responses + ``reward_weight`` x Bradley-Terry loss on (chosen, rejected)
+               through a scalar reward head read at the last token; one forward serves both.
+* ``sft``    - the LM loss alone (the SFT model of the ``lora``/``full`` baselines).
+* ``reward`` - the Bradley-Terry loss alone (their separate reward model).
+
+The saved checkpoint is an ordinary transformers model directory plus ``hydra_heads.safetensors``; PPO loads it
+as its frozen base. LoRA is merged into the weights. A quantized (4-/8-bit) base cannot take an exact merge,
+so we reload the base unquantized, merge the trained LoRA into it and save that; PPO quantizes it again at
+load time with ``quantization: 4bit``. Sequences have the layout PPO scores: chat-templated prompt, response
+tokens, EOS, and the reward is read at the last real token, as in PPO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hydra_model import HEADS_FILE, ModelConfig, with_lora_adapters
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("hydra", "sft", "reward")
+
+
+@dataclass
+class SFTConfig:
+    objective: str = field(default="hydra", metadata={"help": f"One of {OBJECTIVES}: joint LM + reward (hydra), "
+                                                             "LM only (sft), reward only (reward)."})
+    finetune: str = field(default="lora", metadata={"help": "lora (merged into the weights at the end) or full."})
+    train_path: str = field(default="demo:preferences-train", metadata={
+        "help": "Preference pairs: 'demo:preferences-train' (bundled), a local JSONL/Parquet file or a hub dataset."})
+    eval_path: str | None = field(default="demo:preferences-eval", metadata={"help": "Held-out pairs; empty to skip."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (text or messages)."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Column with the preferred response."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Column with the dispreferred response."})
+    max_prompt_length: int = field(default=64, metadata={"help": "Prompts are cut from the left to this many tokens."})
+    max_length: int = field(default=128, metadata={"help": "Prompt + response tokens; longer rows are truncated "
+                                                          "or dropped (see truncation)."})
+    truncation: str = field(default="truncate", metadata={"help": "truncate (cut the response) or drop long rows."})
+    reward_weight: float = field(default=1.0, metadata={"help": "Weight of the Bradley-Terry term (hydra objective)."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    head_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the reward head."})
+    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (fractions allowed)."})
+    batch_size: int = field(default=8, metadata={"help": "Pairs per optimizer step."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "constant, linear or cosine."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent warming up."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Pairs per evaluation forward."})
+    output_dir: str = field(default="runs/sft", metadata={"help": "Where the checkpoint (model + heads) goes."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"Unknown objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}.")
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"Unknown finetune {self.finetune!r}: use lora or full.")
+        if self.truncation not in ("truncate", "drop"):
+            raise ValueError(f"Unknown truncation {self.truncation!r}: use truncate or drop.")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def encode_pairs(tokenizer, pairs: list[dict], config: SFTConfig) -> tuple[list[dict], Counter]:
+    """Token ids per pair: ``prompt`` (templated, left-truncated), ``chosen`` and ``rejected`` (response + EOS),
+    with rows over ``max_length`` truncated or dropped, and counted."""
+    from .data import encode_prompts, message_text
+
+    prompt_ids, truncated_prompts = encode_prompts(tokenizer, [p["prompt"] for p in pairs], config.max_prompt_length)
+    counts = Counter({"prompt truncated": truncated_prompts} if truncated_prompts else {})
+    encoded = []
+    for prompt, pair in zip(prompt_ids, pairs):
+        row = {"prompt": prompt}
+        for key in ("chosen", "rejected"):
+            response = tokenizer(message_text(pair[key]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            room = config.max_length - len(prompt)
+            if len(response) > room:
+                counts[f"{key} over max_length"] += 1
+                if config.truncation == "drop":
+                    row = None
+                    break
+                response = response[: max(room, 1)]
+            row[key] = response
+        if row is not None:
+            encoded.append(row)
+    return encoded, counts
+
+
+def collate(rows: list[dict], pad_id: int, keys=("chosen", "rejected")) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response sequences for ``keys`` stacked in that order, with masks: ``input_ids``,
+    ``attention_mask``, ``labels_mask`` (1 on response tokens)."""
+    sequences, label_masks = [], []
+    for key in keys:
+        for row in rows:
+            sequences.append(row["prompt"] + row[key])
+            label_masks.append([0] * len(row["prompt"]) + [1] * len(row[key]))
+    width = max(len(s) for s in sequences)
+    pad = lambda xs, value: [x + [value] * (width - len(x)) for x in xs]  # noqa: E731
+    return {
+        "input_ids": torch.tensor(pad(sequences, pad_id)),
+        "attention_mask": torch.tensor(pad([[1] * len(s) for s in sequences], 0)),
+        "labels_mask": torch.tensor(pad(label_masks, 0)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class HydraSFTModel(nn.Module):
+    """A causal LM (optionally LoRA-wrapped) with a scalar reward head on its final hidden state."""
+
+    def __init__(self, lm: nn.Module, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.reward_head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.reward_head.bias)
+
+    def forward(self, input_ids, attention_mask, labels_mask):
+        """(per-sequence mean LM loss on response tokens (N,), reward at the last real token (N,))."""
+        causal_lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(-1) - 1
+        rewards = self.reward_head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1]).float()
+        token_loss = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        mask = labels_mask[:, 1:].float()
+        return (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1), rewards
+
+
+def sft_loss(model: HydraSFTModel, batch: dict, objective: str, reward_weight: float) -> tuple[torch.Tensor, dict]:
+    """One forward over [chosen; rejected]: LM loss from the chosen half, Bradley-Terry from both halves."""
+    lm_loss, rewards = model(**batch)
+    half = len(rewards) // 2
+    margin = rewards[:half] - rewards[half:]
+    bt_loss = -F.logsigmoid(margin).mean()
+    lm = lm_loss[:half].mean()
+    loss = {"hydra": lm + reward_weight * bt_loss, "sft": lm, "reward": bt_loss}[objective]
+    return loss, {"lm_loss": float(lm.detach()), "reward_loss": float(bt_loss.detach()),
+                  "reward_accuracy": float((margin > 0).float().mean())}
+
+
+@torch.no_grad()
+def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size: int) -> dict:
+    """Reward-head pairwise accuracy on held-out pairs; LM perplexity on their chosen responses (token-weighted)."""
+    model.eval()
+    correct, nll, tokens = 0, 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad_id)
+        lm_loss, rewards = model(**batch)
+        half = len(rewards) // 2
+        correct += int((rewards[:half] > rewards[half:]).sum())
+        response_tokens = (batch["labels_mask"][:half, 1:]).sum(-1)
+        nll += float((lm_loss[:half] * response_tokens).sum())
+        tokens += int(response_tokens.sum())
+    return {"reward_accuracy": correct / max(len(rows), 1), "perplexity": math.exp(nll / max(tokens, 1)),
+            "num_pairs": len(rows)}
+
+
+def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> HydraSFTModel:
+    from .hydra_model import resolve_dtype
+    from .models import load_causal_lm
+
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    lm = load_causal_lm(model_config.model_name_or_path, dtype=resolve_dtype(model_config.dtype, device),
+                        quantization=model_config.quantization, device=device,
+                        trust_remote_code=model_config.trust_remote_code)
+    if config.finetune == "lora":
+        lm.requires_grad_(False)
+        lm = with_lora_adapters(lm, ["default"], model_config)
+    elif model_config.quantization != "none":
+        raise ValueError("finetune 'full' cannot train a quantized base; use finetune: lora or quantization: none.")
+    if model_config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(lm)
+    return HydraSFTModel(lm, lm.config.hidden_size).to(device)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
+    """Train, evaluate, save the checkpoint atomically; returns the summary (also in ``sft_summary.json``)."""
+    from rich.console import Console
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from .data import load_preferences
+    from .models import load_tokenizer
+
+    console = console or Console()
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
+    pairs, skipped = load_preferences(config.train_path, config.prompt_column, config.chosen_column,
+                                      config.rejected_column, config.max_train_pairs)
+    rows, length_counts = encode_pairs(tokenizer, pairs, config)
+    eval_rows = []
+    if config.eval_path:
+        eval_pairs, eval_skipped = load_preferences(config.eval_path, config.prompt_column, config.chosen_column,
+                                                    config.rejected_column)
+        eval_rows, _ = encode_pairs(tokenizer, eval_pairs, config)
+    console.print(f"SFT ({config.objective}, {config.finetune}): {len(rows)} training pairs, {len(eval_rows)} held-out; "
+                  f"skipped {dict(skipped) or 0}; length handling {dict(length_counts) or 'none needed'}")
+    if not rows:
+        raise ValueError(f"{config.train_path}: no usable training pairs after skipping {dict(skipped)}.")
+
+    model = build_sft_model(model_config, config, device)
+    head = list(model.reward_head.parameters())
+    body = [p for p in model.lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": config.learning_rate},
+                                   {"params": head, "lr": config.head_learning_rate}], weight_decay=0.0)
+    steps = max(1, math.ceil(len(rows) * config.num_epochs / config.batch_size))
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * steps),
+                              num_training_steps=steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    order: list[int] = []
+    history = []
+    model.train()
+    for step in tqdm(range(steps), desc=f"SFT ({config.objective})"):
+        if len(order) < config.batch_size:
+            order += torch.randperm(len(rows), generator=generator).tolist()
+        batch_rows, order = [rows[i] for i in order[: config.batch_size]], order[config.batch_size :]
+        loss, stats = sft_loss(model, collate(batch_rows, tokenizer.pad_token_id), config.objective, config.reward_weight)
+        if not torch.isfinite(loss):
+            logger.warning("SFT step %d: non-finite loss, step skipped.", step)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(body + head, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": float(loss.detach()), **stats})
+
+    results = evaluate_sft(model, eval_rows, tokenizer.pad_token_id, config.eval_batch_size) if eval_rows else {}
+    summary = {"objective": config.objective, "finetune": config.finetune, "train_pairs": len(rows),
+               "skipped": dict(skipped), "length_handling": dict(length_counts), "steps": steps,
+               "eval": results, "final_train": history[-1] if history else {},
+               "wall_seconds": time.perf_counter() - started,
+               "settings": {**asdict(model_config), **asdict(config)}}
+    save_sft_checkpoint(model, model_config, tokenizer, config.output_dir, summary, history)
+    if results:
+        console.print(f"held-out: reward accuracy {results['reward_accuracy']:.1%}, perplexity {results['perplexity']:.2f} "
+                      f"({results['num_pairs']} pairs); {summary['wall_seconds']:.0f} s")
+    return summary
+
+
+def save_sft_checkpoint(model: HydraSFTModel, model_config: ModelConfig, tokenizer, output_dir, summary, history) -> Path:
+    """A plain model directory (LoRA merged) + reward head + summary, written to a temp dir then renamed."""
+    from safetensors.torch import save_file
+
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged = _merged_lm(model.lm, model_config)
+    merged.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    heads = {f"reward_head.{k}": v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()}
+    save_file(heads, staging / HEADS_FILE)
+    (staging / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    (staging / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def _merged_lm(lm: nn.Module, model_config: ModelConfig) -> nn.Module:
+    """The LM with LoRA folded in. A quantized base is reloaded unquantized first (an exact merge needs it)."""
+    if not hasattr(lm, "merge_and_unload"):
+        return lm
+    if model_config.quantization == "none":
+        return lm.merge_and_unload()
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from .models import load_causal_lm
+
+    adapter_state = get_peft_model_state_dict(lm)
+    plain = load_causal_lm(model_config.model_name_or_path, dtype=torch.float32)
+    plain.requires_grad_(False)
+    wrapped = with_lora_adapters(plain, ["default"], model_config)
+    set_peft_model_state_dict(wrapped, adapter_state)
+    return wrapped.merge_and_unload()
