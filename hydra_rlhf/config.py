@@ -58,6 +58,7 @@ class PPOConfig:
     output_dir: str = field(default="runs/ppo", metadata={"help": "Checkpoints, metrics, memory log, plots."})
     seed: int = field(default=0, metadata={"help": "Random seed (prompt order, sampling, adapter init)."})
     save_every: int = field(default=5, metadata={"help": "Checkpoint every N iterations (0: only at the end)."})
+    save_final: bool = field(default=True, metadata={"help": "Checkpoint after the last iteration."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
     report_to: str = field(default="none", metadata={"help": "Tracker: none, tensorboard or wandb."})
     profile_memory: bool = field(default=True, metadata={"help": "Record memory per stage (memory.jsonl)."})

@@ -23,7 +23,6 @@ followed by right-padded responses of width R; ``attention_mask`` marks real tok
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from contextlib import ExitStack, contextmanager

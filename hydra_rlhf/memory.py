@@ -224,20 +224,28 @@ def read_memory_log(path: str | Path) -> tuple[str, list[dict[str, dict]]]:
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.2f} TiB"
+    return f"{n:.1f} TiB"
+
+
+def wide_console():
+    """A rich Console as wide as the terminal, or 120 columns when output is a pipe or a notebook log."""
+    import shutil
+
+    from rich.console import Console
+
+    return Console(width=max(shutil.get_terminal_size((120, 24)).columns, 100))
 
 
 def stage_table(columns: dict[str, dict[str, dict]], title: str = "Memory per stage"):
-    """A rich Table: one row per stage, peak and change per column (a mode, or a single run)."""
+    """A rich Table: one row per stage, one column per mode (or run), each cell ``peak (change)``."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("stage")
     for name in columns:
-        table.add_column(f"{name} peak", justify="right")
-        table.add_column(f"{name} change", justify="right")
+        table.add_column(f"{name}\npeak (change)", justify="right")
     stages = []
     for summary in columns.values():
         stages += [s for s in summary if s not in stages]
@@ -245,8 +253,12 @@ def stage_table(columns: dict[str, dict[str, dict]], title: str = "Memory per st
         cells = []
         for summary in columns.values():
             values = summary.get(stage)
-            cells += [format_bytes(values["peak_bytes"]), format_bytes(values["delta_bytes"])] if values else ["-", "-"]
+            cells.append(f"{format_bytes(values['peak_bytes'])} ({_signed(values['delta_bytes'])})" if values else "-")
         table.add_row(stage, *cells)
-    overall = [format_bytes(max(v["peak_bytes"] for v in summary.values())) if summary else "-" for summary in columns.values()]
-    table.add_row("[bold]overall peak[/bold]", *[c for o in overall for c in (f"[bold]{o}[/bold]", "")])
+    overall = [max(v["peak_bytes"] for v in summary.values()) if summary else 0 for summary in columns.values()]
+    table.add_row("[bold]overall peak[/bold]", *[f"[bold]{format_bytes(o)}[/bold]" for o in overall])
     return table
+
+
+def _signed(n: int) -> str:
+    return ("+" if n >= 0 else "-") + format_bytes(abs(n))

@@ -14,7 +14,7 @@ import torch
 
 from .config import PPOConfig
 from .hydra_model import HydraModel, HydraModelConfig
-from .memory import stage_table
+from .memory import stage_table, wide_console
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ def make_accelerator(report_to: str = "none", output_dir: str = "runs"):
 
 def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None, console=None) -> dict:
     """Train, evaluate on held-out prompts, print the memory table, and return the run's summary."""
-    from rich.console import Console
-
     from .data import load_prompts
     from .evaluate import evaluate
     from .memory import summarize
@@ -42,7 +40,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
 
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(config.report_to, config.output_dir)
-    console = console or Console()
+    console = console or wide_console()
     output = Path(config.output_dir)
     with accelerator.main_process_first():  # the bundled model converts once, on the main process
         resolve_model(model_config.model_name_or_path)

@@ -199,14 +199,14 @@ def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> Hyd
 
 def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     """Train, evaluate, save the checkpoint atomically; returns the summary (also in ``sft_summary.json``)."""
-    from rich.console import Console
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from .data import load_preferences
+    from .memory import wide_console
     from .models import load_tokenizer
 
-    console = console or Console()
+    console = console or wide_console()
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)

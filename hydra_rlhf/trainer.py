@@ -135,7 +135,8 @@ class PPOTrainer:
             self._log(metrics)
             self._guard_nonfinite(healthy)
             periodic = config.save_every and self.iteration % config.save_every == 0
-            if healthy and (periodic or self.iteration == config.num_iterations):
+            last = config.save_final and self.iteration == config.num_iterations
+            if healthy and (periodic or last):
                 self.save_checkpoint()
         self.profiler.end_iteration(self.iteration)
         return metrics

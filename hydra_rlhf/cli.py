@@ -1,0 +1,110 @@
+"""The ``hydra-rlhf`` command: where PPO's memory goes, measured (``profile``), predicted (``estimate``), or read
+back from a finished run (``report``).
+
+    hydra-rlhf profile --modes full,lora,j-hydra,hydra --json runs/profile.json
+    hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --batch-size 8 --gradient-checkpointing
+    hydra-rlhf report runs/demo/ppo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hydra-rlhf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    profile = commands.add_parser("profile", help="Run a few PPO iterations per mode and compare memory per stage.")
+    profile.add_argument("--model", default="smollm2-135m", help="Short name, local path or hub id.")
+    profile.add_argument("--modes", default="full,lora,j-hydra,hydra", help="Comma-separated modes to compare.")
+    profile.add_argument("--batch-size", type=int, default=8)
+    profile.add_argument("--prompt-len", type=int, default=64, help="Prompt tokens (cut from the left).")
+    profile.add_argument("--gen-len", type=int, default=32, help="Generated tokens (EOS ignored: equal work per mode).")
+    profile.add_argument("--iterations", type=int, default=2)
+    profile.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"])
+    profile.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    profile.add_argument("--lora-r", type=int, default=16)
+    profile.add_argument("--prompts", default="demo:train", help="Prompt source (bundled name or file).")
+    profile.add_argument("--json", type=Path, help="Write the results here.")
+    profile.add_argument("--plot", type=Path, help="PNG bar chart (default: next to --json, or profile.png).")
+    profile.set_defaults(handler=run_profile)
+
+    estimate = commands.add_parser("estimate", help="Predict per-stage memory for a model you cannot load here.")
+    from .estimate import add_estimate_arguments, run_estimate
+
+    add_estimate_arguments(estimate)
+    estimate.set_defaults(handler=run_estimate)
+
+    report = commands.add_parser("report", help="The memory table of a finished training run.")
+    report.add_argument("run_dir", type=Path, help="A run's output_dir (holds memory.jsonl).")
+    report.add_argument("--json", type=Path, help="Write the per-stage summary here.")
+    report.set_defaults(handler=run_report)
+
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def run_profile(args) -> int:
+    from .memory import format_bytes, stage_table, wide_console
+    from .plots import plot_memory
+    from .profile import ProfileSettings, profile
+
+    console = wide_console()
+    try:
+        settings = ProfileSettings(model=args.model, modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+                                   batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                   iterations=args.iterations, quantization=args.quant,
+                                   gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                                   prompts=args.prompts)
+        results = profile(settings, progress=lambda mode: console.print(f"[bold]profiling {mode}[/bold] ..."))
+    except (ValueError, RuntimeError, FileNotFoundError, ModuleNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    modes = results["modes"]
+    console.print(stage_table({m: r["stages"] for m, r in modes.items()}, title="PPO memory per stage, by mode"))
+    for mode, result in modes.items():
+        console.print(f"{mode:8s} peak {format_bytes(result['peak_bytes']):>12s}  base copies {result['base_copies']}  "
+                      f"frozen base unchanged {result['frozen_base_unchanged']}  "
+                      f"{result['seconds_per_sample']:.2f} s/sample")
+    for name, ratio in results["ratios"].items():
+        console.print(f"peak {name}: {ratio:.3f}")
+    console.print(f"device: {results['device']}; measure: {results['measure']}")
+    plot_path = args.plot or (args.json.with_suffix(".png") if args.json else Path("profile.png"))
+    plot_memory({m: r["stages"] for m, r in modes.items()}, plot_path)
+    console.print(f"chart: {plot_path}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        console.print(f"json: {args.json}")
+    return 0
+
+
+def run_report(args) -> int:
+    from .memory import read_memory_log, stage_table, summarize, wide_console
+
+    log = args.run_dir / "memory.jsonl"
+    if not log.is_file():
+        print(f"error: {log} not found; pass a training run's output_dir (it needs profile_memory: true).",
+              file=sys.stderr)
+        return 2
+    try:
+        measure, history = read_memory_log(log)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = summarize(history)
+    console = wide_console()
+    console.print(stage_table({args.run_dir.name: summary}, title=f"Memory per stage over {len(history)} iterations"))
+    console.print(f"measure: {measure}")
+    if args.json:
+        args.json.write_text(json.dumps({"measure": measure, "iterations": len(history), "stages": summary,
+                                         "peak_bytes": max(s["peak_bytes"] for s in summary.values())}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

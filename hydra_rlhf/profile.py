@@ -1,0 +1,114 @@
+"""``hydra-rlhf profile``: a few PPO iterations per mode at identical settings, memory measured per stage.
+
+Fairness: every mode runs the same trainer code on the same prompts with the same seed, and generation ignores
+EOS so every mode scores exactly ``gen_len`` tokens. ``base_copies`` is counted from distinct parameter storages
+and ``frozen_base_unchanged`` from a hash of every frozen base before and after the iterations.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .hydra_model import MODES, HydraModel, HydraModelConfig
+from .memory import summarize
+
+
+@dataclass
+class ProfileSettings:
+    model: str = "smollm2-135m"
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    batch_size: int = 8
+    prompt_len: int = 64  # prompts are cut from the left to this many tokens
+    gen_len: int = 32
+    iterations: int = 2
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+    lora_r: int = 16
+    prompts: str = "demo:train"
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"Unknown mode {unknown[0]!r}: use a comma-separated subset of {','.join(MODES)}.")
+        if "full" in self.modes and self.quantization != "none":
+            raise ValueError("mode 'full' trains every weight and cannot use a quantized base; drop it from --modes.")
+
+
+def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accelerator) -> dict:
+    """Run ``settings.iterations`` PPO iterations in ``mode``; return its memory and invariants."""
+    from .config import PPOConfig
+    from .trainer import PPOTrainer
+
+    model_config = HydraModelConfig(model_name_or_path=settings.model, mode=mode, quantization=settings.quantization,
+                                    gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r)
+    with tempfile.TemporaryDirectory() as scratch:
+        ppo_config = PPOConfig(
+            prompts_path=settings.prompts, eval_prompts_path=None, batch_size=settings.batch_size,
+            minibatch_size=settings.batch_size, max_prompt_length=settings.prompt_len, max_new_tokens=settings.gen_len,
+            stop_at_eos=False, num_iterations=settings.iterations, ppo_epochs=1, save_every=0, save_final=False,
+            output_dir=scratch,
+            seed=settings.seed,
+        )
+        model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed)
+        fingerprint = model.frozen_fingerprint()
+        trainer = PPOTrainer(model, tokenizer, ppo_config, prompts, accelerator)
+        started = time.perf_counter()
+        for _ in range(settings.iterations):
+            trainer.step()
+        seconds = time.perf_counter() - started
+        trainer.profiler.close()
+        stages = summarize(trainer.profiler.history)
+        result = {
+            "peak_bytes": max(s["peak_bytes"] for s in stages.values()),
+            "base_copies": model.base_copies(),
+            "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
+            "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
+            "seconds_per_iteration": seconds / settings.iterations,
+            "seconds_per_sample": seconds / (settings.iterations * settings.batch_size),
+            "stages": {name: {"peak_bytes": v["peak_bytes"], "delta_bytes": v["delta_bytes"]} for name, v in stages.items()},
+        }
+    del model, trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile(settings: ProfileSettings, progress=None) -> dict:
+    """Profile every mode in ``settings.modes``; the dict is what ``--json`` writes."""
+    from .data import load_prompts
+    from .models import load_tokenizer, resolve_model
+    from .ppo import make_accelerator
+
+    accelerator = make_accelerator()
+    resolve_model(settings.model)
+    tokenizer = load_tokenizer(settings.model)
+    prompts, _ = load_prompts(settings.prompts)
+    modes = {}
+    for mode in settings.modes:
+        if progress:
+            progress(mode)
+        modes[mode] = profile_mode(mode, settings, tokenizer, prompts, accelerator)
+    measure_device = accelerator.device
+    from .memory import CPU_MEASURE, CUDA_MEASURE
+
+    return {
+        "settings": asdict(settings),
+        "device": torch.cuda.get_device_name(measure_device) if measure_device.type == "cuda" else "cpu",
+        "measure": CUDA_MEASURE if measure_device.type == "cuda" else CPU_MEASURE,
+        "modes": modes,
+        "ratios": ratios(modes),
+    }
+
+
+def ratios(modes: dict) -> dict:
+    """peak(mode) / peak(reference mode), for every pair the issue's targets name."""
+    pairs = [(m, "full") for m in ("lora", "j-hydra", "hydra")] + [(m, "lora") for m in ("j-hydra", "hydra")]
+    return {f"{mode}/{reference}": modes[mode]["peak_bytes"] / modes[reference]["peak_bytes"]
+            for mode, reference in pairs if mode in modes and reference in modes}
