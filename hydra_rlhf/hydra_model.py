@@ -219,6 +219,9 @@ class HydraModel(nn.Module):
         base_name, adapter = self.plan[name]
         model = self.bases[base_name]
         with ExitStack() as stack:
+            # peft re-runs set_adapter() when adapters are re-enabled, which freezes inactive adapters
+            # (seen with bitsandbytes layers): put our trainable set back on every exit.
+            stack.callback(self._restore_trainable)
             if name in FROZEN_ROLES:
                 stack.enter_context(torch.no_grad())
             if adapter is None and hasattr(model, "disable_adapter"):
@@ -236,7 +239,6 @@ class HydraModel(nn.Module):
             yield
         finally:
             model.set_adapter(previous)
-            self._restore_trainable()
 
     def _same_pass(self, role_a: str, role_b: str) -> bool:
         """Two roles can share one forward when they use the same base with the same adapter state."""

@@ -1,0 +1,183 @@
+"""HydraModel invariants, in every mode, on a tiny random model (DESIGN.md, "The four modes")."""
+
+import pytest
+import torch
+
+from hydra_rlhf.hydra_model import MODES, HydraModel, HydraModelConfig
+
+EXPECTED_COPIES = {"full": 4, "lora": 2, "j-hydra": 1, "hydra": 1}
+
+
+def make(tiny_model, mode, **kwargs):
+    return HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode=mode, **kwargs), seed=0)
+
+
+def sample_batch(model, tokenizer, new_tokens=6):
+    enc = tokenizer(["Tell me a joke.", "How do I water a cactus in winter?"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    seq = model.generate(enc.input_ids, enc.attention_mask, max_new_tokens=new_tokens, do_sample=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    prompt_len = enc.input_ids.shape[1]
+    mask = torch.cat([enc.attention_mask, torch.ones_like(seq[:, prompt_len:])], dim=1)
+    return seq, mask, prompt_len
+
+
+def train_step(model, seq, mask, prompt_len, steps=2):
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        logprobs, values = model.policy_scores(seq, mask, prompt_len)
+        (logprobs.mean() + (values**2).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_invariants(tiny_model, tokenizer, mode):
+    from transformers import AutoModelForCausalLM
+
+    model = make(tiny_model, mode)
+    seq, mask, prompt_len = sample_batch(model, tokenizer)
+
+    # base copies, counted from distinct parameter storages
+    assert model.base_copies() == EXPECTED_COPIES[mode]
+
+    # reference log-probs equal the plain base model's
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        logits = plain(seq, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    expected = torch.log_softmax(logits[:, prompt_len - 1 : -1], -1).gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
+    ref_logprobs, rewards = model.frozen_scores(seq, mask, prompt_len)
+    assert torch.allclose(ref_logprobs, expected, atol=1e-5)
+
+    # the fused frozen pass equals separate passes
+    assert torch.allclose(rewards, model.rewards(seq, mask), atol=1e-6)
+    assert not ref_logprobs.requires_grad and not rewards.requires_grad
+
+    # train actor and critic; every trainable parameter changes, nothing frozen does
+    fingerprint = model.frozen_fingerprint()
+    trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train_step(model, seq, mask, prompt_len)
+    for name, param in model.named_parameters():
+        if name in trainable_before:
+            assert not torch.equal(param, trainable_before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, frozen_before[name]), f"frozen {name} changed"
+    assert model.frozen_fingerprint() == fingerprint
+    # after training the policy differs from the reference, and the reference still equals the plain base
+    logprobs, _ = model.policy_scores(seq, mask, prompt_len)
+    assert not torch.allclose(logprobs, ref_logprobs)
+    assert torch.allclose(model.frozen_scores(seq, mask, prompt_len)[0], expected, atol=1e-5)
+
+
+def test_trainable_sets_per_mode(tiny_model):
+    hydra, jhydra = make(tiny_model, "hydra"), make(tiny_model, "j-hydra")
+    groups = hydra.parameter_groups()
+    assert groups["actor"] and all(".actor." in n for n, p in hydra.named_parameters() if any(p is q for q in groups["actor"]))
+    # hydra has two adapters, j-hydra one shared: twice the LoRA parameters
+    lora_count = lambda m: sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)  # noqa: E731
+    assert lora_count(hydra) == 2 * lora_count(jhydra)
+    assert all("bias" not in n or "lora" not in n for n, _ in hydra.named_parameters())  # bias="none"
+
+
+def test_role_restores_adapter_on_exception(tiny_model):
+    model = make(tiny_model, "hydra")
+    peft_model = model.bases["shared"]
+    active = peft_model.active_adapter
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.role("critic"):
+            assert peft_model.active_adapter == "critic"
+            raise RuntimeError("boom")
+    assert peft_model.active_adapter == active
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.role("reference"):
+            assert not torch.is_grad_enabled()
+            raise RuntimeError("boom")
+    assert torch.is_grad_enabled()
+    with pytest.raises(ValueError, match="Unknown role"):
+        with model.role("judge"):
+            pass
+
+
+def test_frozen_roles_never_get_gradients(tiny_model, tokenizer):
+    model = make(tiny_model, "hydra")
+    seq, mask, prompt_len = sample_batch(model, tokenizer)
+    ref_logprobs, rewards = model.frozen_scores(seq, mask, prompt_len)
+    logprobs, values = model.policy_scores(seq, mask, prompt_len)
+    (logprobs.sum() + values.sum()).backward()
+    assert model.reward_head.weight.grad is None
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and "value_head" not in n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_and_load_reproduce_outputs(tiny_model, tokenizer, tmp_path, mode):
+    model = make(tiny_model, mode)
+    seq, mask, prompt_len = sample_batch(model, tokenizer)
+    train_step(model, seq, mask, prompt_len, steps=1)
+    model.save_pretrained(tmp_path)
+    loaded = HydraModel.from_pretrained(tmp_path)
+    for method in ("policy_scores", "frozen_scores"):
+        for a, b in zip(getattr(model, method)(seq, mask, prompt_len), getattr(loaded, method)(seq, mask, prompt_len)):
+            assert torch.equal(a, b), method
+
+
+def test_saved_adapter_loads_with_plain_peft(tiny_model, tokenizer, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = make(tiny_model, "hydra")
+    seq, mask, prompt_len = sample_batch(model, tokenizer)
+    train_step(model, seq, mask, prompt_len, steps=1)
+    model.save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    actor = PeftModel.from_pretrained(base, tmp_path / "shared" / "actor")
+    with torch.no_grad():
+        logits = actor(seq, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    peft_logprobs = torch.log_softmax(logits[:, prompt_len - 1 : -1], -1).gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
+    with torch.no_grad():
+        ours, _ = model.policy_scores(seq, mask, prompt_len)
+    assert torch.allclose(peft_logprobs, ours, atol=1e-5)
+
+
+def test_value_head_starts_as_reward_head(tiny_model):
+    model = make(tiny_model, "hydra")
+    assert torch.equal(model.value_head.weight, model.reward_head.weight)
+    assert model.value_head.weight.requires_grad and not model.reward_head.weight.requires_grad
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_base_on_cpu(tiny_model, tokenizer, quantization):
+    model = make(tiny_model, "hydra", quantization=quantization)
+    seq, mask, prompt_len = sample_batch(model, tokenizer, new_tokens=4)
+    fingerprint = model.frozen_fingerprint()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ref_logprobs, _ = model.frozen_scores(seq, mask, prompt_len)
+    train_step(model, seq, mask, prompt_len)
+    unchanged = [n for n, p in model.named_parameters() if n in before and torch.equal(p, before[n])]
+    assert not unchanged
+    assert model.frozen_fingerprint() == fingerprint
+    assert torch.equal(model.frozen_scores(seq, mask, prompt_len)[0], ref_logprobs)
+    assert model.base_copies() == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tokenizer):
+    grads = []
+    for checkpointing in (False, True):
+        model = make(tiny_model, "hydra", gradient_checkpointing=checkpointing)
+        seq, mask, prompt_len = sample_batch(model, tokenizer)
+        model.train()
+        logprobs, values = model.policy_scores(seq, mask, prompt_len)
+        (logprobs.mean() + values.mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bad_configs_get_one_line_errors():
+    with pytest.raises(ValueError, match="Unknown mode 'turbo': use one of full, lora, j-hydra, hydra"):
+        HydraModelConfig(mode="turbo")
+    with pytest.raises(ValueError, match="mode 'full' trains every weight"):
+        HydraModelConfig(mode="full", quantization="4bit")
+    with pytest.raises(ValueError, match="none, 8bit or 4bit"):
+        HydraModelConfig(quantization="3bit")
