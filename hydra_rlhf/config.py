@@ -62,7 +62,6 @@ class PPOConfig:
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
     report_to: str = field(default="none", metadata={"help": "Tracker: none, tensorboard or wandb."})
     profile_memory: bool = field(default=True, metadata={"help": "Record memory per stage (memory.jsonl)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate every N iterations (0: only before and after)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Response cap at evaluation "
                                                                     "(default: max_new_tokens)."})
 

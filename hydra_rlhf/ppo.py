@@ -53,6 +53,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     fingerprint = model.frozen_fingerprint()
     history = trainer.train()
     trainer.profiler.close()
+    rank_hashes = trainer.trainable_hashes_across_ranks()
     accelerator.end_training()
     memory = summarize(trainer.profiler.history)
     summary = {
@@ -62,6 +63,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
         "iterations": trainer.iteration,
         "base_copies": model.base_copies(),
         "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
+        "trainable_hash_per_rank": rank_hashes,
         "memory": memory,
         "peak_bytes": max((s["peak_bytes"] for s in memory.values()), default=0),
         "final_metrics": history[-1] if history else {},

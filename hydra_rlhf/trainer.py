@@ -264,6 +264,17 @@ class PPOTrainer:
                 f"The last good checkpoint is in {self.output_dir / 'checkpoints'}."
             )
 
+    def trainable_hashes_across_ranks(self) -> list[str]:
+        """sha256 of the trainable weights on every rank (all equal when the ranks stayed in sync)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for param in self.trainable:
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        local = torch.tensor(list(digest.digest()), dtype=torch.uint8, device=self.device)
+        gathered = self.accelerator.gather(local[None]) if self.accelerator.num_processes > 1 else local[None]
+        return [bytes(row.tolist()).hex() for row in gathered.cpu()]
+
     # -------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path | None:

@@ -1,0 +1,105 @@
+"""Hydra-SFT on a tiny model: the recipe, its checkpoint as a PPO base, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import PYTHON, run
+
+
+def sft_args(tiny_model, pairs_files, output, *extra):
+    train, evaluation = pairs_files
+    return [PYTHON, "recipes/sft.py", "--model_name_or_path", tiny_model, "--train_path", str(train),
+            "--eval_path", str(evaluation), "--output_dir", str(output), "--lora_r", "4", "--batch_size", "8",
+            "--learning_rate", "3e-3", "--head_learning_rate", "3e-2", *extra]
+
+
+@pytest.fixture(scope="module")
+def hydra_checkpoint(tiny_model, pairs_files, tmp_path_factory):
+    output = tmp_path_factory.mktemp("sft") / "hydra"
+    result = run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "3"))
+    return output, result
+
+
+def test_hydra_sft_learns_the_preference_and_counts_skips(hydra_checkpoint):
+    output, result = hydra_checkpoint
+    summary = json.loads((output / "sft_summary.json").read_text())
+    assert summary["skipped"] == {"chosen equals rejected": 1, "empty": 1}
+    assert summary["train_pairs"] == 48
+    assert summary["eval"]["num_pairs"] == 16
+    assert summary["eval"]["reward_accuracy"] >= 0.9  # the preference is lexical and easy
+    history = [json.loads(line) for line in (output / "sft_history.jsonl").read_text().splitlines()]
+    assert history[-1]["lm_loss"] < history[0]["lm_loss"]  # the LM half learns too
+    assert "held-out: reward accuracy" in result.stdout
+
+
+def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hydra_rlhf.hydra_model import HEADS_FILE, HydraModel, HydraModelConfig
+
+    output, _ = hydra_checkpoint
+    assert not (output / "adapter_config.json").exists()  # LoRA merged: a plain model directory
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output)))
+    saved = load_file(output / HEADS_FILE)
+    assert torch.equal(model.reward_head.weight, saved["reward_head.weight"])
+    assert torch.equal(model.value_head.weight, saved["reward_head.weight"])
+    plain = AutoModelForCausalLM.from_pretrained(output)
+    enc = tokenizer(["Tell me about item 3."], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(plain(**enc).logits, model.bases["shared"].get_base_model()(**enc).logits)
+
+
+def test_plain_objectives(tiny_model, pairs_files, tmp_path):
+    for objective in ("sft", "reward"):
+        output = tmp_path / objective
+        run(sft_args(tiny_model, pairs_files, output, "--objective", objective, "--max_train_pairs", "16"))
+        history = [json.loads(line) for line in (output / "sft_history.jsonl").read_text().splitlines()]
+        assert len(history) == 2  # 16 pairs / batch 8, one epoch
+        assert json.loads((output / "sft_summary.json").read_text())["objective"] == objective
+
+
+def test_quantized_lora_sft_saves_an_unquantized_merged_model(tiny_model, pairs_files, tmp_path):
+    output = tmp_path / "q"
+    run(sft_args(tiny_model, pairs_files, output, "--quantization", "4bit", "--max_train_pairs", "8"))
+    config = json.loads((output / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_missing_column_is_one_line(tiny_model, pairs_files, tmp_path):
+    result = run(sft_args(tiny_model, pairs_files, tmp_path / "x", "--chosen_column", "answer"), check=False)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "column 'answer' not found" in message and "train.jsonl" in message and "'chosen'" in message
+    assert "Traceback" not in result.stderr
+
+
+def test_long_rows_truncated_or_dropped_and_counted(tokenizer, pairs_files):
+    from hydra_rlhf.data import load_preferences
+    from hydra_rlhf.sft import SFTConfig, encode_pairs
+
+    pairs, _ = load_preferences(str(pairs_files[0]))
+    truncated, counts = encode_pairs(tokenizer, pairs, SFTConfig(max_length=18, max_prompt_length=8))
+    assert len(truncated) == len(pairs) and counts["chosen over max_length"] > 0 and counts["prompt truncated"] > 0
+    assert all(len(r["prompt"]) + len(r["chosen"]) <= 18 for r in truncated)
+    dropped, counts = encode_pairs(tokenizer, pairs, SFTConfig(max_length=18, max_prompt_length=8, truncation="drop"))
+    # a pair is dropped at its first over-long side, so the two counts add up to the dropped pairs
+    assert 0 < len(pairs) - len(dropped) == counts["chosen over max_length"] + counts["rejected over max_length"]
+
+
+def test_bad_sft_settings():
+    from hydra_rlhf.sft import SFTConfig
+
+    with pytest.raises(ValueError, match="hydra, sft, reward"):
+        SFTConfig(objective="dpo")
+    with pytest.raises(ValueError, match="truncate or drop"):
+        SFTConfig(truncation="cut")
+
+
+def test_unknown_yaml_key_names_it(tiny_model, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model}\nreward_wieght: 2.0\n")
+    result = run([PYTHON, "recipes/sft.py", "--config", str(config)], check=False)
+    assert result.returncode == 2 and "reward_wieght" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,130 @@
+"""The PPO recipe end to end on a tiny model: outputs, resume after SIGKILL, multi-process, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import PYTHON, ROOT, run
+
+
+def write_config(path: Path, tiny_model: str, prompts_file: Path, output_dir: Path, **overrides) -> Path:
+    config = {
+        "model_name_or_path": tiny_model, "mode": "hydra", "prompts_path": str(prompts_file),
+        "eval_prompts_path": str(prompts_file), "num_eval_prompts": 8, "batch_size": 4, "minibatch_size": 2,
+        "max_new_tokens": 8, "num_iterations": 2, "save_every": 1, "output_dir": str(output_dir),
+        "lora_r": 4, "seed": 1,
+    }
+    config.update(overrides)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted((run_dir / "final").rglob("*.safetensors")):
+        tensors.update({f"{file.relative_to(run_dir)}:{k}": v for k, v in load_file(file).items()})
+    return tensors
+
+
+def test_ppo_recipe_writes_everything(tiny_model, prompts_file, tmp_path):
+    output = tmp_path / "run"
+    config = write_config(tmp_path / "ppo.yaml", tiny_model, prompts_file, output)
+    result = run([PYTHON, "recipes/ppo.py", "--config", str(config), "--kl_coef", "0.1"])
+    assert "overall peak" in result.stdout
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2]
+    for key in ("objective/kl", "objective/reward", "policy/clipfrac", "policy/approx_kl", "value/loss",
+                "value/explained_variance", "response/length_mean", "speed/tokens_per_second",
+                "memory/train_peak_bytes", "objective/kl_coef"):
+        assert key in metrics[0], key
+    assert metrics[0]["objective/kl_coef"] == 0.1  # the flag overrode nothing else but won over the default
+    memory = [json.loads(line) for line in (output / "memory.jsonl").read_text().splitlines()]
+    assert set(memory[0]["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
+    assert all(s["peak_bytes"] > 0 for s in memory[0]["stages"].values())
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["base_copies"] == 1 and summary["frozen_base_unchanged"]
+    for key in ("gold_before", "gold_after", "win_rate_vs_sft", "distinct2_before", "distinct2_after", "kl_to_reference"):
+        assert key in summary["eval"], key
+    assert (output / "training.png").stat().st_size > 0 and (output / "memory.png").stat().st_size > 0
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["iter-000001", "iter-000002"]
+    # `hydra-rlhf report` reads the same log back
+    report = run([str(Path(PYTHON).parent / "hydra-rlhf"), "report", str(output), "--json", str(tmp_path / "r.json")])
+    assert "overall peak" in report.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["iterations"] == 2
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_model, prompts_file, tmp_path):
+    settings = dict(num_iterations=4, eval_prompts_path="", kl_controller="adaptive", reward_normalization="running")
+    straight = tmp_path / "straight"
+    run([PYTHON, "recipes/ppo.py", "--config",
+         str(write_config(tmp_path / "a.yaml", tiny_model, prompts_file, straight, **settings))])
+
+    killed = tmp_path / "killed"
+    config = write_config(tmp_path / "b.yaml", tiny_model, prompts_file, killed, **settings)
+    process = subprocess.Popen([PYTHON, "recipes/ppo.py", "--config", str(config)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "iter-000002").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoints" / "iter-000004").exists()
+    run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true"])
+
+    a, b = adapter_tensors(straight), adapter_tensors(killed)
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_path):
+    output = tmp_path / "ddp"
+    config = write_config(tmp_path / "ddp.yaml", tiny_model, prompts_file, output, eval_prompts_path="")
+    accelerate = str(Path(PYTHON).parent / "accelerate")
+    run([accelerate, "launch", "--num_processes", "2", "--cpu", "recipes/ppo.py", "--config", str(config)],
+        env={"OMP_NUM_THREADS": "1"})
+    summary = json.loads((output / "summary.json").read_text())
+    hashes = summary["trainable_hash_per_rank"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+
+
+def test_nonfinite_rewards_skip_updates_then_stop(tiny_model, tokenizer, prompts_file, tmp_path):
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.data import load_prompts
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.trainer import NonFiniteError, PPOTrainer, latest_checkpoint
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
+    config = PPOConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=4,
+                       num_iterations=10, save_every=1, output_dir=str(tmp_path), max_nonfinite_in_a_row=2)
+    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    try:
+        trainer.step()
+        assert latest_checkpoint(tmp_path).name == "iter-000001"
+        with torch.no_grad():
+            model.reward_head.bias.fill_(float("nan"))
+        after_good = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        metrics = trainer.step()
+        assert metrics["train/skipped_nonfinite_updates"] == 1
+        with pytest.raises(NonFiniteError, match="2 iterations in a row"):
+            trainer.step()
+    finally:
+        trainer.profiler.close()
+    assert all(torch.equal(p, after_good[n]) for n, p in model.named_parameters() if n in after_good)
+    assert latest_checkpoint(tmp_path).name == "iter-000001"  # no checkpoint of a bad iteration
+
+
+def test_recipe_rejects_unknown_yaml_key(tiny_model, prompts_file, tmp_path):
+    config = write_config(tmp_path / "bad.yaml", tiny_model, prompts_file, tmp_path / "x", kl_coeff=0.1)
+    result = run([PYTHON, "recipes/ppo.py", "--config", str(config)], check=False)
+    assert result.returncode == 2
+    assert "kl_coeff" in result.stderr and "Traceback" not in result.stderr
