@@ -27,7 +27,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 demo: $(STAMP)
-	$(VENV)/bin/accelerate launch --num_processes 1 --cpu recipes/demo.py --config recipes/configs/demo.yaml
+	$(PY) recipes/demo.py --output_dir runs/demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

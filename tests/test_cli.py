@@ -1,0 +1,51 @@
+"""`hydra-rlhf profile` and `report` as a user runs them (tiny model; the bundled one is the default)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, run
+
+CLI = str(Path(PYTHON).parent / "hydra-rlhf")
+
+
+def test_help_lists_the_commands():
+    result = run([CLI, "--help"])
+    for command in ("profile", "estimate", "report"):
+        assert command in result.stdout
+
+
+def test_profile_four_modes(tiny_model, prompts_file, tmp_path):
+    out = tmp_path / "profile.json"
+    result = run([CLI, "profile", "--model", tiny_model, "--prompts", str(prompts_file), "--batch-size", "2",
+                  "--gen-len", "4", "--iterations", "1", "--lora-r", "4", "--json", str(out)])
+    assert "overall peak" in result.stdout
+    data = json.loads(out.read_text())
+    assert set(data) >= {"settings", "device", "measure", "modes", "ratios"}
+    assert data["device"] == "cpu" and "tensor-storage" in data["measure"]
+    copies = {mode: r["base_copies"] for mode, r in data["modes"].items()}
+    assert copies == {"full": 4, "lora": 2, "j-hydra": 1, "hydra": 1}
+    for mode, result in data["modes"].items():
+        assert result["frozen_base_unchanged"] is True
+        assert set(result["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
+        assert result["peak_bytes"] == max(s["peak_bytes"] for s in result["stages"].values())
+    peaks = {mode: r["peak_bytes"] for mode, r in data["modes"].items()}
+    assert peaks["full"] > peaks["lora"] > peaks["hydra"]
+    assert data["ratios"]["hydra/full"] == pytest.approx(peaks["hydra"] / peaks["full"])
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_profile_rejects_bad_modes(tmp_path):
+    result = run([CLI, "profile", "--modes", "hydra,turbo"], check=False)
+    assert result.returncode == 2 and "Unknown mode 'turbo'" in result.stderr
+    result = run([CLI, "profile", "--modes", "full", "--quant", "4bit"], check=False)
+    assert result.returncode == 2 and "cannot use a quantized base" in result.stderr
+
+
+def test_report_needs_a_memory_log(tmp_path):
+    result = run([CLI, "report", str(tmp_path)], check=False)
+    assert result.returncode == 2 and "memory.jsonl not found" in result.stderr
+    (tmp_path / "memory.jsonl").write_text("not json\n")
+    result = run([CLI, "report", str(tmp_path)], check=False)
+    assert result.returncode == 2 and "line 1" in result.stderr
