@@ -131,25 +131,31 @@ class HydraSFTModel(nn.Module):
         nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(hidden_size + 1))
         nn.init.zeros_(self.reward_head.bias)
 
-    def forward(self, input_ids, attention_mask, labels_mask):
-        """(per-sequence mean LM loss on response tokens (N,), reward at the last real token (N,))."""
+    def forward(self, input_ids, attention_mask, labels_mask, lm_rows: int | None = None):
+        """(mean LM loss on response tokens per sequence (lm_rows,), reward at the last real token (N,)).
+
+        The LM head runs only on the first ``lm_rows`` sequences (the chosen half) and only where a response
+        token is predicted: the full-vocabulary projection is the costliest part of a small model's step."""
         causal_lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = attention_mask.sum(-1) - 1
         rewards = self.reward_head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1]).float()
-        token_loss = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        mask = labels_mask[:, 1:].float()
-        return (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1), rewards
+        rows = len(input_ids) if lm_rows is None else lm_rows
+        predicts_response = labels_mask[:rows, 1:].bool()  # position t predicts token t + 1
+        logits = causal_lm.get_output_embeddings()(hidden[:rows, :-1][predicts_response]).float()
+        token_loss = F.cross_entropy(logits, input_ids[:rows, 1:][predicts_response], reduction="none")
+        per_sequence = torch.zeros(rows, device=hidden.device).index_add_(
+            0, predicts_response.nonzero()[:, 0], token_loss)
+        return per_sequence / predicts_response.sum(-1).clamp(min=1), rewards
 
 
 def sft_loss(model: HydraSFTModel, batch: dict, objective: str, reward_weight: float) -> tuple[torch.Tensor, dict]:
     """One forward over [chosen; rejected]: LM loss from the chosen half, Bradley-Terry from both halves."""
-    lm_loss, rewards = model(**batch)
-    half = len(rewards) // 2
+    half = len(batch["input_ids"]) // 2
+    lm_loss, rewards = model(**batch, lm_rows=0 if objective == "reward" else half)
     margin = rewards[:half] - rewards[half:]
     bt_loss = -F.logsigmoid(margin).mean()
-    lm = lm_loss[:half].mean()
+    lm = lm_loss.mean() if len(lm_loss) else torch.zeros((), device=rewards.device)
     loss = {"hydra": lm + reward_weight * bt_loss, "sft": lm, "reward": bt_loss}[objective]
     return loss, {"lm_loss": float(lm.detach()), "reward_loss": float(bt_loss.detach()),
                   "reward_accuracy": float((margin > 0).float().mean())}
@@ -162,11 +168,11 @@ def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size
     correct, nll, tokens = 0, 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id)
-        lm_loss, rewards = model(**batch)
-        half = len(rewards) // 2
+        half = len(batch["input_ids"]) // 2
+        lm_loss, rewards = model(**batch, lm_rows=half)
         correct += int((rewards[:half] > rewards[half:]).sum())
         response_tokens = (batch["labels_mask"][:half, 1:]).sum(-1)
-        nll += float((lm_loss[:half] * response_tokens).sum())
+        nll += float((lm_loss * response_tokens).sum())
         tokens += int(response_tokens.sum())
     return {"reward_accuracy": correct / max(len(rows), 1), "perplexity": math.exp(nll / max(tokens, 1)),
             "num_pairs": len(rows)}
