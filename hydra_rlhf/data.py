@@ -13,7 +13,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "demo_data"
 BUNDLED = {
     "demo:train": "demo_prompts_train.jsonl",
     "demo:eval": "demo_prompts_eval.jsonl",
