@@ -86,6 +86,9 @@ class ModelConfig:
     lora_target_modules: str = field(
         default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a comma-separated list."}
     )
+    lora_layers: int | None = field(
+        default=None, metadata={"help": "LoRA on the top N decoder layers only (default: all). Backward then stops "
+                                "N layers down, which makes every training step cheaper."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
 
@@ -437,11 +440,24 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
     from peft import LoraConfig, get_peft_model
 
     targets = config.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
+    num_layers = base.config.num_hidden_layers
+    top_layers = None
+    if config.lora_layers is not None:
+        if not 1 <= config.lora_layers <= num_layers:
+            raise ValueError(f"lora_layers must be between 1 and {num_layers} (the model's layers), got {config.lora_layers}.")
+        top_layers = list(range(num_layers - config.lora_layers, num_layers))
+        if targets == "all-linear":  # peft wants names when layers are selected: the decoder's linear layers
+            decoder_layers = base.get_decoder().layers
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in decoder_layers.named_modules()
+                              if isinstance(module, nn.Linear)})
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        target_modules=targets,
+        layers_to_transform=top_layers,
+        layers_pattern="layers" if top_layers else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

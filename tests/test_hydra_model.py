@@ -181,3 +181,13 @@ def test_bad_configs_get_one_line_errors():
         HydraModelConfig(mode="full", quantization="4bit")
     with pytest.raises(ValueError, match="none, 8bit or 4bit"):
         HydraModelConfig(quantization="3bit")
+
+
+def test_lora_on_top_layers_only(tiny_model, tokenizer):
+    model = make(tiny_model, "hydra", lora_layers=1)
+    lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora_names and all(".layers.1." in n for n in lora_names)
+    seq, mask, prompt_len = sample_batch(model, tokenizer)
+    train_step(model, seq, mask, prompt_len)  # still trains, the base still frozen
+    with pytest.raises(ValueError, match="lora_layers must be between 1 and 2"):
+        make(tiny_model, "hydra", lora_layers=3)
