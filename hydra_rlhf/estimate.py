@@ -1,0 +1,752 @@
+"""Predict the per-stage peak memory of one PPO iteration from a model's config alone: no weights, no torch.
+
+    hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --batch-size 8 --gradient-checkpointing
+
+**What is counted** is what ``hydra-rlhf profile`` measures: live tensor bytes (CUDA ``max_memory_allocated``,
+or live tensor storages on CPU), per stage, including everything that persists across stages (weights,
+adapters, optimizer state, the rollout). The CUDA context, cuBLAS workspaces and allocator fragmentation are
+not tensors; the GPU table subtracts a fixed reserve for them from each card instead (``CUDA_RESERVED_BYTES``).
+
+**What is modelled** is this toolkit's code path, read from hydra_model.py, rollout.py and trainer.py:
+
+* ``HydraModel._hidden`` runs the decoder with ``use_cache=False``; the LM head is applied to the response
+  positions only, upcast with ``.float()`` and divided by the temperature (a new fp32 tensor even at 1.0), then
+  trl's ``selective_log_softmax`` (row-wise logsumexp: the scaled logits are the only vocab-sized tensor it
+  keeps for backward) and ``entropy_from_logits`` (no grad, 128-row chunks).
+* ``policy_scores`` runs the actor forward, then the critic forward (one shared forward in j-hydra); the trainer
+  sums both losses and calls ``backward`` once, so both graphs are alive together at the start of backward.
+* AdamW states are created at the first step and live from then on (so in every stage of iteration 2+, which
+  is the iteration the profiler's per-stage maximum reports); gradients are set to ``None`` after every step,
+  so they exist only inside ``train``.
+
+Notation in every comment: B batch, m minibatch, P prompt_len, G gen_len, T = P + G, N tokens in one forward
+(B*T or m*T), L layers, h hidden, q = heads*head_dim, kv = kv_heads*head_dim, I intermediate, V vocab,
+r LoRA rank, a bytes per element of the compute dtype, and 4 = fp32 (adapters, heads, logits).
+
+**Calibration.** The activation terms are structural (which tensors autograd saves, read from the code of
+transformers' Llama, peft's LoRA layer, bitsandbytes and trl), plus the few measured constants in CAPITALS
+below. Checked against the toolkit's own profiler (``profile_mode``, CPU, fp32, live tensor storages) on the
+bundled SmolLM2-135M (hydra at batch 8, 64 + 32 tokens; full, lora and hydra with gradient checkpointing at
+batch 4, 32 + 32 tokens): every stage within 3%; the measurements are pinned in tests/test_estimate.py. The bf16
+per-layer term was checked the same way on CPU (bf16 base, fp32 LoRA): within 1%. To recalibrate after the toolkit changes, profile on
+CPU in fp32 and compare stage by stage with ``EstimateSettings(dtype="fp32", device="cpu", ...)``:
+
+* ``log`` and ``advantages`` are the persistent state: weights, adapters, heads, AdamW states, rollout.
+* ``score_frozen`` / ``score_policy`` above ``log`` is the final hidden states plus ``SCORE_LOGITS_COPIES``
+  x B x G x V x 4 (the layers' ``NOGRAD_PER_TOKEN`` only matter when G is short and T long).
+* ``generate`` above ``log`` is the prefill: the KV cache of P tokens plus ``NOGRAD_PER_TOKEN`` over B x P.
+* ``train`` above ``log`` is the largest of ``train_phases``: with SmolLM2 it is ``backward_start`` (two
+  graphs of ``layer_saved_bytes``; the slope over the number of layers or the batch isolates the per-layer
+  term). ``TRAIN_LOGITS_BACKWARD`` shows once logits dominate (gradient checkpointing, a large vocabulary).
+* Equal-length prompts give no attention mask (``padded_prompts=False``): k and v then stay kv-sized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+MODES = ("full", "lora", "j-hydra", "hydra")
+QUANTS = ("none", "8bit", "4bit")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DEVICES = ("cuda", "cpu")
+STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "log")
+CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations")
+PRESET_DIR = Path(__file__).parent / "presets"
+GiB = 1 << 30
+MiB = 1 << 20
+
+# ---------------------------------------------------------------------------------------- layout of the modes
+
+BASE_COPIES = {"full": 4, "lora": 2, "j-hydra": 1, "hydra": 1}  # policy/ref/RM/critic; SFT + RM; one shared base
+ADAPTERS = {"full": 0, "lora": 2, "j-hydra": 1, "hydra": 2}  # actor + critic LoRA; one shared LoRA in j-hydra
+TRAIN_GRAPHS = {"full": 2, "lora": 2, "j-hydra": 1, "hydra": 2}  # forwards with grad alive at backward time
+HEAD_PARAMS = 2  # reward_head and value_head are each Linear(h, 1) with a bias: h + 1 fp32 parameters
+
+# ------------------------------------------------------------------------------ calibration constants (measured)
+
+# Vocab-sized fp32 tensors (each B x G x V x 4 bytes, or m x G x V x 4 in train) alive at once:
+SCORE_LOGITS_COPIES = 2  # no-grad scoring: lm_head(...).float() and its "/ temperature" copy, briefly together
+TRAIN_LOGITS_SAVED = 1  # kept for backward: the temperature-scaled logits that selective_log_softmax reads
+TRAIN_LOGITS_BACKWARD = 4  # backward through selective_log_softmax: saved logits + gradient buffer + per-row
+#                            select/gather gradients (full-size zeros) being accumulated; measured 4.0 copies
+DECODE_VOCAB_BYTES = 24  # per (B x V) element while sampling: fp32 last-position logits, temperature/top-p copies,
+#                          sorted values (4) and sort indices (int64, 8)
+# Elements per token alive inside one decoder layer of a no-grad forward (residual, norm output, q/k/v, MLP
+# gate/up/act/product and the LoRA branch's result); measured for SmolLM2 (h=576, I=1536): 34.0 KB/token in
+# fp32 = (4h + 4I) x 4 bytes, 25.5 KB/token in bf16 = (4h + 4I) x 3 bytes: half of the working set is in the
+# compute dtype, half in the LoRA branch's fp32. So bytes per element = (a + 4) / 2.
+NOGRAD_PER_TOKEN = (4, 4)  # (x h, x I)
+# Gradient buffers in flight while back-propagating one layer (grad of the residual stream, of the MLP's
+# gate/up); measured ~3.7k fp32 elements/token for SmolLM2 = h + 2I.
+BACKWARD_PER_TOKEN = (1, 2)  # (x h, x I), at 4 bytes
+EXPERIENCE_TOKEN_TENSORS = 7  # fp32 (B, G) rollout tensors: ref_logprobs, logprobs, values, kl, rewards,
+#                               advantages, returns (plus int64 input_ids, attention_mask, response_mask)
+
+# ---------------------------------------------------------------------------------------------- GPU table
+
+CUDA_RESERVED_BYTES = 1 * GiB  # not tensors: CUDA context (~0.3-0.5 GiB), cuBLAS/cuDNN workspaces, fragmentation
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    total_mib: int  # nvidia-smi "memory.total" of the card (what the driver exposes, not the marketing GB)
+
+    @property
+    def usable_bytes(self) -> int:
+        """Memory left for tensors: the card's total minus ``CUDA_RESERVED_BYTES``."""
+        return self.total_mib * MiB - CUDA_RESERVED_BYTES
+
+
+GPUS = (
+    GPU("T4 16GB", 15360),
+    GPU("L4 24GB", 23034),
+    GPU("A100 40GB", 40960),
+    GPU("A100 80GB", 81920),
+    GPU("H100 80GB", 81559),
+)
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-style decoder; everything the estimate needs from a config.json."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+    @classmethod
+    def from_config(cls, source, name: str | None = None) -> ModelShape:
+        """From a config dict, a ``transformers.PretrainedConfig``, a config.json path or a model directory.
+        A missing or malformed key is a one-line ``ValueError`` naming the file and the key."""
+        config, where = _read_config(source)
+        config = config.get("text_config", config) if "hidden_size" not in config else config
+        for key in cls.REQUIRED:
+            if key not in config:
+                needed = ", ".join(cls.REQUIRED)
+                raise ValueError(f"{where}: missing key {key!r} (a Llama-style decoder config needs {needed})")
+        values = {key: _positive_int(config, key, where) for key in cls.REQUIRED}
+        heads = values["num_attention_heads"]
+        kv_heads = _positive_int(config, "num_key_value_heads", where) if config.get("num_key_value_heads") else heads
+        head_dim = (_positive_int(config, "head_dim", where) if config.get("head_dim")
+                    else values["hidden_size"] // heads)
+        return cls(
+            name=name or config.get("_name_or_path") or where, hidden_size=values["hidden_size"],
+            num_layers=values["num_hidden_layers"], num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            intermediate_size=values["intermediate_size"], vocab_size=values["vocab_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),  # LlamaConfig's default
+        )
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the seven linear layers of one decoder layer: q, k, v, o, gate, up, down."""
+        h, q, kv, i = self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the decoder's linear layers: what bitsandbytes quantizes and LoRA wraps."""
+        return self.num_layers * sum(i * o for i, o in self.linear_shapes())
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters that stay in the compute dtype even on a quantized base: embeddings, lm_head, norms."""
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return self.vocab_size * self.hidden_size + head + norms
+
+    @property
+    def num_params(self) -> int:
+        return self.linear_params + self.dense_params
+
+    def lora_params(self, r: int) -> int:
+        """One adapter on all seven linears: A (r x in) + B (out x r) each, no bias."""
+        return self.num_layers * r * sum(i + o for i, o in self.linear_shapes())
+
+    @property
+    def largest_linear(self) -> int:
+        return max(i * o for i, o in self.linear_shapes())
+
+
+def _read_config(source) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return source, "config"
+    if hasattr(source, "to_dict"):  # a transformers PretrainedConfig
+        return source.to_dict(), getattr(source, "name_or_path", "") or type(source).__name__
+    path = Path(source)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")  # noqa: TRY004 - bad input
+    return config, str(path)
+
+
+def _positive_int(config: dict, key: str, where: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: key {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> ModelShape:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(presets())}, or pass --config")
+    return ModelShape.from_config(path, name=name)
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class EstimateSettings:
+    """One PPO iteration's shape. Defaults describe a GPU run (bf16); for a CPU run use device cpu, dtype fp32."""
+
+    mode: str = "hydra"  # full | lora | j-hydra | hydra (DESIGN.md, "The four modes")
+    quant: str = "none"  # frozen base precision: none | 8bit | 4bit (bitsandbytes; NF4 with double quant)
+    batch_size: int = 8  # prompts per iteration (B)
+    minibatch_size: int | None = None  # sequences per forward/backward in train (m); None = batch_size
+    prompt_len: int = 256  # prompt tokens (P), left-padded
+    gen_len: int = 256  # generated tokens (G); EOS ignored, as in the profiler
+    lora_r: int = 16  # LoRA rank on q, k, v, o, gate, up, down
+    gradient_checkpointing: bool = False  # keep only each layer's input; recompute one layer at a time in backward
+    dtype: str = "bf16"  # compute dtype of the base: fp32 | bf16 | fp16
+    device: str = "cuda"  # cuda: AdamW uses foreach kernels (one parameter-sized temporary); cpu: per tensor
+    padded_prompts: bool = True  # prompts of unequal length -> an attention mask -> k, v repeated to all heads
+
+    def __post_init__(self):
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("quant", self.quant, QUANTS)
+        _check_choice("dtype", self.dtype, tuple(DTYPE_BYTES))
+        _check_choice("device", self.device, DEVICES)
+        for key in ("batch_size", "prompt_len", "gen_len", "lora_r"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.minibatch_size is not None and self.minibatch_size < 1:
+            raise ValueError(f"minibatch_size must be at least 1, got {self.minibatch_size}")
+        if self.mode == "full" and self.quant != "none":
+            raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {self.quant} "
+                             "bitsandbytes base cannot (its weights are frozen); use --quant none, or mode "
+                             "lora / j-hydra / hydra")
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def micro_batch(self) -> int:
+        """m: the rows of one training forward (a minibatch never exceeds the batch)."""
+        return min(self.minibatch_size or self.batch_size, self.batch_size)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+def _check_choice(key: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {key} {value!r}: use one of {', '.join(choices)}")
+
+
+# ------------------------------------------------------------------------------------------ persistent state
+
+
+def base_weight_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """One copy of the base: quantized linear layers plus embeddings, lm_head and norms in the compute dtype."""
+    return quantized_linear_bytes(shape, s) + shape.dense_params * s.dtype_bytes
+
+
+def quantized_linear_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    n = shape.linear_params
+    if s.quant == "4bit":
+        # NF4: two weights per byte; double quant stores one uint8 absmax per 64-weight block and one fp32
+        # absmax per 256 of those blocks, plus a fixed quant state per linear layer (the fp32 256-entry code of
+        # the nested quantization and its offset: 1096 bytes measured with bitsandbytes 0.50).
+        linears = 7 * shape.num_layers
+        return math.ceil(n / 2 + n / 64 + 4 * n / (64 * 256)) + 1096 * linears
+    if s.quant == "8bit":
+        # LLM.int8: one int8 per weight plus one fp32 scale per output row (SCB).
+        rows = shape.num_layers * sum(o for _, o in shape.linear_shapes())
+        return n + 4 * rows
+    return n * s.dtype_bytes
+
+
+def trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """Bytes of the trainable parameters: LoRA adapters and the value head (fp32), or, in full mode, the whole
+    policy and critic (in the compute dtype) plus the value head. Gradients and each AdamW state match it."""
+    value_head = 4 * (shape.hidden_size + 1)
+    if s.mode == "full":
+        return 2 * shape.num_params * s.dtype_bytes + value_head
+    return 4 * ADAPTERS[s.mode] * shape.lora_params(s.lora_r) + value_head
+
+
+def critic_trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """The part trained through the critic's own graph (0 in j-hydra, whose one graph serves both roles)."""
+    if TRAIN_GRAPHS[s.mode] == 1:
+        return 0
+    if s.mode == "full":
+        return shape.num_params * s.dtype_bytes + 4 * (shape.hidden_size + 1)
+    return 4 * shape.lora_params(s.lora_r) + 4 * (shape.hidden_size + 1)
+
+
+def persistent_bytes(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
+    """What lives in every stage (from the second iteration on): weights, adapters + heads, AdamW states."""
+    adapters = 4 * ADAPTERS[s.mode] * shape.lora_params(s.lora_r) + 4 * HEAD_PARAMS * (shape.hidden_size + 1)
+    return {
+        "weights": BASE_COPIES[s.mode] * base_weight_bytes(shape, s),
+        "adapters_heads": adapters,
+        "gradients": 0,  # set to None after every optimizer step: only inside train (see train_phases)
+        "optimizer": 2 * trainable_bytes(shape, s),  # AdamW exp_avg and exp_avg_sq, dtype of their parameter
+    }
+
+
+# -------------------------------------------------------------------------------------- activation terms
+
+
+def kv_cache_bytes(shape: ModelShape, s: EstimateSettings, batch: int, length: int) -> int:
+    """generate's DynamicCache: a key and a value tensor of (batch, kv_heads, length, head_dim) per layer."""
+    return 2 * shape.num_layers * batch * length * shape.kv_dim * s.dtype_bytes
+
+
+def nograd_layer_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
+    """Peak inside one decoder layer of a no-grad forward; earlier layers' tensors are already freed."""
+    per_token = NOGRAD_PER_TOKEN[0] * shape.hidden_size + NOGRAD_PER_TOKEN[1] * shape.intermediate_size
+    return tokens * per_token * (s.dtype_bytes + 4) // 2
+
+
+def mask_bytes(s: EstimateSettings, batch: int, length: int) -> int:
+    """The (batch, 1, length, length) bool attention mask transformers builds for a padded batch."""
+    return batch * length * length if s.padded_prompts else 0
+
+
+def dequant_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """A quantized linear is dequantized to the compute dtype one layer at a time (bitsandbytes' batched 4-bit
+    GEMM, and the backward of both 4- and 8-bit): the largest weight briefly exists at full precision."""
+    return 0 if s.quant == "none" else shape.largest_linear * s.dtype_bytes
+
+
+def layer_saved_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
+    """Bytes one decoder layer saves for backward, for ``tokens`` tokens (no gradient checkpointing).
+
+    * attention: SDPA keeps q, k, v and its output (which is also o_proj's input, no copy); with a padding mask
+      transformers repeats k and v to all heads first (``repeat_kv``), so they are q-sized; plus the fp32
+      logsumexp per head.
+    * MLP: silu keeps gate, the product keeps silu(gate) and up: 3 x I.
+    * RMSNorm (x2) upcasts its input to fp32 and keeps it (pow and mul) and the fp32 rsqrt per token.
+    * LoRA (frozen base linears keep nothing): lora_A keeps its input, lora_B keeps lora_A's (r-sized, fp32)
+      output. With fp32 activations the inputs are tensors already counted (norm outputs xn, xn2; the product
+      before down_proj: 2h + I). With bf16 activations peft casts each module's input to fp32 separately:
+      q, k, v, gate, up (5 x h), o (q) and down (I) copies.
+    * full mode instead keeps every linear's input for its weight gradient (xn, xn2, product, in dtype) and
+      each trainable norm's normalised input (2 x h, in dtype).
+    * 8-bit bases: bitsandbytes' int8 matmul keeps its (dtype) input too, which with bf16 activations is a
+      tensor of its own (xn, xn2, product).
+    """
+    h, q, i, a = shape.hidden_size, shape.q_dim, shape.intermediate_size, s.dtype_bytes
+    kv = q if s.padded_prompts else shape.kv_dim
+    per_token = a * (2 * q + 2 * kv) + 4 * shape.num_heads  # q, out; k, v; logsumexp
+    per_token += a * 3 * i  # gate, silu(gate), up
+    per_token += 4 * 2 * (h + 1)  # norm inputs (fp32) and rsqrt
+    per_token += _trainable_inputs_per_token(shape, s)
+    return tokens * per_token
+
+
+def _trainable_inputs_per_token(shape: ModelShape, s: EstimateSettings) -> int:
+    h, q, i, a = shape.hidden_size, shape.q_dim, shape.intermediate_size, s.dtype_bytes
+    if s.mode == "full":
+        return a * (2 * h + i) + a * 2 * h
+    lora_inputs = 4 * (2 * h + i) if a == 4 else 4 * (5 * h + q + i)
+    int8_inputs = a * (2 * h + i) if s.quant == "8bit" and a != 4 else 0
+    return lora_inputs + 4 * 7 * s.lora_r + int8_inputs
+
+
+def graph_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
+    """One role's forward-with-grad, as kept until backward: every layer's saved tensors, or with gradient
+    checkpointing only each layer's input hidden states; plus the final norm's fp32 input and the final hidden
+    states (the value head keeps a view of them)."""
+    h, a = shape.hidden_size, s.dtype_bytes
+    per_layer = tokens * h * a if s.gradient_checkpointing else layer_saved_bytes(shape, s, tokens)
+    return shape.num_layers * per_layer + tokens * h * (4 + a)
+
+
+def backward_layer_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
+    """Extra while back-propagating one layer: gradient buffers, plus (checkpointing) the recomputed layer."""
+    grads = 4 * tokens * (BACKWARD_PER_TOKEN[0] * shape.hidden_size + BACKWARD_PER_TOKEN[1] * shape.intermediate_size)
+    recomputed = layer_saved_bytes(shape, s, tokens) if s.gradient_checkpointing else 0
+    return grads + recomputed + dequant_bytes(shape, s)
+
+
+def logits_bytes(shape: ModelShape, rows: int, gen_len: int) -> int:
+    """One fp32 (rows, G, V) tensor: the LM head runs on the response positions only, then ``.float()``."""
+    return 4 * rows * gen_len * shape.vocab_size
+
+
+def experience_bytes(s: EstimateSettings) -> int:
+    """The rollout: int64 input_ids and attention_mask (B, T) and response_mask (B, G), fp32 (B, G) tensors."""
+    b, t, g = s.batch_size, s.seq_len, s.gen_len
+    return 8 * (2 * b * t + b * g) + 4 * EXPERIENCE_TOKEN_TENSORS * b * g
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def generate_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """Sampling G tokens with a KV cache. Peak is either the prefill (cache of P, one layer's no-grad working
+    set over B x P tokens) or the last decode step (cache of T plus one layer's cache being re-concatenated);
+    the LM head only ever runs on the last position (B x V)."""
+    b, p, t = s.batch_size, s.prompt_len, s.seq_len
+    vocab = DECODE_VOCAB_BYTES * b * shape.vocab_size
+    prefill = kv_cache_bytes(shape, s, b, p) + nograd_layer_bytes(shape, s, b * p) + mask_bytes(s, b, p)
+    one_layer = kv_cache_bytes(shape, s, b, t) // shape.num_layers
+    decode = kv_cache_bytes(shape, s, b, t) + one_layer + mask_bytes(s, b, t)
+    return max(prefill, decode) + vocab + dequant_bytes(shape, s)
+
+
+def scoring_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """One no-grad forward over B x T (score_frozen and score_policy alike: where a stage needs two forwards,
+    reference then reward model, or actor then critic, they run one after the other, so the peak is one
+    forward's). Peak: inside a layer (plus the previous forward's final hidden states, still referenced), or
+    at the LM head: final hidden states + the response logits and their temperature-scaled copy."""
+    b, t, h, a = s.batch_size, s.seq_len, shape.hidden_size, s.dtype_bytes
+    hidden = b * t * h * a
+    layers = nograd_layer_bytes(shape, s, b * t) + mask_bytes(s, b, t) + dequant_bytes(shape, s) + hidden
+    head = hidden + SCORE_LOGITS_COPIES * logits_bytes(shape, b, s.gen_len)
+    return max(layers, head)
+
+
+def train_phases(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
+    """Bytes above the persistent state in the three candidate peaks of one training minibatch.
+
+    * backward_start: every role's graph (actor + critic, or the one j-hydra graph), the saved logits, and the
+      first layer being back-propagated (autograd runs the critic, created last, first).
+    * logits_backward: the actor's graph, the vocab-sized gradients of selective_log_softmax, and the critic's
+      gradients, already accumulated. (Creating the logits in the forward, 2 copies + entropy chunks, is
+      always below this.)
+    * optimizer_step: all gradients, plus AdamW's foreach temporary the size of the trainable set on CUDA, or
+      of the largest trainable tensor on CPU (a loop over parameters).
+    """
+    m, g = s.micro_batch, s.gen_len
+    tokens = m * s.seq_len
+    graph, logits = graph_bytes(shape, s, tokens), logits_bytes(shape, m, g)
+    backward = backward_layer_bytes(shape, s, tokens)
+    return {
+        "backward_start": TRAIN_GRAPHS[s.mode] * graph + TRAIN_LOGITS_SAVED * logits + backward,
+        "logits_backward": graph + TRAIN_LOGITS_BACKWARD * logits + critic_trainable_bytes(shape, s),
+        "optimizer_step": trainable_bytes(shape, s) + optimizer_step_temporary(shape, s),
+    }
+
+
+def phase_gradients(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
+    """The gradient bytes inside each of ``train_phases`` (filed under "gradients" in the breakdown)."""
+    return {"backward_start": 0, "logits_backward": critic_trainable_bytes(shape, s),
+            "optimizer_step": trainable_bytes(shape, s)}
+
+
+def optimizer_step_temporary(shape: ModelShape, s: EstimateSettings) -> int:
+    """AdamW's temporaries. CUDA (foreach): ``_foreach_sqrt(exp_avg_sqs)`` over every trainable tensor at once,
+    then divided in place. CPU (a loop): ``exp_avg_sq.sqrt() / bias_correction`` for one tensor at a time, two
+    copies of it, so the largest tensor counts: the embedding in full mode, else the largest LoRA matrix."""
+    if s.device == "cuda":
+        return trainable_bytes(shape, s)
+    if s.mode == "full":
+        return 2 * shape.vocab_size * shape.hidden_size * s.dtype_bytes
+    return 2 * 4 * s.lora_r * max(max(i, o) for i, o in shape.linear_shapes())
+
+
+def stage_activations(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
+    """Bytes above the persistent state at each stage's peak (the rollout included from generate on)."""
+    rollout = experience_bytes(s)
+    small = 8 * 4 * s.batch_size * s.gen_len  # a few (B, G) fp32 temporaries: GAE, whitening, metrics
+    return {
+        "generate": generate_bytes(shape, s) + rollout,
+        "score_frozen": scoring_bytes(shape, s) + rollout,
+        "score_policy": scoring_bytes(shape, s) + rollout,
+        "advantages": rollout + small,
+        "train": max(train_phases(shape, s).values()) + rollout,
+        "log": rollout + small,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+
+
+@dataclass
+class Estimate:
+    """Per-stage peaks and, per stage, the bytes by category; ``peak_bytes`` is the largest stage peak."""
+
+    shape: ModelShape
+    settings: EstimateSettings
+    stage_breakdown: dict[str, dict[str, int]]  # stage -> category -> bytes at that stage's peak
+    train_phases: dict[str, int]
+
+    @property
+    def stages(self) -> dict[str, int]:
+        return {name: sum(parts.values()) for name, parts in self.stage_breakdown.items()}
+
+    @property
+    def peak_stage(self) -> str:
+        stages = self.stages
+        return max(stages, key=stages.get)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.stages[self.peak_stage]
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        """The categories at the peak stage."""
+        return self.stage_breakdown[self.peak_stage]
+
+    @property
+    def dominant_category(self) -> str:
+        return max(self.breakdown, key=self.breakdown.get)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": asdict(self.shape) | {"num_params": self.shape.num_params},
+            "settings": asdict(self.settings) | {"micro_batch": self.settings.micro_batch},
+            "peak_bytes": self.peak_bytes,
+            "peak_stage": self.peak_stage,
+            "stages": {name: {"peak_bytes": peak, "breakdown": self.stage_breakdown[name]}
+                       for name, peak in self.stages.items()},
+            "breakdown": self.breakdown,
+            "train_phases": self.train_phases,
+        }
+
+
+def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
+    """The per-stage peak memory of one (steady-state) PPO iteration."""
+    persistent = persistent_bytes(shape, settings)
+    phases = train_phases(shape, settings)
+    breakdown = {}
+    for stage, activations in stage_activations(shape, settings).items():
+        parts = dict(persistent, activations=activations)
+        if stage == "train":  # file the gradients of the dominant phase under their own category
+            grads = phase_gradients(shape, settings)[max(phases, key=phases.get)]
+            parts.update(gradients=grads, activations=activations - grads)
+        breakdown[stage] = parts
+    return Estimate(shape, settings, breakdown, phases)
+
+
+def largest_batch(shape: ModelShape, settings: EstimateSettings, budget_bytes: int, limit: int = 1 << 16) -> int:
+    """The largest batch_size whose peak fits ``budget_bytes`` (0 if not even 1 does). The peak never falls as
+    the batch grows, so double then bisect. A fixed ``minibatch_size`` stays fixed (capped by the batch)."""
+    def fits(batch: int) -> bool:
+        return estimate(shape, replace(settings, batch_size=batch)).peak_bytes <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, 2 * high
+    if high > limit:
+        return low
+    while high - low > 1:  # fits(low) and not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def gpu_table(shape: ModelShape, settings: EstimateSettings, gpus=GPUS) -> list[dict]:
+    """For each card: does this setting fit, with how much headroom, and the largest batch that would."""
+    peak = estimate(shape, settings).peak_bytes
+    return [{"name": gpu.name, "usable_bytes": gpu.usable_bytes, "fits": peak <= gpu.usable_bytes,
+             "headroom_bytes": gpu.usable_bytes - peak,
+             "largest_batch": largest_batch(shape, settings, gpu.usable_bytes)}
+            for gpu in gpus]
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``hydra-rlhf estimate``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"A bundled model shape: {', '.join(presets())} (default llama-3.1-8b).")
+    source.add_argument("--config", help="A config.json, a model directory, or a hub id (needs the network).")
+    parser.add_argument("--mode", default="hydra", choices=[*MODES, "all"], help="Model layout, or all four.")
+    parser.add_argument("--quant", default="none", choices=QUANTS, help="Frozen base precision (bitsandbytes).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per PPO iteration.")
+    parser.add_argument("--minibatch-size", type=int, default=None, help="Sequences per training forward "
+                        "(default: the batch size).")
+    parser.add_argument("--prompt-len", type=int, default=256, help="Prompt tokens.")
+    parser.add_argument("--gen-len", type=int, default=256, help="Generated tokens.")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank.")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="Recompute activations in backward.")
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="Compute dtype of the base.")
+    parser.add_argument("--device", default="cuda", choices=DEVICES, help="Where it would run (cpu: use fp32).")
+    parser.add_argument("--json", type=Path, help="Write the estimate here.")
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Print the per-stage, breakdown and GPU tables; write ``--json``. Bad input: one line, exit status 2."""
+    import sys
+
+    try:
+        shape = shape_from_args(args)
+        modes = list(MODES) if args.mode == "all" else [args.mode]
+        skipped = [m for m in modes if m == "full" and args.quant != "none" and args.mode == "all"]
+        estimates = {m: estimate(shape, settings_from_args(args, m)) for m in modes if m not in skipped}
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    gpus = {mode: gpu_table(shape, est.settings) for mode, est in estimates.items()}
+    _print_report(shape, estimates, gpus, skipped)
+    if args.json:
+        _write_json(args.json, shape, estimates, gpus, single=args.mode != "all")
+    return 0
+
+
+def shape_from_args(args: argparse.Namespace) -> ModelShape:
+    if args.config is None:
+        return load_preset(args.preset or "llama-3.1-8b")
+    path = Path(args.config).expanduser()
+    if path.exists() or args.config.endswith(".json") or "/" not in args.config.strip("/"):
+        return ModelShape.from_config(path, name=path.parent.name if path.name == "config.json" else path.stem)
+    return shape_from_hub(args.config)
+
+
+def shape_from_hub(repo_id: str) -> ModelShape:
+    """A hub id's config through transformers (network needed); offline or unknown ids are one-line errors."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(repo_id)
+    except Exception as error:  # noqa: BLE001 - offline, gated, typo: all end the same way for the user
+        first = (str(error).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"could not fetch the config of {repo_id!r} from the Hugging Face hub "
+                         f"({type(error).__name__}: {first}); offline, use --preset or --config path/config.json"
+                         ) from None
+    return ModelShape.from_config(config, name=repo_id)
+
+
+def settings_from_args(args: argparse.Namespace, mode: str) -> EstimateSettings:
+    return EstimateSettings(
+        mode=mode, quant=args.quant, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
+        prompt_len=args.prompt_len, gen_len=args.gen_len, lora_r=args.lora_r,
+        gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
+    )
+
+
+def _write_json(path: Path, shape: ModelShape, estimates: dict, gpus: dict, single: bool) -> None:
+    """A single mode: the estimate's keys at the top level. ``--mode all``: one entry per mode under "modes"."""
+    entries = {mode: est.to_dict() | {"gpus": gpus[mode]} for mode, est in estimates.items()}
+    data = next(iter(entries.values())) if single else {"model": asdict(shape), "modes": entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- printing
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _print_report(shape: ModelShape, estimates: dict, gpus: dict, skipped: list) -> None:
+    from rich.console import Console
+
+    console = Console(width=120)
+    first = next(iter(estimates.values())).settings
+    console.print(f"[bold]{shape.name}[/bold]: {shape.num_params / 1e9:.2f}B parameters, {shape.num_layers} layers, "
+                  f"hidden {shape.hidden_size}, vocab {shape.vocab_size}. {_describe(first)}")
+    for mode in skipped:
+        console.print(f"[yellow]{mode}: skipped, it trains every weight and cannot use a {first.quant} base.[/yellow]")
+    console.print(_stage_table(estimates))
+    console.print(_breakdown_table(estimates))
+    console.print(_gpu_table(estimates, gpus))
+    for mode, est in estimates.items():
+        console.print(_verdict(mode, est, gpus[mode]))
+
+
+def _describe(s: EstimateSettings) -> str:
+    checkpointing = "on" if s.gradient_checkpointing else "off"
+    return (f"Batch {s.batch_size} (minibatch {s.micro_batch}), prompt {s.prompt_len} + gen {s.gen_len} tokens, "
+            f"{s.dtype}, quant {s.quant}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}.")
+
+
+def _stage_table(estimates: dict):
+    from rich.table import Table
+
+    table = Table(title="Peak memory per stage (live tensors)")
+    table.add_column("stage")
+    for mode in estimates:
+        table.add_column(mode, justify="right")
+    for stage in STAGES:
+        cells = []
+        for est in estimates.values():
+            text = gib(est.stages[stage])
+            cells.append(f"[bold]{text} <- peak[/bold]" if stage == est.peak_stage else text)
+        table.add_row(stage, *cells)
+    return table
+
+
+def _breakdown_table(estimates: dict):
+    from rich.table import Table
+
+    table = Table(title="At the peak stage, by category")
+    table.add_column("category")
+    for mode, est in estimates.items():
+        table.add_column(f"{mode} ({est.peak_stage})", justify="right")
+    for category in CATEGORIES:
+        table.add_row(category.replace("_", " + ") if category == "adapters_heads" else category,
+                      *[gib(est.breakdown[category]) for est in estimates.values()])
+    table.add_row("[bold]total[/bold]", *[f"[bold]{gib(est.peak_bytes)}[/bold]" for est in estimates.values()])
+    return table
+
+
+def _gpu_table(estimates: dict, gpus: dict):
+    from rich.table import Table
+
+    table = Table(title=f"GPU fit (usable = nvidia-smi total - {CUDA_RESERVED_BYTES / GiB:.0f} GiB reserve)")
+    table.add_column("GPU")
+    table.add_column("usable", justify="right")
+    for mode in estimates:
+        table.add_column(f"{mode}\nfits / largest batch", justify="right")
+    for row, gpu in enumerate(GPUS):
+        cells = [f"{'yes' if gpus[m][row]['fits'] else 'no'} / {gpus[m][row]['largest_batch']}" for m in estimates]
+        table.add_row(gpu.name, gib(gpu.usable_bytes), *cells)
+    return table
+
+
+def _verdict(mode: str, est: Estimate, rows: list[dict]) -> str:
+    """One line: the peak, where it comes from, and, if no card holds it, by how much the largest misses."""
+    share = est.breakdown[est.dominant_category] / est.peak_bytes
+    line = (f"{mode}: peak {gib(est.peak_bytes)} in '{est.peak_stage}', dominated by {est.dominant_category} "
+            f"({share:.0%}).")
+    if not any(row["fits"] for row in rows):
+        biggest = max(rows, key=lambda row: row["usable_bytes"])
+        line += (f" [red]Fits none of the listed GPUs: {gib(-biggest['headroom_bytes'])} over the largest "
+                 f"({biggest['name']}, {gib(biggest['usable_bytes'])} usable).[/red]")
+    return line

@@ -1,0 +1,205 @@
+"""The memory estimator: shapes from configs, the modes' ordering, batch search, errors, CLI and benchmark."""
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hydra_rlhf.estimate import (
+    BASE_COPIES,
+    GPUS,
+    MODES,
+    EstimateSettings,
+    ModelShape,
+    add_estimate_arguments,
+    base_weight_bytes,
+    estimate,
+    largest_batch,
+    load_preset,
+    persistent_bytes,
+    presets,
+    run_estimate,
+    shape_from_hub,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Published parameter counts of the architectures the presets describe.
+KNOWN_PARAMS = {"llama-2-7b": 6.74e9, "llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9, "smollm2-135m": 134.5e6}
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_estimate_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_PARAMS))
+def test_preset_parameter_count_matches_the_published_one(name):
+    assert name in presets()
+    assert load_preset(name).num_params == pytest.approx(KNOWN_PARAMS[name], rel=0.01)
+
+
+def test_presets_are_real_transformers_configs():
+    from transformers import AutoConfig
+
+    for name in presets():
+        config = AutoConfig.from_pretrained(ROOT / "hydra_rlhf" / "presets" / f"{name}.json")
+        assert ModelShape.from_config(config, name=name) == load_preset(name)
+    smol = load_preset("smollm2-135m")
+    assert (smol.num_kv_heads, smol.head_dim, smol.tie_word_embeddings) == (3, 64, True)
+
+
+def test_weights_follow_the_number_of_base_copies():
+    shape = load_preset("llama-2-7b")
+    one_base = base_weight_bytes(shape, EstimateSettings())
+    weights = {mode: persistent_bytes(shape, EstimateSettings(mode=mode))["weights"] for mode in MODES}
+    assert weights == {mode: BASE_COPIES[mode] * one_base for mode in MODES}
+    assert [BASE_COPIES[m] for m in MODES] == [4, 2, 1, 1]
+    peaks = {mode: estimate(shape, EstimateSettings(mode=mode)).peak_bytes for mode in MODES}
+    assert peaks["full"] > peaks["lora"] > peaks["hydra"] > peaks["j-hydra"]
+
+
+def test_quantized_weights_are_smaller():
+    shape = load_preset("llama-3.1-8b")
+    weights = {q: persistent_bytes(shape, EstimateSettings(quant=q))["weights"] for q in ("4bit", "8bit", "none")}
+    assert weights["4bit"] < weights["8bit"] < weights["none"]
+    # NF4 + double quant: ~0.516 byte per linear weight; embeddings and lm_head stay in bf16.
+    assert weights["4bit"] == pytest.approx(shape.linear_params * 0.5159 + shape.dense_params * 2, rel=1e-3)
+
+
+def test_gradient_checkpointing_lowers_the_train_peak():
+    shape = load_preset("llama-3.1-8b")
+    plain = estimate(shape, EstimateSettings(batch_size=4))
+    checkpointed = estimate(shape, EstimateSettings(batch_size=4, gradient_checkpointing=True))
+    assert checkpointed.stages["train"] < plain.stages["train"]
+    assert checkpointed.stages["generate"] == plain.stages["generate"]
+
+
+def test_largest_batch_fits_and_the_next_does_not():
+    shape, settings = load_preset("llama-3.1-8b"), EstimateSettings(quant="4bit", gradient_checkpointing=True)
+    budgets = [12 << 30, 24 << 30, 48 << 30, 96 << 30]
+    batches = [largest_batch(shape, settings, budget) for budget in budgets]
+    assert batches == sorted(batches) and batches[0] >= 1
+    for budget, batch in zip(budgets, batches):
+        assert estimate(shape, replace(settings, batch_size=batch)).peak_bytes <= budget
+        assert estimate(shape, replace(settings, batch_size=batch + 1)).peak_bytes > budget
+    assert largest_batch(shape, settings, 1 << 30) == 0  # not even the weights fit
+
+
+# Recorded with the toolkit's own profiler (``profile.profile_mode``: live tensor storages, CPU, fp32, the maximum
+# over 2 iterations) on the bundled SmolLM2-135M, equal-length prompts (no padding mask), EOS ignored.
+MEASURED = {
+    ("hydra", 8, 64, 32, False): {"generate": 696_637_448, "score_frozen": 757_755_712, "score_policy": 757_756_768,
+                           "advantages": 655_333_280, "train": 2_578_901_168, "log": 655_334_300},
+    ("full", 4, 32, 32, False): {"generate": 4_319_257_864, "score_frozen": 4_355_421_340,
+                                 "score_policy": 4_355_421_868, "advantages": 4_304_505_036,
+                                 "train": 5_607_118_300, "log": 4_304_505_560},
+    ("lora", 4, 32, 32, False): {"generate": 1_208_125_864, "score_frozen": 1_244_289_340,
+                                 "score_policy": 1_244_289_868, "advantages": 1_193_373_036,
+                                 "train": 1_894_160_508, "log": 1_193_373_560},
+    ("hydra", 4, 32, 32, True): {"generate": 670_065_576, "score_frozen": 706_229_052, "score_policy": 706_229_580,
+                                 "advantages": 655_312_748, "train": 795_132_028, "log": 655_313_272},
+}
+
+
+@pytest.mark.parametrize("run", sorted(MEASURED), ids=lambda run: f"{run[0]}-checkpointing-{run[4]}")
+def test_matches_the_toolkit_profiler_on_smollm2(run):
+    mode, batch, prompt_len, gen_len, checkpointing = run
+    settings = EstimateSettings(mode=mode, batch_size=batch, prompt_len=prompt_len, gen_len=gen_len, dtype="fp32",
+                                device="cpu", padded_prompts=False, gradient_checkpointing=checkpointing)
+    predicted = estimate(load_preset("smollm2-135m"), settings).stages
+    for stage, value in MEASURED[run].items():
+        assert predicted[stage] == pytest.approx(value, rel=0.05), stage  # the issue allows 15%
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown preset 'llama-9b'.*llama-3.1-8b"):
+        load_preset("llama-9b")
+
+
+def test_malformed_config_files_name_the_file_and_the_key(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        ModelShape.from_config(broken)
+    missing = tmp_path / "config.json"
+    missing.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "vocab_size": 100}))
+    with pytest.raises(ValueError, match="config.json: missing key 'intermediate_size'"):
+        ModelShape.from_config(tmp_path)  # a directory reads its config.json
+    with pytest.raises(ValueError, match="'hidden_size' must be a positive integer"):
+        ModelShape.from_config({"hidden_size": "64", "num_hidden_layers": 2, "num_attention_heads": 4,
+                                "intermediate_size": 128, "vocab_size": 100})
+
+
+def test_full_mode_refuses_a_quantized_base():
+    with pytest.raises(ValueError, match="trains every weight"):
+        EstimateSettings(mode="full", quant="4bit")
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
+    assert run_estimate(parse("--preset", "nope")) == 2
+    assert run_estimate(parse("--config", str(tmp_path / "absent.json"))) == 2
+    assert run_estimate(parse("--preset", "llama-2-7b", "--mode", "full", "--quant", "8bit")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert "absent.json" in lines[1] and "trains every weight" in lines[2]
+
+
+def test_an_unreachable_hub_id_is_a_one_line_error():
+    # conftest sets HF_HUB_OFFLINE=1: nothing here reaches the network.
+    with pytest.raises(ValueError, match="could not fetch the config of 'someone/some-model'") as error:
+        shape_from_hub("someone/some-model")
+    assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_prints_the_tables_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "estimate.json"
+    args = parse("--preset", "llama-3.1-8b", "--quant", "4bit", "--gradient-checkpointing", "--json", str(out))
+    assert run_estimate(args) == 0
+    printed = capsys.readouterr().out
+    assert "score_frozen" in printed and "T4 16GB" in printed and "<- peak" in printed
+    data = json.loads(out.read_text())
+    assert set(data["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
+    assert data["peak_bytes"] == max(stage["peak_bytes"] for stage in data["stages"].values())
+    assert data["settings"]["quant"] == "4bit" and data["settings"]["gradient_checkpointing"] is True
+    assert sum(data["breakdown"].values()) == data["peak_bytes"]
+    assert [gpu["name"] for gpu in data["gpus"]] == [gpu.name for gpu in GPUS]
+    assert all(isinstance(gpu["largest_batch"], int) for gpu in data["gpus"])
+
+
+def test_cli_mode_all_skips_full_on_a_quantized_base(tmp_path, capsys):
+    out = tmp_path / "all.json"
+    assert run_estimate(parse("--preset", "smollm2-135m", "--mode", "all", "--quant", "4bit", "--json", str(out))) == 0
+    assert "full: skipped" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["modes"]) == {"lora", "j-hydra", "hydra"}
+
+
+def test_cli_says_when_nothing_fits_and_by_how_much(capsys):
+    assert run_estimate(parse("--preset", "llama-3.1-70b", "--mode", "full")) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Fits none of the listed GPUs" in printed and "over the largest" in printed
+
+
+def test_importing_the_estimator_does_not_import_torch():
+    code = "import sys, hydra_rlhf.estimate; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_paper_benchmark_runs():
+    result = subprocess.run([sys.executable, "benchmarks/paper_memory.py"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    for expected in ("Llama-2-7B", "hydra/full", "Largest batch", "llama-3.1-8b", "llama-3.1-70b"):
+        assert expected in result.stdout
