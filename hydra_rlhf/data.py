@@ -83,19 +83,28 @@ def load_prompts(source: str, column: str = "prompt", limit: int | None = None) 
 
 
 def load_preferences(
-    source: str, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected", limit=None
+    source: str, prompt_column="prompt", chosen_column="chosen", rejected_column="rejected", limit=None,
+    min_score_margin: float = 0.0,
 ) -> tuple[list[dict], Counter]:
     """Preference pairs as ``{"prompt": messages, "chosen": messages, "rejected": messages}``; empty rows and
-    pairs whose chosen equals rejected are skipped and counted."""
+    pairs whose chosen equals rejected are skipped and counted. With ``min_score_margin`` > 0, pairs whose
+    ``chosen_score - rejected_score`` is smaller (near-ties: noisy labels) are skipped and counted too."""
     rows = load_rows(source)
     require_columns(rows, [prompt_column, chosen_column, rejected_column], source)
+    if min_score_margin > 0:
+        require_columns(rows, ["chosen_score", "rejected_score"], source)
+        margins = [c - r for c, r in zip(rows["chosen_score"], rows["rejected_score"])]
+    else:
+        margins = [float("inf")] * len(rows)
     pairs, skipped = [], Counter()
-    for prompt, chosen, rejected in zip(rows[prompt_column], rows[chosen_column], rows[rejected_column]):
+    for prompt, chosen, rejected, margin in zip(rows[prompt_column], rows[chosen_column], rows[rejected_column], margins):
         prompt, chosen, rejected = as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
         if prompt is None or chosen is None or rejected is None:
             skipped["empty"] += 1
         elif message_text(chosen) == message_text(rejected):
             skipped["chosen equals rejected"] += 1
+        elif margin < min_score_margin:
+            skipped["score margin below minimum"] += 1
         else:
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if skipped:

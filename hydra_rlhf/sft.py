@@ -47,6 +47,9 @@ class SFTConfig:
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (text or messages)."})
     chosen_column: str = field(default="chosen", metadata={"help": "Column with the preferred response."})
     rejected_column: str = field(default="rejected", metadata={"help": "Column with the dispreferred response."})
+    min_score_margin: float = field(default=0.0, metadata={
+        "help": "Skip training pairs whose chosen_score - rejected_score is below this (near-ties are label noise); "
+                "needs those columns. Held-out pairs are never filtered."})
     max_prompt_length: int = field(default=64, metadata={"help": "Prompts are cut from the left to this many tokens."})
     max_length: int = field(default=128, metadata={"help": "Prompt + response tokens; longer rows are truncated "
                                                           "or dropped (see truncation)."})
@@ -217,7 +220,7 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     pairs, skipped = load_preferences(config.train_path, config.prompt_column, config.chosen_column,
-                                      config.rejected_column, config.max_train_pairs)
+                                      config.rejected_column, config.max_train_pairs, config.min_score_margin)
     rows, length_counts = encode_pairs(tokenizer, pairs, config)
     eval_rows = []
     if config.eval_path:

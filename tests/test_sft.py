@@ -103,3 +103,20 @@ def test_unknown_yaml_key_names_it(tiny_model, tmp_path):
     config.write_text(f"model_name_or_path: {tiny_model}\nreward_wieght: 2.0\n")
     result = run([PYTHON, "recipes/sft.py", "--config", str(config)], check=False)
     assert result.returncode == 2 and "reward_wieght" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_near_tie_pairs_are_skipped_and_counted(tmp_path):
+    from hydra_rlhf.data import load_preferences
+
+    path = tmp_path / "scored.jsonl"
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "chosen_score": 0.5 + m,
+             "rejected_score": 0.5} for i, m in enumerate([0.01, 0.2, 0.05, 0.4])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, skipped = load_preferences(str(path), min_score_margin=0.1)
+    assert [p["chosen"][0]["content"] for p in pairs] == ["good 1", "good 3"]
+    assert skipped == {"score margin below minimum": 2}
+    assert len(load_preferences(str(path))[0]) == 4  # off by default
+    unscored = tmp_path / "unscored.jsonl"
+    unscored.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(KeyError, match="column 'chosen_score' not found"):
+        load_preferences(str(unscored), min_score_margin=0.1)
