@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .hydra_model import HydraModelConfig
 
@@ -82,8 +82,22 @@ class PPOConfig:
             raise ValueError("temperature must be > 0 (log-probs are divided by it).")
 
 
-def field_names(*dataclass_types) -> set[str]:
-    return {f.name for cls in dataclass_types for f in fields(cls)}
+def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> int:
+    """Parse ``--config recipe.yaml`` plus ``--flag`` overrides into the dataclasses (TrlParser), then call
+    ``run(*configs)``. Bad settings (an unknown YAML key, an impossible combination) and bad data (a missing
+    column or file) end in one line on stderr and exit code 2, not a traceback."""
+    import logging
+    import sys
+
+    from trl import TrlParser
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(*TrlParser(dataclass_types).parse_args_and_config(argv))
+    except (KeyError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
+    return 0
 
 
-__all__ = ["PPOConfig", "HydraModelConfig", "field_names"]
+__all__ = ["PPOConfig", "HydraModelConfig", "run_recipe"]

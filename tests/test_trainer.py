@@ -1,7 +1,6 @@
 """The PPO recipe end to end on a tiny model: outputs, resume after SIGKILL, multi-process, NaN guard."""
 
 import json
-import os
 import signal
 import subprocess
 import time
