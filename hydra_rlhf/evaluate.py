@@ -18,6 +18,7 @@ def sample_responses(model, tokenizer, prompts, role: str, max_new_tokens: int, 
                      batch_size: int = 32, eos_token_ids=None):
     """Greedy responses of ``role`` for each prompt: (texts, list of Rollout batches)."""
     encoded, _ = encode_prompts(tokenizer, prompts, max_prompt_length)
+    eos_token_ids = eos_token_ids or experience.eos_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=eos_token_ids)

@@ -386,7 +386,11 @@ class HydraModel(nn.Module):
         heads = {f"reward_head.{k}": v for k, v in self.reward_head.state_dict().items()}
         heads.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
         save_file({k: v.contiguous() for k, v in heads.items()}, directory / HEADS_FILE)
-        manifest = {"format": 1, "mode": self.mode, "config": asdict(self.config), "plan": self.plan}
+        config = asdict(self.config)
+        for key in ("model_name_or_path", "reward_model_path"):  # a relative path breaks from another directory
+            if config[key] and Path(config[key]).exists():
+                config[key] = str(Path(config[key]).resolve())
+        manifest = {"format": 1, "mode": self.mode, "config": config, "plan": self.plan}
         (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
     @classmethod

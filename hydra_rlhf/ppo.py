@@ -36,12 +36,14 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     from .memory import summarize
     from .models import load_tokenizer, resolve_model
     from .plots import plot_memory, plot_training
-    from .trainer import PPOTrainer, _eos_ids
+    from .trainer import PPOTrainer
 
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(config.report_to, config.output_dir)
     console = console or wide_console()
     output = Path(config.output_dir)
+    if not config.resume and any((output / name).exists() for name in ("metrics.jsonl", "memory.jsonl", "checkpoints")):
+        raise ValueError(f"{output} already holds a run: pass --resume true to continue it, or choose another output_dir.")
     with accelerator.main_process_first():  # the bundled model converts once, on the main process
         resolve_model(model_config.model_name_or_path)
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
@@ -73,7 +75,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
         if config.eval_prompts_path:
             eval_prompts, _ = load_prompts(config.eval_prompts_path, config.prompt_column, config.num_eval_prompts)
             results = evaluate(model, tokenizer, eval_prompts, config.eval_max_new_tokens or config.max_new_tokens,
-                               config.max_prompt_length, eos_token_ids=_eos_ids(tokenizer, model))
+                               config.max_prompt_length)
             (output / "eval.json").write_text(json.dumps(results, indent=2))
             summary["eval"] = results
         history = _read_history(output / "metrics.jsonl") or history  # a resumed run plots the whole run

@@ -45,6 +45,14 @@ class Rollout:
         return Rollout(**picked)
 
 
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS and the base's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(next(iter(model.bases.values())).generation_config, "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return sorted(i for i in ids if i is not None)
+
+
 def response_mask_until_eos(responses: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask (B, R), has_eos (B,)): 1 up to and including the first EOS; all ones when there is none."""
     is_eos = torch.isin(responses, torch.tensor(eos_token_ids, device=responses.device))

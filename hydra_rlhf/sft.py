@@ -63,6 +63,7 @@ class SFTConfig:
     warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps spent warming up."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use only the first N training pairs."})
+    max_eval_pairs: int | None = field(default=None, metadata={"help": "Use only the first N held-out pairs."})
     eval_batch_size: int = field(default=16, metadata={"help": "Pairs per evaluation forward."})
     output_dir: str = field(default="runs/sft", metadata={"help": "Where the checkpoint (model + heads) goes."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
@@ -224,8 +225,8 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     rows, length_counts = encode_pairs(tokenizer, pairs, config)
     eval_rows = []
     if config.eval_path:
-        eval_pairs, eval_skipped = load_preferences(config.eval_path, config.prompt_column, config.chosen_column,
-                                                    config.rejected_column)
+        eval_pairs, _ = load_preferences(config.eval_path, config.prompt_column, config.chosen_column,
+                                         config.rejected_column, config.max_eval_pairs)
         eval_rows, _ = encode_pairs(tokenizer, eval_pairs, config)
     console.print(f"SFT ({config.objective}, {config.finetune}): {len(rows)} training pairs, {len(eval_rows)} held-out; "
                   f"skipped {dict(skipped) or 0}; length handling {dict(length_counts) or 'none needed'}")

@@ -44,7 +44,7 @@ class PPOTrainer:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
-        self.eos_token_ids = _eos_ids(tokenizer, model)
+        self.eos_token_ids = experience.eos_token_ids(tokenizer, model)
 
         # Each process takes its own slice of the prompts.
         encoded, truncated = encode_prompts(tokenizer, prompts, config.max_prompt_length)
@@ -323,10 +323,3 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     directory = Path(output_dir) / "checkpoints"
     found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
     return found[-1] if found else None
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    generation_eos = getattr(next(iter(model.bases.values())).generation_config, "eos_token_id", None)
-    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-    return sorted(i for i in ids if i is not None)

@@ -1,5 +1,8 @@
 """HydraModel invariants, in every mode, on a tiny random model (DESIGN.md, "The four modes")."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -117,6 +120,8 @@ def test_save_and_load_reproduce_outputs(tiny_model, tokenizer, tmp_path, mode):
     seq, mask, prompt_len = sample_batch(model, tokenizer)
     train_step(model, seq, mask, prompt_len, steps=1)
     model.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / "hydra_manifest.json").read_text())
+    assert Path(manifest["config"]["model_name_or_path"]).is_absolute()  # loads from any working directory
     loaded = HydraModel.from_pretrained(tmp_path)
     for method in ("policy_scores", "frozen_scores"):
         for a, b in zip(getattr(model, method)(seq, mask, prompt_len), getattr(loaded, method)(seq, mask, prompt_len)):

@@ -127,3 +127,12 @@ def test_recipe_rejects_unknown_yaml_key(tiny_model, prompts_file, tmp_path):
     result = run([PYTHON, "recipes/ppo.py", "--config", str(config)], check=False)
     assert result.returncode == 2
     assert "kl_coeff" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fresh_run_refuses_an_existing_run_dir(tiny_model, prompts_file, tmp_path):
+    output = tmp_path / "old"
+    output.mkdir()
+    (output / "metrics.jsonl").write_text("{}\n")
+    config = write_config(tmp_path / "c.yaml", tiny_model, prompts_file, output)
+    result = run([PYTHON, "recipes/ppo.py", "--config", str(config)], check=False)
+    assert result.returncode == 2 and "already holds a run: pass --resume true" in result.stderr
