@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,6 +149,7 @@ class HydraModel(nn.Module):
         self.reward_head = nn.Linear(hidden_size, 1)
         self.value_head = nn.Linear(hidden_size, 1)
         self.reward_head.requires_grad_(False)
+        self._forward_adapter: str | None = None  # the adapter a checkpointed layer's forward runs under
 
     # ------------------------------------------------------------------------------------------- construction
 
@@ -181,7 +182,8 @@ class HydraModel(nn.Module):
         for base in model.bases.values():
             _disable_dropout(base)
             if config.gradient_checkpointing:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                    "use_reentrant": False, "context_fn": model._checkpoint_contexts})
         model._remember_trainable()
         return model
 
@@ -235,13 +237,37 @@ class HydraModel(nn.Module):
 
     @contextmanager
     def _adapter_active(self, model, adapter: str):
+        previous, previous_forward = model.active_adapter, self._forward_adapter
+        model.set_adapter(adapter)
+        self._restore_trainable()
+        self._forward_adapter = adapter
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+            self._forward_adapter = previous_forward
+
+    def _checkpoint_contexts(self):
+        """``torch.utils.checkpoint`` context_fn: backward recomputes a layer after the roles have switched (the
+        actor and critic losses share one backward), so replay the adapter the layer's forward used; otherwise
+        the critic's layers would be recomputed through the actor adapter and get wrong gradients."""
+        adapter = self._forward_adapter
+        return nullcontext(), (self._replay_adapter(adapter) if adapter else nullcontext())
+
+    @contextmanager
+    def _replay_adapter(self, adapter: str):
+        model = next(base for base in self.bases.values() if adapter in getattr(base, "peft_config", {}))
         previous = model.active_adapter
+        if previous == adapter:
+            yield
+            return
         model.set_adapter(adapter)
         self._restore_trainable()
         try:
             yield
         finally:
             model.set_adapter(previous)
+            self._restore_trainable()
 
     def _same_pass(self, role_a: str, role_b: str) -> bool:
         """Two roles can share one forward when they use the same base with the same adapter state."""

@@ -1,8 +1,12 @@
 """Hydra-PPO: PPO on one LoRA-wrapped base that is policy, reference, reward model and critic.
 
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
-    accelerate launch --num_processes 2 --cpu recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
     python recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --mode lora --num_iterations 2
+
+Two processes work on a CPU-only machine too: `--multi_gpu` only selects accelerate's torchrun launcher
+(`--cpu` would force a single process); each process then runs on CPU with gloo, and the trainer averages
+the adapters' gradients across them.
 
 Every field of HydraModelConfig and PPOConfig is a YAML key and a --flag (flags override the YAML);
 `python recipes/ppo.py --help` lists them with their help.

@@ -89,7 +89,7 @@ def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_pat
     output = tmp_path / "ddp"
     config = write_config(tmp_path / "ddp.yaml", tiny_model, prompts_file, output, eval_prompts_path="")
     accelerate = str(Path(PYTHON).parent / "accelerate")
-    run([accelerate, "launch", "--num_processes", "2", "--cpu", "recipes/ppo.py", "--config", str(config)],
+    run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "recipes/ppo.py", "--config", str(config)],
         env={"OMP_NUM_THREADS": "1"})
     summary = json.loads((output / "summary.json").read_text())
     hashes = summary["trainable_hash_per_rank"]
