@@ -85,11 +85,14 @@ class PPOConfig:
 def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> int:
     """Parse ``--config recipe.yaml`` plus ``--flag`` overrides into the dataclasses (TrlParser), then call
     ``run(*configs)``. Bad settings (an unknown YAML key, an impossible combination) and bad data (a missing
-    column or file) end in one line on stderr and exit code 2, not a traceback."""
+    column or file) end in one line on stderr and exit code 2, a diverged run (non-finite updates) in one line
+    and exit code 1, not a traceback."""
     import logging
     import sys
 
     from trl import TrlParser
+
+    from .trainer import NonFiniteError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -97,6 +100,9 @@ def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> in
     except (KeyError, FileNotFoundError, ValueError) as error:
         print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # the run diverged; the message names the last good checkpoint
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
