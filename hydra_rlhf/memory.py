@@ -124,12 +124,6 @@ class MemoryProfiler:
                 self._tracker.track(tensor)
             self._tracker.__enter__()
 
-    def register(self, tensors) -> None:
-        """Count tensors created outside profiling (e.g. a model loaded after the profiler)."""
-        if self._tracker is not None:
-            for tensor in tensors:
-                self._tracker.track(tensor)
-
     def current_bytes(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
