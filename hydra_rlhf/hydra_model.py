@@ -194,8 +194,7 @@ class HydraModel(nn.Module):
             from safetensors.torch import load_file
 
             state = load_file(heads)
-            self.reward_head.load_state_dict({k.removeprefix("reward_head."): v for k, v in state.items()
-                                              if k.startswith("reward_head.")})
+            self.reward_head.load_state_dict(_with_prefix(state, "reward_head."))
         else:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
                            "meaningful rewards.", base_path, HEADS_FILE)
@@ -237,6 +236,7 @@ class HydraModel(nn.Module):
 
     @contextmanager
     def _adapter_active(self, model, adapter: str):
+        """``adapter`` active on ``model`` for the body; the previous adapter and the trainable set come back after."""
         previous, previous_forward = model.active_adapter, self._forward_adapter
         model.set_adapter(adapter)
         self._restore_trainable()
@@ -245,6 +245,7 @@ class HydraModel(nn.Module):
             yield
         finally:
             model.set_adapter(previous)
+            self._restore_trainable()
             self._forward_adapter = previous_forward
 
     def _checkpoint_contexts(self):
@@ -252,22 +253,10 @@ class HydraModel(nn.Module):
         actor and critic losses share one backward), so replay the adapter the layer's forward used; otherwise
         the critic's layers would be recomputed through the actor adapter and get wrong gradients."""
         adapter = self._forward_adapter
-        return nullcontext(), (self._replay_adapter(adapter) if adapter else nullcontext())
-
-    @contextmanager
-    def _replay_adapter(self, adapter: str):
+        if adapter is None:
+            return nullcontext(), nullcontext()
         model = next(base for base in self.bases.values() if adapter in getattr(base, "peft_config", {}))
-        previous = model.active_adapter
-        if previous == adapter:
-            yield
-            return
-        model.set_adapter(adapter)
-        self._restore_trainable()
-        try:
-            yield
-        finally:
-            model.set_adapter(previous)
-            self._restore_trainable()
+        return nullcontext(), self._adapter_active(model, adapter)  # entered at recompute time, in backward
 
     def _same_pass(self, role_a: str, role_b: str) -> bool:
         """Two roles can share one forward when they use the same base with the same adapter state."""
@@ -372,14 +361,9 @@ class HydraModel(nn.Module):
 
     def base_copies(self) -> int:
         """How many copies of the base weights are in memory, counted from distinct parameter storages."""
-        seen, total = set(), 0
-        for param in self.base_parameters():
-            storage = param.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        one_base = sum(p.untyped_storage().nbytes() for p in _unique_params(next(iter(self.bases.values()))))
-        return round(total / one_base)
+        first_base = next(iter(self.bases.values()))
+        one_base = _distinct_storage_bytes(p for n, p in first_base.named_parameters() if "lora_" not in n)
+        return round(_distinct_storage_bytes(self.base_parameters()) / one_base)
 
     def frozen_bases(self) -> dict[str, nn.Module]:
         """The base models whose weights must never change (the ones adapters sit on, or frozen copies)."""
@@ -447,8 +431,8 @@ class HydraModel(nn.Module):
                 state = load_file(directory / base_name / adapter / "adapter_model.safetensors")
                 set_peft_model_state_dict(base, state, adapter_name=adapter)
         heads = load_file(directory / HEADS_FILE)
-        self.reward_head.load_state_dict({k[len("reward_head."):]: v for k, v in heads.items() if k.startswith("reward_head.")})
-        self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in heads.items() if k.startswith("value_head.")})
+        self.reward_head.load_state_dict(_with_prefix(heads, "reward_head."))
+        self.value_head.load_state_dict(_with_prefix(heads, "value_head."))
         self._restore_trainable()
 
 
@@ -499,13 +483,15 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
     return model
 
 
-def _unique_params(module: nn.Module):
-    seen = set()
-    for name, param in module.named_parameters():
-        if "lora_" in name or param.untyped_storage().data_ptr() in seen:
-            continue
-        seen.add(param.untyped_storage().data_ptr())
-        yield param
+def _with_prefix(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` under ``prefix``, with the prefix removed (one head out of a heads file)."""
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _distinct_storage_bytes(params) -> int:
+    """Bytes of the distinct storages behind ``params`` (tied or shared weights count once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}
+    return sum(storages.values())
 
 
 def _hash_weights(model: nn.Module) -> str:
