@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hydra_rlhf.data import load_prompts
+from hydra_rlhf.data import encode_prompts, load_prompts
 from hydra_rlhf.estimate import EstimateSettings, ModelShape, estimate, largest_batch
 from hydra_rlhf.memory import format_bytes
 from hydra_rlhf.models import load_tokenizer, resolve_model
@@ -43,10 +43,12 @@ def main() -> None:
     device = "cuda" if accelerator.device.type == "cuda" else "cpu"
     tokenizer = load_tokenizer("smollm2-135m")
     prompts, _ = load_prompts("demo:train")
+    # The profiler pads every prompt to exactly --prompt-len: the mask exists when some prompt is shorter.
+    padded = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0]) < args.prompt_len
     rows = {}
     for mode in args.modes.split(","):
         settings = EstimateSettings(mode=mode, batch_size=1, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                    dtype="fp32" if device == "cpu" else "bf16", device=device)
+                                    dtype="fp32" if device == "cpu" else "bf16", device=device, padded_prompts=padded)
         batch = min(largest_batch(shape, settings, budget), args.max_batch)
         if batch == 0:
             print(f"{mode}: does not fit {args.budget_gib} GiB even at batch 1")

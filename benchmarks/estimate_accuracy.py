@@ -1,0 +1,83 @@
+"""How close ``hydra-rlhf estimate`` comes to ``hydra-rlhf profile``, stage by stage, on the bundled model.
+
+    python benchmarks/estimate_accuracy.py                      # default grid, CPU fp32 (or CUDA bf16 when present)
+    python benchmarks/estimate_accuracy.py --runs hydra:2:64:32,lora:4:32:32 --json estimate_accuracy.json
+
+Each run is ``mode:batch:prompt_len:gen_len``. The profiler left-pads (or cuts) every prompt to exactly
+``prompt_len`` tokens and ignores EOS, so the estimate gets the very shape that ran; ``padded_prompts`` is set
+from the data (true when some prompt is shorter than ``prompt_len``, which gives transformers' attention mask).
+Prints predicted / measured per stage and the worst relative error; the issue's target is 15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from hydra_rlhf.data import encode_prompts, load_prompts
+from hydra_rlhf.estimate import STAGES, EstimateSettings, ModelShape, estimate
+from hydra_rlhf.memory import format_bytes
+from hydra_rlhf.models import load_tokenizer, resolve_model
+from hydra_rlhf.ppo import make_accelerator
+from hydra_rlhf.profile import ProfileSettings, profile_mode
+
+DEFAULT_RUNS = "hydra:1:64:32,hydra:4:64:32,lora:2:64:32,j-hydra:4:32:32"
+
+
+def parse_run(text: str) -> tuple[str, int, int, int]:
+    try:
+        mode, batch, prompt_len, gen_len = text.split(":")
+        return mode, int(batch), int(prompt_len), int(gen_len)
+    except ValueError:
+        raise SystemExit(f"error: bad --runs entry {text!r}: use mode:batch:prompt_len:gen_len, e.g. hydra:4:64:32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=DEFAULT_RUNS, help="Comma-separated mode:batch:prompt_len:gen_len.")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    accelerator = make_accelerator()
+    on_cuda = accelerator.device.type == "cuda"
+    shape = ModelShape.from_config(Path(resolve_model("smollm2-135m")) / "config.json")
+    tokenizer = load_tokenizer("smollm2-135m")
+    prompts, _ = load_prompts("demo:train")
+    shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
+
+    results, worst = [], 0.0
+    for mode, batch, prompt_len, gen_len in map(parse_run, args.runs.split(",")):
+        run = ProfileSettings(modes=[mode], batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
+                              gradient_checkpointing=args.gradient_checkpointing)
+        measured = profile_mode(mode, run, tokenizer, prompts, accelerator)
+        settings = EstimateSettings(mode=mode, batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
+                                    gradient_checkpointing=args.gradient_checkpointing,
+                                    dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
+                                    padded_prompts=shortest < prompt_len)
+        predicted = estimate(shape, settings).stages
+        print(f"\n{mode}, batch {batch}, prompt {prompt_len} + gen {gen_len} "
+              f"(padded prompts: {settings.padded_prompts})")
+        stages = {}
+        for stage in STAGES:
+            got, want = predicted[stage], measured["stages"][stage]["peak_bytes"]
+            error = got / want - 1
+            worst = max(worst, abs(error))
+            stages[stage] = {"estimated_bytes": got, "measured_bytes": want, "relative_error": error}
+            print(f"  {stage:13s} estimate {format_bytes(got):>10s}  measured {format_bytes(want):>10s}  {error:+6.1%}")
+        peak_error = max(predicted.values()) / measured["peak_bytes"] - 1
+        print(f"  {'peak':13s} {peak_error:+6.1%}")
+        results.append({"settings": asdict(settings), "stages": stages,
+                        "peak_relative_error": peak_error})
+    device = torch.cuda.get_device_name() if on_cuda else "cpu"
+    print(f"\nworst stage error {worst:.1%} on {device} (target: within 15%)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "runs": results, "worst_relative_error": worst}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
