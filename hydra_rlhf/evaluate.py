@@ -43,13 +43,15 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
     after, batches = sample_responses(model, tokenizer, prompts, "policy", max_new_tokens, max_prompt_length,
                                       batch_size, eos_token_ids)
     gold_before, gold_after = gold_scores(before), gold_scores(after)
-    rewards_before = [r for batch in before_batches for r in model.rewards(batch.input_ids, batch.attention_mask).tolist()]
+    eos = tokenizer.eos_token_id
+    rewards_before = [r for batch in before_batches
+                      for r in model.rewards(*experience.closed_with_eos(batch, eos)).tolist()]
     kls, rewards_after = [], []
     for batch in batches:
-        ref_logprobs, rewards = model.frozen_scores(batch.input_ids, batch.attention_mask, batch.prompt_len)
+        experience.score_frozen(model, batch, 1.0, eos)
         logprobs, _ = model.policy_scores(batch.input_ids, batch.attention_mask, batch.prompt_len)
-        kls += ((logprobs - ref_logprobs) * batch.response_mask).sum(-1).tolist()
-        rewards_after += rewards.tolist()
+        kls += ((logprobs - batch.ref_logprobs) * batch.response_mask).sum(-1).tolist()
+        rewards_after += batch.raw_scores.tolist()
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_after, gold_before)]
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     return {

@@ -77,11 +77,23 @@ def generate(model, prompt_ids, prompt_mask, generation_kwargs: dict, eos_token_
 
 
 @torch.no_grad()
-def score_frozen(model, rollout: Rollout, temperature: float) -> None:
+def closed_with_eos(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with one more column: EOS for responses cut off at the length cap, masked
+    out for those that ended on their own.
+
+    Why: Hydra-SFT appends EOS to every response (cut-off ones too) and trains the reward head on the hidden
+    state there. Read anywhere else, the head is out of its training distribution, and PPO learns to end early
+    just to be scored at an EOS (measured on the demo before this: responses shrank from 38 to 13 tokens)."""
+    eos = torch.full_like(rollout.input_ids[:, :1], eos_token_id)
+    cut_off = (~rollout.has_eos).to(rollout.attention_mask.dtype)[:, None]
+    return torch.cat([rollout.input_ids, eos], 1), torch.cat([rollout.attention_mask, cut_off], 1)
+
+
+def score_frozen(model, rollout: Rollout, temperature: float, eos_token_id: int) -> None:
     """Stage 2: reference log-probs and reward-head scores from one adapters-off pass."""
-    rollout.ref_logprobs, rollout.raw_scores = model.frozen_scores(
-        rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature
-    )
+    input_ids, attention_mask = closed_with_eos(rollout, eos_token_id)
+    ref_logprobs, rollout.raw_scores = model.frozen_scores(input_ids, attention_mask, rollout.prompt_len, temperature)
+    rollout.ref_logprobs = ref_logprobs[:, :-1]  # the appended EOS is not an action the policy took
 
 
 @torch.no_grad()

@@ -114,7 +114,7 @@ class PPOTrainer:
             rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids)
         # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
         with stage("score_frozen"):
-            experience.score_frozen(model, rollout, config.temperature)
+            experience.score_frozen(model, rollout, config.temperature, self.tokenizer.eos_token_id)
         # step 3. score_policy: the actor's log-probs and the critic's values at sampling time
         with stage("score_policy"):
             experience.score_policy(model, rollout, config.temperature)

@@ -198,3 +198,27 @@ def test_lora_on_top_layers_only(tiny_model, tokenizer):
     train_step(model, seq, mask, prompt_len)  # still trains, the base still frozen
     with pytest.raises(ValueError, match="lora_layers must be between 1 and 2"):
         make(tiny_model, "hydra", lora_layers=3)
+
+
+def test_reward_is_read_at_an_eos_like_in_hydra_sft(tiny_model, tokenizer):
+    # Hydra-SFT appends EOS to every response, cut-off ones included: score_frozen must read the reward head at
+    # an EOS too, without changing the reference log-probs of the tokens the policy actually sampled.
+    from hydra_rlhf.rollout import Rollout, score_frozen
+
+    model = make(tiny_model, "hydra")
+    seq, mask, prompt_len = sample_batch(model, tokenizer)
+    eos = tokenizer.eos_token_id
+    seq[1, -2], seq[1, -1], mask[1, -1] = eos, tokenizer.pad_token_id, 0  # row 1 ended on its own; row 0 was cut off
+    responses = mask[:, prompt_len:]
+    rollout = Rollout(input_ids=seq, attention_mask=mask, response_mask=responses,
+                      has_eos=torch.tensor([False, True]), prompt_len=prompt_len)
+    score_frozen(model, rollout, 1.0, eos)
+
+    ref_logprobs, _ = model.frozen_scores(seq, mask, prompt_len)
+    assert rollout.ref_logprobs.shape == ref_logprobs.shape
+    assert torch.allclose(rollout.ref_logprobs * responses, ref_logprobs * responses, atol=1e-5)
+    closed = torch.cat([seq[:1], torch.tensor([[eos]])], 1)  # row 0 with the EOS that Hydra-SFT would append
+    closed_mask = torch.cat([mask[:1], torch.ones(1, 1, dtype=mask.dtype)], 1)
+    assert torch.allclose(rollout.raw_scores[0], model.rewards(closed, closed_mask)[0], atol=1e-5)
+    assert torch.allclose(rollout.raw_scores[1], model.rewards(seq[1:], mask[1:])[0], atol=1e-5)
+    assert not torch.allclose(rollout.raw_scores[0], model.rewards(seq[:1], mask[:1])[0])  # not at the cut
