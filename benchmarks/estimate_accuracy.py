@@ -1,4 +1,4 @@
-"""How close ``hydra-rlhf estimate`` comes to ``hydra-rlhf profile``, stage by stage, on the bundled model.
+"""How close ``hydra-rlhf estimate`` comes to ``hydra-rlhf profile``, stage by stage, on a real run.
 
     python benchmarks/estimate_accuracy.py                      # default grid, CPU fp32 (or CUDA bf16 when present)
     python benchmarks/estimate_accuracy.py --runs hydra:2:64:32,lora:4:32:32 --json estimate_accuracy.json
@@ -40,19 +40,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="Comma-separated mode:batch:prompt_len:gen_len.")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--model", default="smollm2-135m", help="Model to profile (default: the bundled one).")
+    parser.add_argument("--prompts", default="demo:train", help="Prompts to profile with.")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     accelerator = make_accelerator()
     on_cuda = accelerator.device.type == "cuda"
-    shape = ModelShape.from_config(Path(resolve_model("smollm2-135m")) / "config.json")
-    tokenizer = load_tokenizer("smollm2-135m")
-    prompts, _ = load_prompts("demo:train")
+    shape = ModelShape.from_config(Path(resolve_model(args.model)) / "config.json")
+    tokenizer = load_tokenizer(args.model)
+    prompts, _ = load_prompts(args.prompts)
     shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
 
     results, worst = [], 0.0
     for mode, batch, prompt_len, gen_len in map(parse_run, args.runs.split(",")):
-        run = ProfileSettings(modes=[mode], batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
+        run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
                               gradient_checkpointing=args.gradient_checkpointing)
         measured = profile_mode(mode, run, tokenizer, prompts, accelerator)
         settings = EstimateSettings(mode=mode, batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,

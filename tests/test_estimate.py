@@ -203,3 +203,20 @@ def test_paper_benchmark_runs():
     assert result.returncode == 0, result.stderr
     for expected in ("Llama-2-7B", "hydra/full", "Largest batch", "llama-3.1-8b", "llama-3.1-70b"):
         assert expected in result.stdout
+
+
+def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_file, tmp_path):
+    # The calibration check of the estimator against the profiler, on a tiny model (the default is the bundled one).
+    out = tmp_path / "accuracy.json"
+    result = subprocess.run([sys.executable, "benchmarks/estimate_accuracy.py", "--model", tiny_model,
+                             "--prompts", str(prompts_file), "--runs", "hydra:2:80:4", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    (run,) = data["runs"]
+    assert run["settings"]["padded_prompts"] is True  # the tiny prompts are shorter than 80 tokens
+    assert set(run["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
+    for stage in run["stages"].values():
+        assert stage["measured_bytes"] > 0 and stage["relative_error"] == pytest.approx(
+            stage["estimated_bytes"] / stage["measured_bytes"] - 1)
+    assert "worst stage error" in result.stdout
