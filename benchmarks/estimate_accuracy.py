@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from hydra_rlhf.data import encode_prompts, load_prompts
-from hydra_rlhf.estimate import STAGES, EstimateSettings, ModelShape, estimate
+from hydra_rlhf.data import load_prompts
+from hydra_rlhf.estimate import STAGES, ModelShape, estimate
 from hydra_rlhf.memory import format_bytes
 from hydra_rlhf.models import load_tokenizer, resolve_model
 from hydra_rlhf.ppo import make_accelerator
-from hydra_rlhf.profile import ProfileSettings, profile_mode
+from hydra_rlhf.profile import ProfileSettings, matching_estimate, profile_mode
 
 DEFAULT_RUNS = "hydra:1:64:32,hydra:4:64:32,lora:2:64:32,j-hydra:4:32:32"
 
@@ -46,21 +46,16 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = make_accelerator()
-    on_cuda = accelerator.device.type == "cuda"
     shape = ModelShape.from_config(Path(resolve_model(args.model)) / "config.json")
     tokenizer = load_tokenizer(args.model)
     prompts, _ = load_prompts(args.prompts)
-    shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
 
     results, worst = [], 0.0
     for mode, batch, prompt_len, gen_len in map(parse_run, args.runs.split(",")):
-        run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
-                              gradient_checkpointing=args.gradient_checkpointing)
+        run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], batch_size=batch,
+                              prompt_len=prompt_len, gen_len=gen_len, gradient_checkpointing=args.gradient_checkpointing)
         measured = profile_mode(mode, run, tokenizer, prompts, accelerator)
-        settings = EstimateSettings(mode=mode, batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
-                                    gradient_checkpointing=args.gradient_checkpointing,
-                                    dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
-                                    padded_prompts=shortest < prompt_len)
+        settings = matching_estimate(mode, run, tokenizer, prompts, accelerator.device.type)
         predicted = estimate(shape, settings).stages
         print(f"\n{mode}, batch {batch}, prompt {prompt_len} + gen {gen_len} "
               f"(padded prompts: {settings.padded_prompts})")
@@ -75,7 +70,7 @@ def main() -> None:
         print(f"  {'peak':13s} {peak_error:+6.1%}")
         results.append({"settings": asdict(settings), "stages": stages,
                         "peak_relative_error": peak_error})
-    device = torch.cuda.get_device_name() if on_cuda else "cpu"
+    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     print(f"\nworst stage error {worst:.1%} on {device} (target: within 15%)")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "runs": results, "worst_relative_error": worst}, indent=2))

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from hydra_rlhf.data import encode_prompts, load_prompts
-from hydra_rlhf.estimate import EstimateSettings, ModelShape, estimate, largest_batch
+from hydra_rlhf.data import load_prompts
+from hydra_rlhf.estimate import ModelShape, estimate, largest_batch
 from hydra_rlhf.memory import format_bytes
 from hydra_rlhf.models import load_tokenizer, resolve_model
 from hydra_rlhf.ppo import make_accelerator
-from hydra_rlhf.profile import ProfileSettings, profile_mode
+from hydra_rlhf.profile import ProfileSettings, matching_estimate, profile_mode
 
 
 def main() -> None:
@@ -43,20 +43,17 @@ def main() -> None:
     device = "cuda" if accelerator.device.type == "cuda" else "cpu"
     tokenizer = load_tokenizer("smollm2-135m")
     prompts, _ = load_prompts("demo:train")
-    # The profiler pads every prompt to exactly --prompt-len: the mask exists when some prompt is shorter.
-    padded = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0]) < args.prompt_len
     rows = {}
     for mode in args.modes.split(","):
-        settings = EstimateSettings(mode=mode, batch_size=1, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                    dtype="fp32" if device == "cpu" else "bf16", device=device, padded_prompts=padded)
+        run = ProfileSettings(modes=[mode], batch_size=1, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                              iterations=args.iterations)
+        settings = matching_estimate(mode, run, tokenizer, prompts, device)
         batch = min(largest_batch(shape, settings, budget), args.max_batch)
         if batch == 0:
             print(f"{mode}: does not fit {args.budget_gib} GiB even at batch 1")
             continue
         predicted = estimate(shape, dataclasses.replace(settings, batch_size=batch)).peak_bytes
-        run = ProfileSettings(modes=[mode], batch_size=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                              iterations=args.iterations)
-        measured = profile_mode(mode, run, tokenizer, prompts, accelerator)
+        measured = profile_mode(mode, dataclasses.replace(run, batch_size=batch), tokenizer, prompts, accelerator)
         rows[mode] = {"batch_size": batch, "estimated_peak_bytes": predicted, "measured_peak_bytes": measured["peak_bytes"],
                       "within_budget": measured["peak_bytes"] <= budget,
                       "seconds_per_sample": measured["seconds_per_sample"]}

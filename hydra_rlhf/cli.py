@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--model", default="smollm2-135m", help="Short name, local path or hub id.")
     profile.add_argument("--modes", default="full,lora,j-hydra,hydra", help="Comma-separated modes to compare.")
     profile.add_argument("--batch-size", type=int, default=8)
-    profile.add_argument("--prompt-len", type=int, default=64, help="Prompt tokens per sample: cut from the left or left-padded to exactly this.")
+    profile.add_argument("--prompt-len", type=int, default=64,
+                         help="Prompt tokens per sample: cut from the left or left-padded to exactly this.")
     profile.add_argument("--gen-len", type=int, default=32, help="Generated tokens (EOS ignored: equal work per mode).")
     profile.add_argument("--iterations", type=int, default=2)
     profile.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"])

@@ -81,6 +81,23 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
     return result
 
 
+def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, device_type: str):
+    """The ``hydra-rlhf estimate`` settings for the iteration :func:`profile_mode` runs, to compare the two: the
+    same shape and precision (bf16 on CUDA, fp32 on CPU), and an attention mask exactly when some prompt is
+    shorter than ``prompt_len`` (the profiler left-pads every prompt to it)."""
+    from .data import encode_prompts
+    from .estimate import EstimateSettings
+
+    shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
+    on_cuda = device_type == "cuda"
+    return EstimateSettings(
+        mode=mode, quant=settings.quantization, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
+        gen_len=settings.gen_len, lora_r=settings.lora_r, gradient_checkpointing=settings.gradient_checkpointing,
+        dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
+        padded_prompts=shortest < settings.prompt_len,
+    )
+
+
 def profile(settings: ProfileSettings, progress=None) -> dict:
     """Profile every mode in ``settings.modes``; the dict is what ``--json`` writes."""
     from .data import load_prompts
