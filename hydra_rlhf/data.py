@@ -126,15 +126,12 @@ def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> tup
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None):
-    """(input_ids, attention_mask) of left-padded sequences: to the longest one, or to ``length`` tokens."""
+    """(input_ids, attention_mask) of left-padded sequences: to the longest one, or to ``length`` tokens (no
+    sequence may be longer; ``encode_prompts`` cuts them to it)."""
     import torch
     from trl.trainer.utils import pad
 
     ids = [torch.tensor(s, dtype=torch.long) for s in sequences]
-    if length is not None:  # a zero-length row sets the padded width; it is dropped again below
-        ids.append(torch.zeros(length, dtype=torch.long))
-    input_ids = pad(ids, padding_value=pad_id, padding_side="left")
-    mask = pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left")
-    if length is not None:
-        input_ids, mask = input_ids[:-1], mask[:-1]
+    input_ids = pad(ids, padding_value=pad_id, padding_side="left", pad_to_multiple_of=length)
+    mask = pad([torch.ones_like(t) for t in ids], padding_value=0, padding_side="left", pad_to_multiple_of=length)
     return input_ids, mask
