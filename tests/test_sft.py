@@ -120,3 +120,17 @@ def test_near_tie_pairs_are_skipped_and_counted(tmp_path):
     unscored.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(KeyError, match="column 'chosen_score' not found"):
         load_preferences(str(unscored), min_score_margin=0.1)
+
+
+def test_objectives_benchmark_compares_the_three(tiny_model, pairs_files, tmp_path):
+    import yaml
+
+    train, evaluation = pairs_files
+    config = tmp_path / "sft.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": tiny_model, "lora_r": 4, "train_path": str(train),
+                                      "eval_path": str(evaluation), "max_train_pairs": 8, "batch_size": 8}))
+    result = run([PYTHON, "benchmarks/sft_objectives.py", "--config", str(config), "--output_dir", str(tmp_path / "b")])
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(results) == {"hydra", "sft", "reward"}
+    assert results["sft"]["reward_accuracy"] == 0.5  # the plain-SFT head is never trained: all ties
+    assert "Hydra-SFT perplexity / plain SFT" in result.stdout
