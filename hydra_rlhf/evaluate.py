@@ -45,7 +45,7 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
     gold_before, gold_after = gold_scores(before), gold_scores(after)
     eos = tokenizer.eos_token_id
     rewards_before = [r for batch in before_batches
-                      for r in model.rewards(*experience.closed_with_eos(batch, eos)).tolist()]
+                      for r in model.rewards(*experience.closed_with_eos(batch, eos), batch.prompt_len).tolist()]
     kls, rewards_after = [], []
     for batch in batches:
         experience.score_frozen(model, batch, 1.0, eos)

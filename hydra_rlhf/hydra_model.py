@@ -13,8 +13,9 @@ comparison between modes compares layouts, not implementations.
     hydra     shared (1 copy)               shared/actor  shared/off  shared/off  shared/critic
 
 Heads live outside peft (peft's ``disable_adapter`` would silently swap a ``modules_to_save`` head for its
-original copy): ``reward_head`` (frozen, read at the last real token) and ``value_head`` (trainable, one
-value per token, initialised from the reward head).
+original copy): ``reward_head`` (frozen; it reads the response as Hydra-SFT trained it, at the last token or
+averaged: ``reward_pooling``, stored with the head) and ``value_head`` (trainable, one value per token,
+initialised from the reward head).
 
 Sequence layout used by every scoring method: ``input_ids`` (B, P + R) holds left-padded prompts of width P
 followed by right-padded responses of width R; ``attention_mask`` marks real tokens; ``response_mask``
@@ -64,6 +65,21 @@ ROLE_PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
 }
 
 HEADS_FILE = "hydra_heads.safetensors"  # reward head (and value head) next to a base or a PPO checkpoint
+REWARD_POOLINGS = ("last", "mean")  # what the reward head reads; stored in the heads file's metadata
+
+
+def pool_response(hidden: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, H) features the reward head reads from final hidden states (B, T, H); ``response_mask`` (B, T) marks
+    the response tokens (EOS included). ``last``: the last response token, the usual reward-model read.
+    ``mean``: the mean over response tokens; on the bundled 135M model it generalises much better from a few
+    hundred pairs (5-fold cross-validated linear probes on the demo pairs: 70% against 57%)."""
+    if pooling == "last":
+        last = response_mask.shape[1] - 1 - response_mask.flip(-1).long().argmax(-1)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    if pooling == "mean":
+        weights = response_mask.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    raise ValueError(f"Unknown reward pooling {pooling!r}: use one of {', '.join(REWARD_POOLINGS)}.")
 MANIFEST_FILE = "hydra_manifest.json"
 
 
@@ -149,6 +165,7 @@ class HydraModel(nn.Module):
         self.reward_head = nn.Linear(hidden_size, 1)
         self.value_head = nn.Linear(hidden_size, 1)
         self.reward_head.requires_grad_(False)
+        self.reward_pooling = "last"  # replaced by the pooling stored with a trained head
         self._forward_adapter: str | None = None  # the adapter a checkpointed layer's forward runs under
 
     # ------------------------------------------------------------------------------------------- construction
@@ -191,9 +208,7 @@ class HydraModel(nn.Module):
         """Reward head from a Hydra-SFT checkpoint; the value head starts as its copy."""
         heads = Path(resolve_model(base_path)) / HEADS_FILE
         if heads.is_file():
-            from safetensors.torch import load_file
-
-            state = load_file(heads)
+            state = self._load_heads(heads)
             self.reward_head.load_state_dict(_with_prefix(state, "reward_head."))
         else:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
@@ -287,10 +302,11 @@ class HydraModel(nn.Module):
         """(B, R) V(s_t) for each response step, read where the step's token is predicted."""
         return self.value_head(hidden[:, prompt_len - 1 : -1].float()).squeeze(-1)
 
-    def _rewards(self, hidden, attention_mask) -> torch.Tensor:
-        """(B,) reward head at the last real token (responses are right-padded)."""
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
-        return self.reward_head(hidden[torch.arange(hidden.shape[0]), last].float()).squeeze(-1)
+    def _rewards(self, hidden, attention_mask, prompt_len: int) -> torch.Tensor:
+        """(B,) reward head on the response's pooled final hidden states (``reward_pooling``)."""
+        response_mask = attention_mask.clone()
+        response_mask[:, :prompt_len] = 0
+        return self.reward_head(pool_response(hidden, response_mask, self.reward_pooling).float()).squeeze(-1)
 
     def frozen_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
         """Reference log-probs (B, R) and rewards (B,). One adapters-off forward where the reference and the
@@ -302,13 +318,13 @@ class HydraModel(nn.Module):
             with self.role("reward") as model:
                 hidden = self._hidden(model, input_ids, attention_mask)
         with torch.no_grad():
-            rewards = self._rewards(hidden, attention_mask)
+            rewards = self._rewards(hidden, attention_mask, prompt_len)
         return ref_logprobs, rewards
 
-    def rewards(self, input_ids, attention_mask) -> torch.Tensor:
-        """(B,) reward-model scores of whole sequences (adapters off, reward head)."""
+    def rewards(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+        """(B,) reward-model scores of prompt + response sequences (adapters off, reward head)."""
         with self.role("reward") as model:
-            return self._rewards(self._hidden(model, input_ids, attention_mask), attention_mask)
+            return self._rewards(self._hidden(model, input_ids, attention_mask), attention_mask, prompt_len)
 
     def policy_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
                       return_entropy: bool = False):
@@ -395,7 +411,8 @@ class HydraModel(nn.Module):
                 base.save_pretrained(directory / base_name, selected_adapters=[adapter])
         heads = {f"reward_head.{k}": v for k, v in self.reward_head.state_dict().items()}
         heads.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
-        save_file({k: v.contiguous() for k, v in heads.items()}, directory / HEADS_FILE)
+        save_file({k: v.contiguous() for k, v in heads.items()}, directory / HEADS_FILE,
+                  metadata={"reward_pooling": self.reward_pooling})
         config = asdict(self.config)
         for key in ("model_name_or_path", "reward_model_path"):  # a relative path breaks from another directory
             if config[key] and Path(config[key]).exists():
@@ -430,10 +447,18 @@ class HydraModel(nn.Module):
 
                 state = load_file(directory / base_name / adapter / "adapter_model.safetensors")
                 set_peft_model_state_dict(base, state, adapter_name=adapter)
-        heads = load_file(directory / HEADS_FILE)
+        heads = self._load_heads(directory / HEADS_FILE)
         self.reward_head.load_state_dict(_with_prefix(heads, "reward_head."))
         self.value_head.load_state_dict(_with_prefix(heads, "value_head."))
         self._restore_trainable()
+
+    def _load_heads(self, path: Path) -> dict[str, torch.Tensor]:
+        """The tensors of a heads file; its metadata sets ``reward_pooling`` (files without it read ``last``)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as heads:
+            self.reward_pooling = (heads.metadata() or {}).get("reward_pooling", "last")
+            return {key: heads.get_tensor(key) for key in heads.keys()}
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -53,7 +53,7 @@ def test_mode_invariants(tiny_model, tokenizer, mode):
     assert torch.allclose(ref_logprobs, expected, atol=1e-5)
 
     # the fused frozen pass equals separate passes
-    assert torch.allclose(rewards, model.rewards(seq, mask), atol=1e-6)
+    assert torch.allclose(rewards, model.rewards(seq, mask, prompt_len), atol=1e-6)
     assert not ref_logprobs.requires_grad and not rewards.requires_grad
 
     # train actor and critic; every trainable parameter changes, nothing frozen does
@@ -219,6 +219,18 @@ def test_reward_is_read_at_an_eos_like_in_hydra_sft(tiny_model, tokenizer):
     assert torch.allclose(rollout.ref_logprobs * responses, ref_logprobs * responses, atol=1e-5)
     closed = torch.cat([seq[:1], torch.tensor([[eos]])], 1)  # row 0 with the EOS that Hydra-SFT would append
     closed_mask = torch.cat([mask[:1], torch.ones(1, 1, dtype=mask.dtype)], 1)
-    assert torch.allclose(rollout.raw_scores[0], model.rewards(closed, closed_mask)[0], atol=1e-5)
-    assert torch.allclose(rollout.raw_scores[1], model.rewards(seq[1:], mask[1:])[0], atol=1e-5)
-    assert not torch.allclose(rollout.raw_scores[0], model.rewards(seq[:1], mask[:1])[0])  # not at the cut
+    assert torch.allclose(rollout.raw_scores[0], model.rewards(closed, closed_mask, prompt_len)[0], atol=1e-5)
+    assert torch.allclose(rollout.raw_scores[1], model.rewards(seq[1:], mask[1:], prompt_len)[0], atol=1e-5)
+    assert not torch.allclose(rollout.raw_scores[0], model.rewards(seq[:1], mask[:1], prompt_len)[0])  # not at the cut
+
+
+def test_reward_pooling_reads_the_response():
+    from hydra_rlhf.hydra_model import pool_response
+
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
+    response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    assert torch.equal(pool_response(hidden, response_mask, "last"), hidden[[0, 1], [3, 2]])
+    assert torch.equal(pool_response(hidden, response_mask, "mean"), torch.stack([hidden[0, 1:4].mean(0), hidden[1, 2]]))
+    with pytest.raises(ValueError, match="last, mean"):
+        pool_response(hidden, response_mask, "max")
+

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import PYTHON, run
 
 
@@ -18,7 +17,7 @@ def sft_args(tiny_model, pairs_files, output, *extra):
 @pytest.fixture(scope="module")
 def hydra_checkpoint(tiny_model, pairs_files, tmp_path_factory):
     output = tmp_path_factory.mktemp("sft") / "hydra"
-    result = run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "3"))
+    result = run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "3", "--reward_pooling", "mean"))
     return output, result
 
 
@@ -32,6 +31,7 @@ def test_hydra_sft_learns_the_preference_and_counts_skips(hydra_checkpoint):
     history = [json.loads(line) for line in (output / "sft_history.jsonl").read_text().splitlines()]
     assert history[-1]["lm_loss"] < history[0]["lm_loss"]  # the LM half learns too
     assert "held-out: reward accuracy" in result.stdout
+    assert summary["reward_head_fit"]["pairs"] == 48 and summary["reward_head_fit"]["l2"] in (0.01, 0.1, 1.0)
 
 
 def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
@@ -50,6 +50,50 @@ def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
     enc = tokenizer(["Tell me about item 3."], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(plain(**enc).logits, model.bases["shared"].get_base_model()(**enc).logits)
+
+
+def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hydra_rlhf.hydra_model import HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.sft import HydraSFTModel, SFTConfig, collate, encode_pairs
+
+    output, _ = hydra_checkpoint
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output)))
+    assert model.reward_pooling == "mean"  # stored in the heads file's metadata
+    trained = HydraSFTModel(AutoModelForCausalLM.from_pretrained(output), model.reward_head.in_features, "mean")
+    trained.reward_head.load_state_dict({k.split(".", 1)[1]: v for k, v in load_file(output / HEADS_FILE).items()
+                                         if k.startswith("reward_head.")})
+    message = lambda role, text: [{"role": role, "content": text}]  # the rows load_preferences gives
+    pair = {"prompt": message("user", "Tell me about item 3."), "chosen": message("assistant", "Great, have fun!"),
+            "rejected": message("assistant", "That is sad.")}
+    [row], _ = encode_pairs(tokenizer, [pair], SFTConfig())
+    batch = collate([row], tokenizer.pad_token_id)
+    with torch.no_grad():
+        _, sft_rewards, _ = trained(**batch)
+        ppo_rewards = model.rewards(batch["input_ids"], batch["attention_mask"], len(row["prompt"]))
+    assert torch.allclose(sft_rewards, ppo_rewards, atol=1e-5)
+    assert sft_rewards[0] > sft_rewards[1]
+
+
+def test_reward_head_refit_reaches_the_logistic_optimum():
+    from hydra_rlhf.sft import fit_reward_head
+
+    # Pairs whose chosen-minus-rejected features point along one direction, with noise; a few labels flipped.
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=generator)
+    rejected = 5 * torch.randn(400, 16, generator=generator)
+    signs = torch.where(torch.rand(400, generator=generator) < 0.1, -1.0, 1.0)[:, None]
+    chosen = rejected + signs * direction + torch.randn(400, 16, generator=generator)
+    head = torch.nn.Linear(16, 1)
+    fit = fit_reward_head(head, chosen[:300], rejected[:300])
+    with torch.no_grad():
+        held_out = (head(chosen[300:]) > head(rejected[300:])).float().mean()
+    assert fit["pairs"] == 300 and 0.8 < fit["cv_accuracy"] <= 0.95
+    assert held_out >= 0.85  # 10% of labels flipped: ~0.9 is the ceiling
+    assert torch.nn.functional.cosine_similarity(head.weight[0], direction, dim=0) > 0.9
+    assert head.bias.item() == 0.0
 
 
 def test_plain_objectives(tiny_model, pairs_files, tmp_path):
