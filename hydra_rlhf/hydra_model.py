@@ -65,6 +65,7 @@ ROLE_PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
 }
 
 HEADS_FILE = "hydra_heads.safetensors"  # reward head (and value head) next to a base or a PPO checkpoint
+MANIFEST_FILE = "hydra_manifest.json"
 REWARD_POOLINGS = ("last", "mean")  # what the reward head reads; stored in the heads file's metadata
 
 
@@ -72,7 +73,8 @@ def pool_response(hidden: torch.Tensor, response_mask: torch.Tensor, pooling: st
     """(B, H) features the reward head reads from final hidden states (B, T, H); ``response_mask`` (B, T) marks
     the response tokens (EOS included). ``last``: the last response token, the usual reward-model read.
     ``mean``: the mean over response tokens; on the bundled 135M model it generalises much better from a few
-    hundred pairs (5-fold cross-validated linear probes on the demo pairs: 70% against 57%)."""
+    hundred pairs (5-fold cross-validated linear probes on the demo pairs: 70% against 57%), but PPO can
+    exploit it with short upbeat replies (see the README)."""
     if pooling == "last":
         last = response_mask.shape[1] - 1 - response_mask.flip(-1).long().argmax(-1)
         return hidden[torch.arange(hidden.shape[0]), last]
@@ -80,7 +82,6 @@ def pool_response(hidden: torch.Tensor, response_mask: torch.Tensor, pooling: st
         weights = response_mask.to(hidden.dtype)[..., None]
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
     raise ValueError(f"Unknown reward pooling {pooling!r}: use one of {', '.join(REWARD_POOLINGS)}.")
-MANIFEST_FILE = "hydra_manifest.json"
 
 
 @dataclass

@@ -218,7 +218,7 @@ def fit_reward_head(head: nn.Linear, chosen: torch.Tensor, rejected: torch.Tenso
         return float(torch.stack(hits).mean())
 
     scores = {l2: held_out_accuracy(l2) for l2 in l2_grid} if len(diff) >= 2 * folds else {l2_grid[1]: float("nan")}
-    best = max(scores, key=lambda l2: (scores[l2], -l2)) if len(scores) > 1 else next(iter(scores))
+    best = max(scores, key=lambda l2: (scores[l2], -l2))
     weight = solve(diff, best) / scale.double()
     head.weight.copy_(weight.to(head.weight.dtype).unsqueeze(0))
     head.bias.zero_()

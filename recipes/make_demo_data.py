@@ -284,19 +284,19 @@ def _mean(xs):
 def split_stats(prompts, pairs, rows, skipped) -> dict:
     from hydra_rlhf.judge import distinct_n, gold_scores
 
-    responses = [r for pair in pairs for r in pair]
-    upbeat, gloomy = zip(*pairs) if pairs else ((), ())
+    responses = [r for pair in pairs for r in pair]  # upbeat, gloomy, upbeat, gloomy, ...
+    scores = gold_scores(responses)
     return {
         "prompts": len(prompts),
         "pairs": len(rows),
         "skipped": skipped,
         "mean_chosen": _mean([r["chosen_score"] for r in rows]),
         "mean_rejected": _mean([r["rejected_score"] for r in rows]),
-        "mean_all_samples": _mean(gold_scores(responses)),
+        "mean_all_samples": _mean(scores),
         "distinct_2": distinct_n(responses, 2),
         "small_margin": sum(r["chosen_score"] - r["rejected_score"] < 0.05 for r in rows),
         "median_margin": statistics.median(r["chosen_score"] - r["rejected_score"] for r in rows) if rows else float("nan"),
-        "upbeat_won": sum(a > b for a, b in zip(gold_scores(upbeat), gold_scores(gloomy))),
+        "upbeat_won": sum(a > b for a, b in zip(scores[0::2], scores[1::2])),
     }
 
 
