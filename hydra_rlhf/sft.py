@@ -2,7 +2,7 @@
 
 Objectives (one flag):
 * ``hydra``  - LM loss on the chosen responses + ``reward_weight`` x Bradley-Terry loss on (chosen, rejected)
-               through a scalar reward head (read at the EOS, or averaged over the response:
+               through a scalar reward head (read at the EOS, or averaged or summed over the response:
                ``reward_pooling``); one forward serves both.
 * ``sft``    - the LM loss alone (the SFT model of the ``lora``/``full`` baselines).
 * ``reward`` - the Bradley-Terry loss alone (their separate reward model).
@@ -65,8 +65,8 @@ class SFTConfig:
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
     head_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the reward head."})
     reward_pooling: str = field(default="last", metadata={
-        "help": "What the reward head reads: 'last' (final hidden state at the EOS, the usual reward model) or "
-                "'mean' (averaged over the response tokens). Saved with the head; PPO reads it the same way."})
+        "help": "What the reward head reads: 'last' (final hidden state at the EOS, the usual reward model), "
+                "'mean' or 'sum' (over the response tokens). Saved with the head; PPO reads it the same way."})
     refit_reward_head: bool = field(default=True, metadata={
         "help": "After training, fit the reward head to convergence (L2 logistic regression on the pooled "
                 "features the training forwards saw; strength by cross-validation). Objectives with a reward term."})

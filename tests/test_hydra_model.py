@@ -231,6 +231,7 @@ def test_reward_pooling_reads_the_response():
     response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
     assert torch.equal(pool_response(hidden, response_mask, "last"), hidden[[0, 1], [3, 2]])
     assert torch.equal(pool_response(hidden, response_mask, "mean"), torch.stack([hidden[0, 1:4].mean(0), hidden[1, 2]]))
-    with pytest.raises(ValueError, match="last, mean"):
+    assert torch.equal(pool_response(hidden, response_mask, "sum"), torch.stack([hidden[0, 1:4].sum(0), hidden[1, 2]]))
+    with pytest.raises(ValueError, match="last, mean, sum"):
         pool_response(hidden, response_mask, "max")
 

@@ -17,7 +17,7 @@ def sft_args(tiny_model, pairs_files, output, *extra):
 @pytest.fixture(scope="module")
 def hydra_checkpoint(tiny_model, pairs_files, tmp_path_factory):
     output = tmp_path_factory.mktemp("sft") / "hydra"
-    result = run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "3", "--reward_pooling", "mean"))
+    result = run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "3", "--reward_pooling", "sum"))
     return output, result
 
 
@@ -61,8 +61,8 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
 
     output, _ = hydra_checkpoint
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output)))
-    assert model.reward_pooling == "mean"  # stored in the heads file's metadata
-    trained = HydraSFTModel(AutoModelForCausalLM.from_pretrained(output), model.reward_head.in_features, "mean")
+    assert model.reward_pooling == "sum"  # stored in the heads file's metadata
+    trained = HydraSFTModel(AutoModelForCausalLM.from_pretrained(output), model.reward_head.in_features, "sum")
     trained.reward_head.load_state_dict({k.split(".", 1)[1]: v for k, v in load_file(output / HEADS_FILE).items()
                                          if k.startswith("reward_head.")})
     message = lambda role, text: [{"role": role, "content": text}]  # the rows load_preferences gives
