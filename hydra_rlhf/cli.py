@@ -1,9 +1,10 @@
 """The ``hydra-rlhf`` command: where PPO's memory goes, measured (``profile``), predicted (``estimate``), or read
-back from a finished run (``report``).
+back from a finished run (``report``); and how a run's checkpoints score on held-out prompts (``evaluate``).
 
     hydra-rlhf profile --modes full,lora,j-hydra,hydra --json runs/profile.json
     hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --batch-size 8 --gradient-checkpointing
     hydra-rlhf report runs/demo/ppo
+    hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("run_dir", type=Path, help="A run's output_dir (holds memory.jsonl).")
     report.add_argument("--json", type=Path, help="Write the per-stage summary here.")
     report.set_defaults(handler=run_report)
+
+    evaluate = commands.add_parser("evaluate", help="Score saved PPO checkpoints on held-out prompts: gold judge, "
+                                   "win-rate against the SFT start, KL to the reference, distinct-2.")
+    evaluate.add_argument("checkpoints", nargs="+", type=Path,
+                          help="Checkpoint directories, or a run's output_dir (all its checkpoints, oldest first).")
+    evaluate.add_argument("--prompts", default="demo:eval", help="Held-out prompt source (bundled name or file).")
+    evaluate.add_argument("--prompt-column", default="prompt")
+    evaluate.add_argument("--num-prompts", type=int, help="Use only the first N prompts.")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48, help="Greedy response cap (tokens).")
+    evaluate.add_argument("--max-prompt-length", type=int, default=64, help="Prompts are cut from the left to this.")
+    evaluate.add_argument("--json", type=Path, help="Write the results (per checkpoint) here.")
+    evaluate.set_defaults(handler=run_evaluate)
 
     args = parser.parse_args(argv)
     return args.handler(args)
@@ -104,6 +117,43 @@ def run_report(args) -> int:
     if args.json:
         args.json.write_text(json.dumps({"measure": measure, "iterations": len(history), "stages": summary,
                                          "peak_bytes": max(s["peak_bytes"] for s in summary.values())}, indent=2))
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from rich.table import Table
+
+    from .data import load_prompts
+    from .evaluate import checkpoint_dirs, evaluate_checkpoints
+    from .memory import wide_console
+
+    console = wide_console()
+    table = Table(title="Held-out evaluation per checkpoint (greedy; start = the SFT policy, adapters off)")
+    for column in ("checkpoint", "gold", "gain", "win-rate", "distinct-2", "x start", "KL (nats)", "reward head"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    results = {}
+    try:
+        prompts, _ = load_prompts(args.prompts, args.prompt_column, args.num_prompts)
+        paths = checkpoint_dirs(args.checkpoints)
+        if not paths:
+            raise FileNotFoundError(f"no checkpoints under {', '.join(map(str, args.checkpoints))}/checkpoints")
+        for path, result in evaluate_checkpoints(paths, prompts, args.max_new_tokens, args.max_prompt_length):
+            console.print(f"evaluated {path}: gold {result['gold_after']:.3f}")
+            results[str(path)] = result
+            table.add_row(path.name, f"{result['gold_after']:.3f}", f"{result['gold_gain']:+.3f}",
+                          f"{result['win_rate_vs_sft']:.0%}", f"{result['distinct2_after']:.3f}",
+                          f"{result['distinct2_after'] / max(result['distinct2_before'], 1e-9):.2f}",
+                          f"{result['kl_to_reference']:.2f}", f"{result['reward_head_after']:.3f}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    first = next(iter(results.values()))
+    console.print(table)
+    console.print(f"start: gold {first['gold_before']:.3f}, distinct-2 {first['distinct2_before']:.3f} "
+                  f"over {first['num_prompts']} prompts")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 

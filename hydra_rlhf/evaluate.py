@@ -7,6 +7,9 @@ half), KL of the trained policy to the reference on its own responses, and disti
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from . import rollout as experience
@@ -70,3 +73,34 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
             for p, b, a, gb, ga in list(zip(prompts, before, after, gold_before, gold_after))[:samples_to_keep]
         ],
     }
+
+
+def checkpoint_dirs(paths) -> list[Path]:
+    """Checkpoint directories as given; a run's output_dir stands for all its checkpoints, oldest first."""
+    from .trainer import CHECKPOINT_PREFIX
+
+    found = []
+    for path in map(Path, paths):
+        checkpoints = path / "checkpoints"
+        found += sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*")) if checkpoints.is_dir() else [path]
+    return found
+
+
+def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_length: int = 64):
+    """Yield ``(path, evaluate(...))`` per saved HydraModel checkpoint; checkpoints on the same base share one load."""
+    from .hydra_model import MANIFEST_FILE, HydraModel
+    from .models import load_tokenizer
+
+    model = tokenizer = loaded = None
+    for path in paths:
+        manifest = Path(path) / MANIFEST_FILE
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint ({MANIFEST_FILE} is missing): pass a run's "
+                                    "output_dir or one of its checkpoints/iter-* directories.")
+        config = json.loads(manifest.read_text())["config"]
+        if config != loaded:
+            model, loaded = HydraModel.from_pretrained(path), config
+            tokenizer = load_tokenizer(config["model_name_or_path"], config["trust_remote_code"])
+        else:
+            model.load_trained(path)
+        yield Path(path), evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length)

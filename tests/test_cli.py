@@ -1,4 +1,4 @@
-"""`hydra-rlhf profile` and `report` as a user runs them (tiny model; the bundled one is the default)."""
+"""`hydra-rlhf profile`, `report` and `evaluate` as a user runs them (tiny model; the bundled one is the default)."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ CLI = str(Path(PYTHON).parent / "hydra-rlhf")
 
 def test_help_lists_the_commands():
     result = run([CLI, "--help"])
-    for command in ("profile", "estimate", "report"):
+    for command in ("profile", "estimate", "report", "evaluate"):
         assert command in result.stdout
 
 
@@ -49,3 +49,11 @@ def test_report_needs_a_memory_log(tmp_path):
     (tmp_path / "memory.jsonl").write_text("not json\n")
     result = run([CLI, "report", str(tmp_path)], check=False)
     assert result.returncode == 2 and "line 1" in result.stderr
+
+
+def test_evaluate_needs_a_checkpoint(tmp_path):
+    result = run([CLI, "evaluate", str(tmp_path)], check=False)
+    assert result.returncode == 2 and "hydra_manifest.json is missing" in result.stderr
+    (tmp_path / "checkpoints").mkdir()
+    result = run([CLI, "evaluate", str(tmp_path)], check=False)
+    assert result.returncode == 2 and "no checkpoints under" in result.stderr

@@ -58,6 +58,15 @@ def test_ppo_recipe_writes_everything(tiny_model, prompts_file, tmp_path):
     report = run([str(Path(PYTHON).parent / "hydra-rlhf"), "report", str(output), "--json", str(tmp_path / "r.json")])
     assert "overall peak" in report.stdout
     assert json.loads((tmp_path / "r.json").read_text())["iterations"] == 2
+    # `hydra-rlhf evaluate` reloads each checkpoint; the last one reproduces the run's own evaluation
+    evaluated = run([str(Path(PYTHON).parent / "hydra-rlhf"), "evaluate", str(output), "--prompts", str(prompts_file),
+                     "--num-prompts", "8", "--max-new-tokens", "8", "--json", str(tmp_path / "e.json")])
+    assert "iter-000001" in evaluated.stdout and "iter-000002" in evaluated.stdout
+    per_checkpoint = json.loads((tmp_path / "e.json").read_text())
+    assert [Path(p).name for p in per_checkpoint] == ["iter-000001", "iter-000002"]
+    last = per_checkpoint[str(output / "checkpoints" / "iter-000002")]
+    for key in ("gold_before", "gold_after", "win_rate_vs_sft", "distinct2_after", "kl_to_reference", "reward_head_after"):
+        assert last[key] == pytest.approx(summary["eval"][key], abs=1e-5), key
 
 
 def test_resume_after_sigkill_is_bit_identical(tiny_model, prompts_file, tmp_path):
