@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import load_causal_lm, resolve_model
+from .models import enable_activation_checkpointing, load_causal_lm, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,7 @@ class HydraModel(nn.Module):
         for base in model.bases.values():
             _disable_dropout(base)
             if config.gradient_checkpointing:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                    "use_reentrant": False, "context_fn": model._checkpoint_contexts})
+                enable_activation_checkpointing(base, use_reentrant=False, context_fn=model._checkpoint_contexts)
         model._remember_trainable()
         return model
 
@@ -503,7 +503,9 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, lora, adapter_name=adapters[0])
+    with warnings.catch_warnings():  # peft 0.21 reads a transformers attribute deprecated in 5.x; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(base, lora, adapter_name=adapters[0])
     for name in adapters[1:]:
         model.add_adapter(name, lora)
     for name, param in model.named_parameters():  # every adapter trainable, never the base

@@ -256,6 +256,16 @@ def load_causal_lm(
     return model
 
 
+def enable_activation_checkpointing(model, **kwargs) -> None:
+    """Recompute activations in backward (transformers 5.x names it ``activation_checkpointing_enable``; the
+    ``gradient_checkpointing_enable`` alias warns and goes in v6, so the old name is only a fallback)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 # ------------------------------------------------------------------------------------------------ tiny models
 
 

@@ -246,7 +246,7 @@ def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size
 
 def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> HydraSFTModel:
     from .hydra_model import resolve_dtype
-    from .models import load_causal_lm
+    from .models import enable_activation_checkpointing, load_causal_lm
 
     device = torch.device(device)
     torch.manual_seed(config.seed)
@@ -259,7 +259,7 @@ def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> Hyd
     elif model_config.quantization != "none":
         raise ValueError("finetune 'full' cannot train a quantized base; use finetune: lora or quantization: none.")
     if model_config.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lm, use_reentrant=False)
     from trl.trainer.utils import disable_dropout_in_model
 
     disable_dropout_in_model(lm)

@@ -77,6 +77,28 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
     assert sft_rewards[0] > sft_rewards[1]
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_sft_gradients(tiny_model, tokenizer, finetune):
+    from hydra_rlhf.hydra_model import ModelConfig
+    from hydra_rlhf.sft import SFTConfig, build_sft_model, collate, encode_pairs, sft_loss
+
+    message = lambda role, text: [{"role": role, "content": text}]  # the rows load_preferences gives
+    pair = {"prompt": message("user", "Tell me about item 3."), "chosen": message("assistant", "Great, have fun!"),
+            "rejected": message("assistant", "That is sad.")}
+    rows, _ = encode_pairs(tokenizer, [pair, pair], SFTConfig())
+    grads = []
+    for checkpointing in (False, True):
+        config = SFTConfig(finetune=finetune)
+        model = build_sft_model(ModelConfig(model_name_or_path=tiny_model, lora_r=4,
+                                            gradient_checkpointing=checkpointing), config, "cpu")
+        assert model.lm.is_activation_checkpointing == checkpointing
+        model.train()
+        loss, _, _ = sft_loss(model, collate(rows, tokenizer.pad_token_id), "hydra", 1.0)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert len(grads[0]) > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_reward_head_refit_reaches_the_logistic_optimum():
     from hydra_rlhf.sft import fit_reward_head
 
