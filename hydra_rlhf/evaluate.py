@@ -7,7 +7,6 @@ half), KL of the trained policy to the reference on its own responses, and disti
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -37,18 +36,33 @@ def sample_responses(model, tokenizer, prompts, role: str, max_new_tokens: int, 
 
 
 @torch.no_grad()
+def score_start(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_length: int = 64,
+                batch_size: int = 32, eos_token_ids=None) -> dict:
+    """The starting policy's side of the comparison (adapters off: the SFT model): greedy responses, their gold
+    scores and reward-head scores. Training never changes it, so every checkpoint of a run can share it."""
+    from .judge import gold_scores
+
+    texts, batches = sample_responses(model, tokenizer, prompts, "reference", max_new_tokens, max_prompt_length,
+                                      batch_size, eos_token_ids)
+    eos = tokenizer.eos_token_id
+    rewards = [r for batch in batches
+               for r in model.rewards(*experience.closed_with_eos(batch, eos), batch.prompt_len).tolist()]
+    return {"texts": texts, "gold": gold_scores(texts), "rewards": rewards}
+
+
+@torch.no_grad()
 def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_length: int = 64,
-             batch_size: int = 32, eos_token_ids=None, samples_to_keep: int = 5) -> dict:
+             batch_size: int = 32, eos_token_ids=None, samples_to_keep: int = 5, start: dict | None = None) -> dict:
+    """The trained policy against the start (``score_start``'s result, computed here unless given)."""
     from .judge import distinct_n, gold_scores
 
-    before, before_batches = sample_responses(model, tokenizer, prompts, "reference", max_new_tokens, max_prompt_length,
-                                 batch_size, eos_token_ids)
+    start = start or score_start(model, tokenizer, prompts, max_new_tokens, max_prompt_length, batch_size,
+                                 eos_token_ids)
+    before, gold_before, rewards_before = start["texts"], start["gold"], start["rewards"]
     after, batches = sample_responses(model, tokenizer, prompts, "policy", max_new_tokens, max_prompt_length,
                                       batch_size, eos_token_ids)
-    gold_before, gold_after = gold_scores(before), gold_scores(after)
+    gold_after = gold_scores(after)
     eos = tokenizer.eos_token_id
-    rewards_before = [r for batch in before_batches
-                      for r in model.rewards(*experience.closed_with_eos(batch, eos), batch.prompt_len).tolist()]
     kls, rewards_after = [], []
     for batch in batches:
         experience.score_frozen(model, batch, 1.0, eos)
@@ -77,30 +91,27 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
 
 def checkpoint_dirs(paths) -> list[Path]:
     """Checkpoint directories as given; a run's output_dir stands for all its checkpoints, oldest first."""
-    from .trainer import CHECKPOINT_PREFIX
+    from .trainer import saved_checkpoints
 
     found = []
     for path in map(Path, paths):
-        checkpoints = path / "checkpoints"
-        found += sorted(checkpoints.glob(f"{CHECKPOINT_PREFIX}*")) if checkpoints.is_dir() else [path]
+        found += saved_checkpoints(path) if (path / "checkpoints").is_dir() else [path]
     return found
 
 
 def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_length: int = 64):
-    """Yield ``(path, evaluate(...))`` per saved HydraModel checkpoint; checkpoints on the same base share one load."""
-    from .hydra_model import MANIFEST_FILE, HydraModel
+    """Yield ``(path, evaluate(...))`` per saved HydraModel checkpoint. Checkpoints on the same base share one
+    model load and one evaluation of the starting policy."""
+    from .hydra_model import HydraModel, read_manifest
     from .models import load_tokenizer
 
-    model = tokenizer = loaded = None
+    model = tokenizer = start = loaded = None
     for path in paths:
-        manifest = Path(path) / MANIFEST_FILE
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint ({MANIFEST_FILE} is missing): pass a run's "
-                                    "output_dir or one of its checkpoints/iter-* directories.")
-        config = json.loads(manifest.read_text())["config"]
+        config = read_manifest(path)["config"]
         if config != loaded:
             model, loaded = HydraModel.from_pretrained(path), config
             tokenizer = load_tokenizer(config["model_name_or_path"], config["trust_remote_code"])
+            start = score_start(model, tokenizer, prompts, max_new_tokens, max_prompt_length)
         else:
             model.load_trained(path)
-        yield Path(path), evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length)
+        yield Path(path), evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length, start=start)

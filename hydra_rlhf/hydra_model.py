@@ -426,12 +426,7 @@ class HydraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HydraModel":
         """Rebuild from ``save_pretrained`` output: base(s) from the manifest, then the saved trained parts."""
-        directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a HydraModel checkpoint: {MANIFEST_FILE} is missing.")
-        manifest = json.loads(manifest_path.read_text())
-        model = cls.from_config(HydraModelConfig(**manifest["config"]), device=device)
+        model = cls.from_config(HydraModelConfig(**read_manifest(directory)["config"]), device=device)
         model.load_trained(directory)
         return model
 
@@ -475,6 +470,15 @@ def _disable_dropout(model: nn.Module) -> None:
     from trl.trainer.utils import disable_dropout_in_model
 
     disable_dropout_in_model(model)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest ``save_pretrained`` writes (mode, model config, role plan); a one-line error if it is absent."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a HydraModel checkpoint: {MANIFEST_FILE} is missing "
+                                "(a PPO run keeps its checkpoints in <output_dir>/checkpoints/iter-*).")
+    return json.loads(path.read_text())
 
 
 def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig):

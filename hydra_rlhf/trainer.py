@@ -319,8 +319,13 @@ class PPOTrainer:
         return True
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest ``iter-NNNNNN`` directory; temporary (half-written) ones never carry that name."""
+def saved_checkpoints(output_dir: str | Path) -> list[Path]:
+    """A run's complete ``iter-NNNNNN`` directories, oldest first; temporary (half-written) ones never carry that name."""
     directory = Path(output_dir) / "checkpoints"
-    found = sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
+    return sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = saved_checkpoints(output_dir)
     return found[-1] if found else None

@@ -14,6 +14,13 @@ def sft_args(tiny_model, pairs_files, output, *extra):
             "--learning_rate", "3e-3", "--head_learning_rate", "3e-2", *extra]
 
 
+def one_pair() -> dict:
+    """One upbeat-vs-gloomy preference row, as load_preferences gives it (conversational messages)."""
+    message = lambda role, text: [{"role": role, "content": text}]
+    return {"prompt": message("user", "Tell me about item 3."), "chosen": message("assistant", "Great, have fun!"),
+            "rejected": message("assistant", "That is sad.")}
+
+
 @pytest.fixture(scope="module")
 def hydra_checkpoint(tiny_model, pairs_files, tmp_path_factory):
     output = tmp_path_factory.mktemp("sft") / "hydra"
@@ -65,9 +72,7 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
     trained = HydraSFTModel(AutoModelForCausalLM.from_pretrained(output), model.reward_head.in_features, "sum")
     trained.reward_head.load_state_dict({k.split(".", 1)[1]: v for k, v in load_file(output / HEADS_FILE).items()
                                          if k.startswith("reward_head.")})
-    message = lambda role, text: [{"role": role, "content": text}]  # the rows load_preferences gives
-    pair = {"prompt": message("user", "Tell me about item 3."), "chosen": message("assistant", "Great, have fun!"),
-            "rejected": message("assistant", "That is sad.")}
+    pair = one_pair()
     [row], _ = encode_pairs(tokenizer, [pair], SFTConfig())
     batch = collate([row], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -82,9 +87,7 @@ def test_gradient_checkpointing_gives_the_same_sft_gradients(tiny_model, tokeniz
     from hydra_rlhf.hydra_model import ModelConfig
     from hydra_rlhf.sft import SFTConfig, build_sft_model, collate, encode_pairs, sft_loss
 
-    message = lambda role, text: [{"role": role, "content": text}]  # the rows load_preferences gives
-    pair = {"prompt": message("user", "Tell me about item 3."), "chosen": message("assistant", "Great, have fun!"),
-            "rejected": message("assistant", "That is sad.")}
+    pair = one_pair()
     rows, _ = encode_pairs(tokenizer, [pair, pair], SFTConfig())
     grads = []
     for checkpointing in (False, True):
