@@ -5,11 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .hydra_model import HydraModelConfig
+from .layout import OBJECTIVES, objective_info
 
 
 @dataclass
 class PPOConfig:
-    """One PPO run: data, rollout, optimisation, logging. Model layout lives in ``HydraModelConfig``."""
+    """One RL run (PPO, RLOO, GRPO or online DPO): data, rollout, objective, optimisation, logging. Model layout
+    lives in ``HydraModelConfig``."""
+
+    # --- objective
+    objective: str = field(default="ppo", metadata={
+        "help": "What the policy learns from its samples: " + "; ".join(f"{n}: {i.summary}" for n, i in OBJECTIVES.items())
+                + ". Only ppo builds a critic."})
+    num_samples_per_prompt: int | None = field(default=None, metadata={
+        "help": "k responses per prompt, sampled in one generate call (default: 1 for ppo, 4 for rloo and grpo, 2 for "
+                "online_dpo). batch_size counts prompts, so an iteration generates batch_size x k responses."})
+    dpo_beta: float = field(default=0.1, metadata={"help": "online_dpo: DPO's beta (strength of the implicit KL "
+                                                          "to the adapters-off reference)."})
 
     # --- data
     prompts_path: str = field(
@@ -24,7 +36,8 @@ class PPOConfig:
                 "uses it so the prompt length it measures is the one it reports)."})
     num_eval_prompts: int | None = field(default=None, metadata={"help": "Use only the first N held-out prompts."})
     # --- rollout
-    batch_size: int = field(default=16, metadata={"help": "Prompts per PPO iteration, per process."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts per iteration, per process (each sampled "
+                                                         "num_samples_per_prompt times)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Response length cap (tokens)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used in log-probs)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling. 1.0 keeps PPO's ratios on-policy."})
@@ -32,29 +45,35 @@ class PPOConfig:
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the reward of "
                                                                       "responses cut off before EOS."})
     # --- rewards and KL
-    kl_coef: float = field(default=0.05, metadata={"help": "Initial coefficient of the per-token KL penalty."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial KL coefficient: ppo, a per-token reward penalty; "
+                                                      "rloo, a penalty on the sequence reward; grpo, the weight of the "
+                                                      "k3 KL loss term; online_dpo: unused (see dpo_beta)."})
     kl_controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al.)."})
     kl_target: float = field(default=6.0, metadata={"help": "Adaptive controller: target KL per sequence (nats)."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive controller: horizon in samples."})
     reward_normalization: str = field(default="none", metadata={"help": "Scores: none, batch (whiten) or running."})
     reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to +-this after normalisation."})
-    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "ppo: whiten token advantages over each batch; "
+                                                                  "rloo: scale them to unit std (grpo normalises "
+                                                                  "per group already)."})
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     # --- optimisation
     num_iterations: int = field(default=20, metadata={"help": "PPO iterations (rollout + learning)."})
     ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
-    minibatch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step (after accumulation)."})
+    minibatch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step (after accumulation); "
+                                                          "online_dpo: 2 per pair."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     actor_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the actor adapter."})
-    critic_lr: float = field(default=3e-4, metadata={"help": "Learning rate of the critic adapter and value head."})
+    critic_lr: float = field(default=3e-4, metadata={"help": "Learning rate of the critic adapter and value head "
+                                                          "(ppo only)."})
     lr_scheduler: str = field(default="constant", metadata={"help": "constant, linear or cosine (over all steps)."})
     warmup_steps: int = field(default=0, metadata={"help": "LR warm-up optimizer steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
     clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around old values."})
-    vf_coef: float = field(default=0.5, metadata={"help": "Weight of the value loss."})
+    vf_coef: float = field(default=0.5, metadata={"help": "Weight of the value loss (ppo only)."})
     max_nonfinite_in_a_row: int = field(default=3, metadata={"help": "Stop after this many non-finite updates in a "
                                                                "row (each is skipped and logged)."})
     # --- run
@@ -68,19 +87,45 @@ class PPOConfig:
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Response cap at evaluation "
                                                                     "(default: max_new_tokens)."})
 
+    @property
+    def samples_per_prompt(self) -> int:
+        """k: ``num_samples_per_prompt``, or the objective's default."""
+        return self.num_samples_per_prompt or objective_info(self.objective).default_samples_per_prompt
+
+    @property
+    def train_rows(self) -> int:
+        """Sequences the learner trains on per iteration, per process (online DPO: 2 per prompt, its pair)."""
+        return objective_info(self.objective).train_rows(self.batch_size, self.samples_per_prompt)
+
     def __post_init__(self):
+        info = objective_info(self.objective)
+        if self.num_samples_per_prompt is not None and self.num_samples_per_prompt < 1:
+            raise ValueError(f"num_samples_per_prompt must be at least 1, got {self.num_samples_per_prompt}.")
+        if self.samples_per_prompt < info.min_samples_per_prompt:
+            raise ValueError(f"objective {self.objective} compares samples of the same prompt: num_samples_per_prompt "
+                             f"must be at least {info.min_samples_per_prompt}, got {self.samples_per_prompt}.")
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}.")
         if self.kl_controller not in ("fixed", "adaptive"):
             raise ValueError(f"kl_controller {self.kl_controller!r}: use 'fixed' or 'adaptive'.")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"lr_scheduler {self.lr_scheduler!r}: use constant, linear or cosine.")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ValueError(f"report_to {self.report_to!r}: use none, tensorboard or wandb.")
-        micro = self.minibatch_size // max(self.gradient_accumulation_steps, 1)
-        if self.batch_size % self.minibatch_size or micro * self.gradient_accumulation_steps != self.minibatch_size:
+        for key in ("batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}.")
+        micro = self.minibatch_size // self.gradient_accumulation_steps
+        if self.train_rows % self.minibatch_size or micro * self.gradient_accumulation_steps != self.minibatch_size:
             raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of minibatch_size ({self.minibatch_size}), which "
-                f"must be a multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})."
+                f"the {self.train_rows} sequences an iteration trains on (batch_size {self.batch_size} x "
+                f"{self.train_rows // self.batch_size} per prompt) must be a multiple of minibatch_size "
+                f"({self.minibatch_size}), which must be a multiple of gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps})."
             )
+        if micro % info.rows_per_unit:
+            raise ValueError(f"objective {self.objective} keeps each chosen/rejected pair together: minibatch_size / "
+                             f"gradient_accumulation_steps ({micro}) must be even.")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 (log-probs are divided by it).")
 
@@ -95,7 +140,7 @@ def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> in
 
     from trl import TrlParser
 
-    from .trainer import NonFiniteError
+    from .errors import NonFiniteError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

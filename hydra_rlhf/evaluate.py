@@ -66,7 +66,7 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
     kls, rewards_after = [], []
     for batch in batches:
         experience.score_frozen(model, batch, 1.0, eos)
-        logprobs, _ = model.policy_scores(batch.input_ids, batch.attention_mask, batch.prompt_len)
+        logprobs = model.policy_scores(batch.input_ids, batch.attention_mask, batch.prompt_len).logprobs  # no critic
         kls += ((logprobs - batch.ref_logprobs) * batch.response_mask).sum(-1).tolist()
         rewards_after += batch.raw_scores.tolist()
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_after, gold_before)]

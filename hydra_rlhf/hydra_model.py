@@ -1,16 +1,10 @@
 """HydraModel: one base model as policy, reference, reward model and critic.
 
-Four modes, one code path (see DESIGN.md, "The four modes"). Each mode is a *role plan*: for every role it
-names which base model serves it and which adapter is active there (``None`` = adapters off, ``FULL`` = a
-plain, fully-trainable model). Everything else - switching, scoring, saving - reads the plan, so the memory
-comparison between modes compares layouts, not implementations.
-
-    mode      bases                         policy        reference   reward      critic
-    full      policy, reference, reward,    policy FULL   reference   reward      critic FULL
-              critic (4 full copies)
-    lora      sft, rm (2 copies)            sft/actor     sft/off     rm/off      rm/critic
-    j-hydra   shared (1 copy)               shared/shared shared/off  shared/off  shared/shared
-    hydra     shared (1 copy)               shared/actor  shared/off  shared/off  shared/critic
+Four modes, one code path (see DESIGN.md, "The four modes"). Each mode is a *role plan*, read from
+``layout.role_plan``: for every role, which base model serves it and which adapter is active there. Everything
+else - switching, scoring, saving - reads the plan, so the memory comparison between modes compares layouts,
+not implementations. Critic-free objectives (RLOO, GRPO, online DPO) get the plan without the critic role: no
+critic adapter, no value head, no value forward.
 
 Heads live outside peft (peft's ``disable_adapter`` would silently swap a ``modules_to_save`` head for its
 original copy): ``reward_head`` (frozen; it reads the response as Hydra-SFT trained it, at the last token, averaged or
@@ -34,36 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
 from .models import enable_activation_checkpointing, load_causal_lm, resolve_model
 
 logger = logging.getLogger(__name__)
-
-MODES = ("full", "lora", "j-hydra", "hydra")
-ROLES = ("policy", "reference", "reward", "critic")
-FROZEN_ROLES = ("reference", "reward")
-FULL = "<full>"  # a role served by a whole trainable model, no adapter
-
-ROLE_PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
-    "full": {
-        "policy": ("policy", FULL),
-        "reference": ("reference", None),
-        "reward": ("reward", None),
-        "critic": ("critic", FULL),
-    },
-    "lora": {"policy": ("sft", "actor"), "reference": ("sft", None), "reward": ("rm", None), "critic": ("rm", "critic")},
-    "j-hydra": {
-        "policy": ("shared", "shared"),
-        "reference": ("shared", None),
-        "reward": ("shared", None),
-        "critic": ("shared", "shared"),
-    },
-    "hydra": {
-        "policy": ("shared", "actor"),
-        "reference": ("shared", None),
-        "reward": ("shared", None),
-        "critic": ("shared", "critic"),
-    },
-}
 
 HEADS_FILE = "hydra_heads.safetensors"  # reward head (and value head) next to a base or a PPO checkpoint
 MANIFEST_FILE = "hydra_manifest.json"
@@ -129,8 +97,7 @@ class HydraModelConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mode not in MODES:
-            raise ValueError(f"Unknown mode {self.mode!r}: use one of {', '.join(MODES)}.")
+        check_mode(self.mode)
         if self.mode == "full" and self.quantization != "none":
             raise ValueError(
                 f"mode 'full' trains every weight, which a {self.quantization} base cannot do; "
@@ -161,13 +128,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class HydraModel(nn.Module):
     """Policy, reference, reward model and critic over one (or, for the baselines, 2 or 4) base models."""
 
-    def __init__(self, bases: dict[str, nn.Module], mode: str, hidden_size: int, config: HydraModelConfig):
+    def __init__(self, bases: dict[str, nn.Module], mode: str, hidden_size: int, config: HydraModelConfig,
+                 critic: bool = True):
         super().__init__()
         self.mode, self.config = mode, config
-        self.plan = ROLE_PLANS[mode]
+        self.plan = role_plan(mode, critic)
         self.bases = nn.ModuleDict(bases)
         self.reward_head = nn.Linear(hidden_size, 1)
-        self.value_head = nn.Linear(hidden_size, 1)
+        self.value_head = nn.Linear(hidden_size, 1) if critic else None  # critic-free: no value head at all
         self.reward_head.requires_grad_(False)
         self.reward_pooling = "last"  # replaced by the pooling stored with a trained head
         self._forward_adapter: str | None = None  # the adapter a checkpointed layer's forward runs under
@@ -175,30 +143,35 @@ class HydraModel(nn.Module):
     # ------------------------------------------------------------------------------------------- construction
 
     @classmethod
-    def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> "HydraModel":
-        """Load the base(s), add adapters as the mode requires, and read the reward head from the base's
+    def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+                    critic: bool = True) -> "HydraModel":
+        """Load the base(s) the mode's role plan names, add its adapters, and read the reward head from the base's
         ``hydra_heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init,
-        so every process of a multi-process run starts identical."""
+        so every process of a multi-process run starts identical. ``critic=False`` (RLOO, GRPO, online DPO)
+        builds no critic adapter, no critic base and no value head."""
         device = torch.device(device)
         dtype = resolve_dtype(config.dtype, device)
         load = lambda path: load_causal_lm(  # noqa: E731
             path, dtype=dtype, quantization=config.quantization, device=device, trust_remote_code=config.trust_remote_code
         )
+        plan = role_plan(config.mode, critic)
         reward_path = config.reward_model_path or config.model_name_or_path
-        policy_base = _frozen(load(config.model_name_or_path))
+        policy_base = _frozen(load(config.model_name_or_path))  # the reference's weights
         torch.manual_seed(seed)
-        if config.mode in ("hydra", "j-hydra"):
-            adapters = ["actor", "critic"] if config.mode == "hydra" else ["shared"]
-            bases = {"shared": with_lora_adapters(policy_base, adapters, config)}
-        elif config.mode == "lora":  # the baseline keeps the SFT model and the reward model apart
-            bases = {"sft": with_lora_adapters(policy_base, ["actor"], config),
-                     "rm": with_lora_adapters(_frozen(load(reward_path)), ["critic"], config)}
-        else:
-            bases = {"policy": load(config.model_name_or_path), "reference": policy_base,
-                     "reward": _frozen(load(reward_path)), "critic": load(reward_path)}
-        model = cls(bases, config.mode, policy_base.config.hidden_size, config)
-        model.reward_head.to(device)  # the bases are already placed (bitsandbytes places at load time)
-        model.value_head.to(device)
+        adapters, bases = adapter_names(plan), {}
+        for name in base_names(plan):
+            roles = {role for role, (base, _) in plan.items() if base == name}
+            if plan["reference"][0] == name:
+                base = policy_base
+            elif roles & {"policy", "reference"}:  # full mode's trainable policy copy
+                base = load(config.model_name_or_path)
+            else:  # the reward model, and the critic that starts from it (full, lora)
+                base = load(reward_path)
+            if (name, FULL) not in plan.values():
+                base = _frozen(base)
+            bases[name] = with_lora_adapters(base, adapters[name], config) if name in adapters else base
+        model = cls(bases, config.mode, policy_base.config.hidden_size, config, critic=critic)
+        model.to_heads_device(device)  # the bases are already placed (bitsandbytes places at load time)
         model.load_reward_head(reward_path)
         for base in model.bases.values():
             _disable_dropout(base)
@@ -207,8 +180,20 @@ class HydraModel(nn.Module):
         model._remember_trainable()
         return model
 
+    @property
+    def has_critic(self) -> bool:
+        return "critic" in self.plan
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The scalar heads this model has: the reward head, and the value head where there is a critic."""
+        return {"reward_head": self.reward_head, **({"value_head": self.value_head} if self.has_critic else {})}
+
+    def to_heads_device(self, device) -> None:
+        for head in self.heads().values():
+            head.to(device)
+
     def load_reward_head(self, base_path: str) -> None:
-        """Reward head from a Hydra-SFT checkpoint; the value head starts as its copy."""
+        """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy."""
         heads = Path(resolve_model(base_path)) / HEADS_FILE
         if heads.is_file():
             state = self._load_heads(heads)
@@ -216,7 +201,8 @@ class HydraModel(nn.Module):
         else:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
                            "meaningful rewards.", base_path, HEADS_FILE)
-        self.value_head.load_state_dict(self.reward_head.state_dict())
+        if self.has_critic:
+            self.value_head.load_state_dict(self.reward_head.state_dict())
 
     def _remember_trainable(self) -> None:
         # peft's set_adapter() flips requires_grad; we restore this set after every switch.
@@ -236,8 +222,10 @@ class HydraModel(nn.Module):
         Frozen roles (reference, reward) run with adapters off under ``torch.no_grad``; the previous adapter
         and the trainable set are restored in ``finally``, also when the body raises.
         """
-        if name not in ROLES:
-            raise ValueError(f"Unknown role {name!r}: use one of {', '.join(ROLES)}.")
+        if name not in self.plan:
+            known = ", ".join(self.plan)
+            raise ValueError(f"Role {name!r} is not in this model (its roles: {known}); a critic-free objective "
+                             "builds no critic." if name in ROLES else f"Unknown role {name!r}: use one of {known}.")
         base_name, adapter = self.plan[name]
         model = self.bases[base_name]
         with ExitStack() as stack:
@@ -330,18 +318,20 @@ class HydraModel(nn.Module):
             return self._rewards(self._hidden(model, input_ids, attention_mask), attention_mask, prompt_len)
 
     def policy_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
-                      return_entropy: bool = False):
-        """Actor log-probs (B, R) and critic values (B, R), with grad if grad is enabled. One forward where
-        actor and critic share their adapter (j-hydra), two otherwise. With ``return_entropy``, also the
-        per-token policy entropy (B, R), without grad."""
+                      entropy: bool = False, values: bool = False) -> "PolicyScores":
+        """The actor's log-probs of the response tokens, with grad if grad is enabled; with ``entropy`` the
+        per-token entropy (no grad); with ``values`` the critic's values (PPO only: a second forward, except in
+        j-hydra where actor and critic share one). Evaluation and critic-free objectives pay for no critic pass."""
         with self.role("policy") as model:
             hidden = self._hidden(model, input_ids, attention_mask)
-            logprobs = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature, return_entropy)
-        if not self._same_pass("policy", "critic"):
-            with self.role("critic") as model:
-                hidden = self._hidden(model, input_ids, attention_mask)
-        values = self._values(hidden, prompt_len)
-        return (*logprobs, values) if return_entropy else (logprobs, values)
+            scores = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature, entropy)
+        scores = PolicyScores(*scores) if entropy else PolicyScores(scores)
+        if values:
+            if not self._same_pass("policy", "critic"):
+                with self.role("critic") as model:
+                    hidden = self._hidden(model, input_ids, attention_mask)
+            scores.values = self._values(hidden, prompt_len)
+        return scores
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, role: str = "policy", **generation_kwargs) -> torch.Tensor:
@@ -360,11 +350,16 @@ class HydraModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by optimiser group: ``actor`` (the policy's adapter or full model) and ``critic``
-        (the critic's adapter or full model, and the value head). A shared adapter (j-hydra) counts as actor."""
-        groups: dict[str, list[nn.Parameter]] = {"actor": [], "critic": [*self.value_head.parameters()]}
-        seen = {id(p) for p in groups["critic"]}
+        """Trainable parameters by optimiser group: ``actor`` (the policy's adapter or full model) and, with a
+        critic, ``critic`` (the critic's adapter or full model, and the value head). A shared adapter (j-hydra)
+        counts as actor."""
+        groups: dict[str, list[nn.Parameter]] = {"actor": []}
+        if self.has_critic:
+            groups["critic"] = [*self.value_head.parameters()]
+        seen = {id(p) for params in groups.values() for p in params}
         for role, group in (("policy", "actor"), ("critic", "critic")):
+            if role not in self.plan:
+                continue
             base_name, adapter = self.plan[role]
             for name, param in self.bases[base_name].named_parameters():
                 owned = adapter == FULL or f".{adapter}." in name
@@ -376,7 +371,7 @@ class HydraModel(nn.Module):
     def base_parameters(self) -> list[nn.Parameter]:
         """Frozen base weights: everything but adapters and heads (includes full-mode trainable copies)."""
         return [p for name, p in self.named_parameters()
-                if "lora_" not in name and not name.startswith(("reward_head", "value_head"))]
+                if "lora_" not in name and not name.startswith(tuple(self.heads()))]
 
     def base_copies(self) -> int:
         """How many copies of the base weights are in memory, counted from distinct parameter storages."""
@@ -386,7 +381,7 @@ class HydraModel(nn.Module):
 
     def frozen_bases(self) -> dict[str, nn.Module]:
         """The base models whose weights must never change (the ones adapters sit on, or frozen copies)."""
-        trainable_bases = {self.plan[r][0] for r in ROLES if self.plan[r][1] == FULL}
+        trainable_bases = {base for base, adapter in self.plan.values() if adapter == FULL}
         return {name: base for name, base in self.bases.items() if name not in trainable_bases}
 
     def frozen_fingerprint(self) -> dict[str, str]:
@@ -405,15 +400,13 @@ class HydraModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for role in ("policy", "critic"):
-            base_name, adapter = self.plan[role]
+        for base_name, adapter in self._trained_parts():
             base = self.bases[base_name]
             if adapter == FULL:
                 base.save_pretrained(directory / base_name)
             else:
                 base.save_pretrained(directory / base_name, selected_adapters=[adapter])
-        heads = {f"reward_head.{k}": v for k, v in self.reward_head.state_dict().items()}
-        heads.update({f"value_head.{k}": v for k, v in self.value_head.state_dict().items()})
+        heads = {f"{name}.{k}": v for name, head in self.heads().items() for k, v in head.state_dict().items()}
         save_file({k: v.contiguous() for k, v in heads.items()}, directory / HEADS_FILE,
                   metadata={"reward_pooling": self.reward_pooling})
         config = asdict(self.config)
@@ -426,7 +419,9 @@ class HydraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HydraModel":
         """Rebuild from ``save_pretrained`` output: base(s) from the manifest, then the saved trained parts."""
-        model = cls.from_config(HydraModelConfig(**read_manifest(directory)["config"]), device=device)
+        manifest = read_manifest(directory)
+        model = cls.from_config(HydraModelConfig(**manifest["config"]), device=device,
+                                critic="critic" in manifest["plan"])
         model.load_trained(directory)
         return model
 
@@ -435,8 +430,7 @@ class HydraModel(nn.Module):
         from safetensors.torch import load_file, load_model
 
         directory = Path(directory)
-        for role in ("policy", "critic"):
-            base_name, adapter = self.plan[role]
+        for base_name, adapter in self._trained_parts():
             base = self.bases[base_name]
             if adapter == FULL:
                 load_model(base, directory / base_name / "model.safetensors", strict=False)
@@ -446,9 +440,13 @@ class HydraModel(nn.Module):
                 state = load_file(directory / base_name / adapter / "adapter_model.safetensors")
                 set_peft_model_state_dict(base, state, adapter_name=adapter)
         heads = self._load_heads(directory / HEADS_FILE)
-        self.reward_head.load_state_dict(_with_prefix(heads, "reward_head."))
-        self.value_head.load_state_dict(_with_prefix(heads, "value_head."))
+        for name, head in self.heads().items():
+            head.load_state_dict(_with_prefix(heads, f"{name}."))
         self._restore_trainable()
+
+    def _trained_parts(self) -> list[tuple[str, str]]:
+        """(base, adapter or FULL) of each trainable role, once each (j-hydra's shared adapter serves two)."""
+        return list(dict.fromkeys(self.plan[role] for role in TRAINABLE_ROLES if role in self.plan))
 
     def _load_heads(self, path: Path) -> dict[str, torch.Tensor]:
         """The tensors of a heads file; its metadata sets ``reward_pooling`` (files without it read ``last``)."""
@@ -460,6 +458,15 @@ class HydraModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class PolicyScores:
+    """What ``HydraModel.policy_scores`` returns. R = response width."""
+
+    logprobs: torch.Tensor  # (B, R) log pi(a_t | s_t), with grad when grad is on
+    entropy: torch.Tensor | None = None  # (B, R) policy entropy per step, no grad (when asked)
+    values: torch.Tensor | None = None  # (B, R) V(s_t) from the critic (when asked; PPO only)
 
 
 def _frozen(model: nn.Module) -> nn.Module:

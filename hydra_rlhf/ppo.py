@@ -14,6 +14,7 @@ import torch
 
 from .config import PPOConfig
 from .hydra_model import HydraModel, HydraModelConfig
+from .layout import objective_info
 from .memory import stage_table, wide_console
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     with accelerator.main_process_first():  # the bundled model converts once, on the main process
         resolve_model(model_config.model_name_or_path)
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
-    model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed)
+    model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed,
+                                   critic=objective_info(config.objective).critic)
     prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
     accelerator.init_trackers("hydra-rlhf", config={**asdict(model_config), **asdict(config)})
 
@@ -59,6 +61,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     accelerator.end_training()
     memory = summarize(trainer.profiler.history)
     summary = {
+        "objective": config.objective,
         "mode": model_config.mode,
         "device": str(accelerator.device),
         "measure": trainer.profiler.measure,

@@ -17,6 +17,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``x`` over real tokens divided by ``normalizer``: the token count of the whole minibatch when these
+    rows are one micro-batch of it, so that accumulated micro-batches weight every token as one pass would.
+    ``None``: this batch's own token count (a plain masked mean)."""
+    if normalizer is None:
+        return masked_mean(x, mask)
+    return (x * mask).sum() / normalizer
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
@@ -73,14 +82,16 @@ class PolicyLossOutput:
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float,
+    normalizer: float | torch.Tensor | None = None,
 ) -> PolicyLossOutput:
-    """PPO's clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+    """PPO's clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) (the mean
+    over ``normalizer`` tokens, see ``token_mean``). PPO, RLOO and GRPO share it."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    loss = token_mean(torch.max(pg_loss1, pg_loss2), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((pg_loss2 > pg_loss1).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
@@ -89,14 +100,15 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float,
+    normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 * mean(max((V - G)^2, (V_clip - G)^2)), V_clip = V_old + clip(V - V_old, +-eps).
     Returns (loss, clipfrac)."""
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     v_loss1 = (values - returns) ** 2
     v_loss2 = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(v_loss1, v_loss2), mask)
+    loss = 0.5 * token_mean(torch.max(v_loss1, v_loss2), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((v_loss2 > v_loss1).float(), mask)
     return loss, clipfrac

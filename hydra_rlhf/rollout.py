@@ -1,7 +1,8 @@
 """Experience-making, separate from learning: the ``Rollout`` container and the stages that fill it.
 
-``generate`` -> ``score_frozen`` -> ``score_policy`` -> ``compute_advantages`` each take a Rollout and add to it,
-so an asynchronous or off-policy trainer can run them in another order or on another schedule.
+``generate`` -> ``score_frozen`` -> ``score_policy`` each take a Rollout and add to it; an objective
+(``hydra_rlhf.objectives``) then turns it into its targets. An asynchronous or off-policy trainer can run the
+same pieces in another order or on another schedule.
 """
 
 from __future__ import annotations
@@ -10,27 +11,32 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import ppo_math
 
 
 @dataclass
 class Rollout:
-    """One batch of experience. P = prompt width (left-padded), R = response width (right-padded)."""
+    """One batch of experience. P = prompt width (left-padded), R = response width (right-padded). With k
+    samples per prompt (``group_size``), the k rows of a prompt are adjacent: rows [g*k, (g+1)*k) are group g."""
 
     input_ids: torch.Tensor  # (B, P + R) prompt then response tokens
     attention_mask: torch.Tensor  # (B, P + R) 1 on real tokens
     response_mask: torch.Tensor  # (B, R) 1 on real response tokens, up to and including EOS
     has_eos: torch.Tensor  # (B,) bool, the response ended with EOS rather than the length cap
     prompt_len: int  # P
+    group_size: int = 1  # k samples per prompt, adjacent rows
     ref_logprobs: torch.Tensor | None = None  # (B, R) log pi_ref(a_t | s_t), adapters off
     raw_scores: torch.Tensor | None = None  # (B,) reward head at the last real token
     logprobs: torch.Tensor | None = None  # (B, R) log pi_old(a_t | s_t), actor at sampling time
-    values: torch.Tensor | None = None  # (B, R) V_old(s_t), critic at sampling time
+    values: torch.Tensor | None = None  # (B, R) V_old(s_t), critic at sampling time (PPO only)
     scores: torch.Tensor | None = None  # (B,) raw scores after EOS penalty, normalisation and clipping
-    kl: torch.Tensor | None = None  # (B, R) per-token log pi_old - log pi_ref
-    rewards: torch.Tensor | None = None  # (B, R) KL-shaped per-token rewards
-    advantages: torch.Tensor | None = None  # (B, R) GAE advantages (whitened if configured)
-    returns: torch.Tensor | None = None  # (B, R) advantages + values, the critic's targets
+    rewards: torch.Tensor | None = None  # (B, R) PPO: KL-shaped per-token rewards
+    advantages: torch.Tensor | None = None  # (B, R) per-token advantages (PPO: GAE; RLOO/GRPO: per sequence)
+    returns: torch.Tensor | None = None  # (B, R) PPO: advantages + values, the critic's targets
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """(B, R) per-token log pi_old - log pi_ref, 0 on padding."""
+        return (self.logprobs - self.ref_logprobs) * self.response_mask
 
     @property
     def responses(self) -> torch.Tensor:
@@ -62,8 +68,12 @@ def response_mask_until_eos(responses: torch.Tensor, eos_token_ids: list[int]) -
     return (positions[None, :] <= first_eos[:, None]).long(), has_eos
 
 
-def generate(model, prompt_ids, prompt_mask, generation_kwargs: dict, eos_token_ids: list[int], role="policy") -> Rollout:
-    """Stage 1: sample responses with the actor (or another role), mask everything after the first EOS."""
+def generate(model, prompt_ids, prompt_mask, generation_kwargs: dict, eos_token_ids: list[int], role="policy",
+             samples_per_prompt: int = 1) -> Rollout:
+    """Stage 1: sample responses with the actor (or another role), mask everything after the first EOS. With k
+    ``samples_per_prompt``, each prompt is repeated k times in the one generate call (adjacent rows)."""
+    prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
     sequences = model.generate(prompt_ids, prompt_mask, role=role, **generation_kwargs)
     prompt_len = prompt_ids.shape[1]
     response_mask, has_eos = response_mask_until_eos(sequences[:, prompt_len:], eos_token_ids)
@@ -73,6 +83,7 @@ def generate(model, prompt_ids, prompt_mask, generation_kwargs: dict, eos_token_
         response_mask=response_mask,
         has_eos=has_eos,
         prompt_len=prompt_len,
+        group_size=samples_per_prompt,
     )
 
 
@@ -98,19 +109,7 @@ def score_frozen(model, rollout: Rollout, temperature: float, eos_token_id: int)
 
 @torch.no_grad()
 def score_policy(model, rollout: Rollout, temperature: float) -> None:
-    """Stage 3: the actor's log-probs and the critic's values at sampling time (no grad)."""
-    rollout.logprobs, rollout.values = model.policy_scores(
-        rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature
-    )
-
-
-def compute_advantages(rollout: Rollout, config, kl_coef: float, moments: ppo_math.RunningMoments) -> None:
-    """Stage 4: shape scores, add the per-token KL penalty, run GAE, whiten."""
-    mask = rollout.response_mask.float()
-    scores = ppo_math.penalize_missing_eos(rollout.raw_scores, rollout.has_eos, config.missing_eos_penalty)
-    rollout.scores = ppo_math.normalize_scores(scores, config.reward_normalization, config.reward_clip, moments)
-    rollout.rewards, rollout.kl = ppo_math.kl_shaped_rewards(
-        rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef
-    )
-    advantages, rollout.returns = ppo_math.gae(rollout.rewards, rollout.values, mask, config.gamma, config.lam)
-    rollout.advantages = ppo_math.masked_whiten(advantages, mask) if config.whiten_advantages else advantages
+    """Stage 3: the actor's log-probs at sampling time (no grad), and the critic's values where there is one."""
+    scores = model.policy_scores(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature,
+                                 values=model.has_critic)
+    rollout.logprobs, rollout.values = scores.logprobs, scores.values

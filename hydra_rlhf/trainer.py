@@ -1,4 +1,7 @@
-"""The PPO loop on a HydraModel. ``PPOTrainer.step`` is one iteration, read top to bottom in numbered stages.
+"""The RL loop on a HydraModel: experience -> objective -> learning. ``PPOTrainer.step`` is one iteration, read
+top to bottom in numbered stages; the objective (PPO, RLOO, GRPO, online DPO: ``hydra_rlhf.objectives``) gives
+the targets of stage 4 and the loss of stage 5, the trainer owns sampling, scoring, the optimizer and
+checkpoints.
 
 Multi-process (``accelerate launch --num_processes N``): every process samples its own prompts; gradients of
 the (small) trainable set are averaged across processes before each optimiser step, so adapters stay
@@ -16,14 +19,19 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import ppo_math
 from . import rollout as experience
-from .config import PPOConfig
 from .data import encode_prompts, left_pad
+from .errors import NonFiniteError
 from .memory import MemoryProfiler
+from .objectives import base as objective_base, make_objective
+
+if TYPE_CHECKING:
+    from .config import PPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +39,9 @@ CHECKPOINT_PREFIX = "iter-"
 STATE_FILE = "trainer_state.pt"
 
 
-class NonFiniteError(RuntimeError):
-    """Too many non-finite updates in a row; the last good checkpoint is kept."""
-
-
 class PPOTrainer:
+    """The loop for every objective (the name stays: PPO is the one this toolkit is built around)."""
+
     def __init__(self, model, tokenizer, config: PPOConfig, prompts: list[list[dict]], accelerator=None):
         from accelerate import Accelerator
         from transformers import get_scheduler
@@ -55,13 +61,20 @@ class PPOTrainer:
         if len(self.prompt_ids) < config.batch_size:
             raise ValueError(f"Only {len(self.prompt_ids)} prompts per process, fewer than batch_size {config.batch_size}.")
 
+        self.objective = make_objective(config)
+        if model.has_critic != self.objective.info.critic:
+            raise ValueError(f"objective {config.objective} {'needs' if self.objective.info.critic else 'has no'} "
+                             f"critic, but the model was built {'with' if model.has_critic else 'without'} one: "
+                             f"build it with HydraModel.from_config(..., critic={self.objective.info.critic}).")
         groups = model.parameter_groups()
         self.trainable = [p for params in groups.values() for p in params]
+        learning_rates = {"actor": config.actor_lr, "critic": config.critic_lr}
+        self.group_names = list(groups)  # one optimizer group per trainable role; critic-free: the actor's only
         self.optimizer = torch.optim.AdamW(
-            [{"params": groups["actor"], "lr": config.actor_lr}, {"params": groups["critic"], "lr": config.critic_lr}],
+            [{"params": groups[name], "lr": learning_rates[name]} for name in self.group_names],
             weight_decay=config.weight_decay,
         )
-        steps_per_iteration = config.ppo_epochs * (config.batch_size // config.minibatch_size)
+        steps_per_iteration = config.ppo_epochs * (config.train_rows // config.minibatch_size)
         self.scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.num_iterations * steps_per_iteration)
         self.kl_controller = (
@@ -102,36 +115,37 @@ class PPOTrainer:
         return history
 
     def step(self) -> dict:
-        """One PPO iteration."""
+        """One iteration: experience (stages 1-3), the objective's targets (4), learning (5), logging (6)."""
         config, model, stage = self.config, self.model, self.profiler.stage
         torch.manual_seed(self._seed("sample"))  # a function of (seed, iteration, rank): resumes reproduce it
         started = time.perf_counter()
 
-        # step 1. generate: the actor samples responses for a batch of prompts
+        # step 1. generate: the actor samples k responses for each prompt of a batch
         with stage("generate"):
             prompt_ids, prompt_mask = self._next_prompts()
             model.eval()
-            rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids)
+            rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
+                                          samples_per_prompt=config.samples_per_prompt)
         # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
         with stage("score_frozen"):
             experience.score_frozen(model, rollout, config.temperature, self.tokenizer.eos_token_id)
-        # step 3. score_policy: the actor's log-probs and the critic's values at sampling time
+        # step 3. score_policy: the actor's log-probs at sampling time, and the critic's values (PPO only)
         with stage("score_policy"):
             experience.score_policy(model, rollout, config.temperature)
-        # step 4. advantages: KL-shaped rewards, GAE, whitening
+        # step 4. advantages: the objective's targets (GAE, group baselines, or chosen/rejected pairs)
         with stage("advantages"):
-            experience.compute_advantages(rollout, config, self.kl_controller.value, self.moments)
+            batch = self.objective.targets(rollout, self.kl_controller.value, self.moments)
             finite = self._all_ranks(torch.isfinite(rollout.scores).all())
-        # step 5. train: epochs x minibatches of clipped policy and value losses
+        # step 5. train: epochs x minibatches of the objective's loss
         with stage("train"):
             model.train()
-            stats = self.learn(rollout) if finite else {"train/skipped_nonfinite_updates": 1.0}
+            stats = self.learn(batch) if finite else {"train/skipped_nonfinite_updates": 1.0}
             healthy = finite and stats["train/skipped_nonfinite_updates"] == 0
         # step 6. log: metrics, KL controller, checkpoint
         with stage("log"):
             self.iteration += 1
-            metrics = self._metrics(rollout, stats, time.perf_counter() - started)
-            self.kl_controller.update(metrics["objective/kl"], config.batch_size * self.accelerator.num_processes)
+            metrics = self._metrics(rollout, batch, stats, time.perf_counter() - started)
+            self.kl_controller.update(metrics["objective/kl"], len(rollout.input_ids) * self.accelerator.num_processes)
             self._log(metrics)
             self._guard_nonfinite(healthy)
             periodic = config.save_every and self.iteration % config.save_every == 0
@@ -141,39 +155,27 @@ class PPOTrainer:
         self.profiler.end_iteration(self.iteration)
         return metrics
 
-    def learn(self, rollout: experience.Rollout) -> dict:
-        """PPO epochs over the rollout: shuffled minibatches, gradient accumulation over micro-batches."""
-        config = self.config
+    def learn(self, batch: experience.Rollout) -> dict:
+        """Epochs over the objective's targets: shuffled minibatches of whole units (a response, or a DPO pair),
+        each one optimizer step; its micro-batches accumulate gradients, each loss already scaled to its share
+        of the minibatch mean (``objective.normalizer``), so accumulation changes no token's weight."""
+        config, objective = self.config, self.objective
         generator = torch.Generator().manual_seed(self._seed("shuffle"))
+        unit = objective.info.rows_per_unit
         micro_size = config.minibatch_size // config.gradient_accumulation_steps
         stats = defaultdict(list)
         skipped = 0
         for _ in range(config.ppo_epochs):
-            order = torch.randperm(config.batch_size, generator=generator)
-            for minibatch in order.split(config.minibatch_size):
-                for micro in minibatch.split(micro_size):
-                    loss = self._loss(rollout.select(micro), stats)
-                    (loss / config.gradient_accumulation_steps).backward()
+            order = torch.randperm(len(batch.input_ids) // unit, generator=generator)
+            for units in order.split(config.minibatch_size // unit):
+                rows = (units[:, None] * unit + torch.arange(unit)).flatten()
+                normalizer = objective.normalizer(batch.response_mask[rows])
+                for micro in rows.split(micro_size):
+                    objective.loss(self.model, batch.select(micro), normalizer, stats).backward()
                 skipped += not self._optimizer_step(stats)
         summary = {key: sum(values) / len(values) for key, values in stats.items()}
         summary["train/skipped_nonfinite_updates"] = float(skipped)
         return summary
-
-    def _loss(self, batch: experience.Rollout, stats: dict) -> torch.Tensor:
-        config, mask = self.config, batch.response_mask.float()
-        logprobs, entropy, values = self.model.policy_scores(
-            batch.input_ids, batch.attention_mask, batch.prompt_len, config.temperature, return_entropy=True
-        )
-        pg = ppo_math.policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.clip_range)
-        vf_loss, vf_clipfrac = ppo_math.value_loss(values, batch.values, batch.returns, mask, config.clip_range_value)
-        loss = pg.loss + config.vf_coef * vf_loss
-        for key, value in {
-            "policy/loss": pg.loss, "policy/clipfrac": pg.clipfrac, "policy/approx_kl": pg.approx_kl,
-            "policy/ratio": pg.ratio, "policy/entropy": ppo_math.masked_mean(entropy, mask),
-            "value/loss": vf_loss, "value/clipfrac": vf_clipfrac,
-        }.items():
-            stats[key].append(float(value.detach()))
-        return loss
 
     def _optimizer_step(self, stats: dict) -> bool:
         """Average gradients across processes, clip, step. A non-finite gradient skips the step."""
@@ -217,20 +219,19 @@ class PPOTrainer:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _metrics(self, rollout: experience.Rollout, stats: dict, seconds: float) -> dict:
-        mask = rollout.response_mask.float()
-        lengths = mask.sum(-1)
+    def _metrics(self, rollout: experience.Rollout, batch: experience.Rollout, stats: dict, seconds: float) -> dict:
+        """The iteration's metrics: the experience (all samples), the objective's targets, the learner's stats."""
+        lengths = rollout.response_mask.float().sum(-1)
         local = {
             "objective/reward": rollout.raw_scores.mean(),
             "objective/scores": rollout.scores.mean(),
             "objective/kl": rollout.kl.sum(-1).mean(),
-            "objective/non_score_reward": (rollout.rewards.sum(-1) - rollout.scores).mean(),
-            "value/explained_variance": ppo_math.explained_variance(rollout.values, rollout.returns, mask),
-            "value/mean": ppo_math.masked_mean(rollout.values, mask),
             "response/length_mean": lengths.mean(),
             "response/eos_fraction": rollout.has_eos.float().mean(),
         }
         local = {k: float(v) for k, v in local.items()}
+        local.update(objective_base.group_stats(rollout.raw_scores, rollout.group_size))
+        local.update(self.objective.metrics(batch))
         local.update(stats)
         if self.accelerator.num_processes > 1:
             values = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
@@ -239,10 +240,10 @@ class PPOTrainer:
         tokens = float(lengths.sum()) * self.accelerator.num_processes
         local.update({
             "objective/kl_coef": self.kl_controller.value,
+            "response/count": len(lengths) * self.accelerator.num_processes,  # all processes
             "speed/iteration_seconds": seconds,
             "speed/tokens_per_second": tokens / max(seconds, 1e-9),
-            "lr/actor": self.optimizer.param_groups[0]["lr"],
-            "lr/critic": self.optimizer.param_groups[1]["lr"],
+            **{f"lr/{name}": group["lr"] for name, group in zip(self.group_names, self.optimizer.param_groups)},
         })
         for name, values in self.profiler.iteration_record.items():
             local[f"memory/{name}_peak_bytes"] = values["peak_bytes"]

@@ -1,0 +1,117 @@
+"""The one table of modes, roles, objectives and stages that the model, the trainer, the profiler and the
+estimator all read. Plain data and small functions: no torch, so ``hydra-rlhf estimate`` stays light.
+
+A *role plan* says, for every role, which base model serves it and which adapter is active there (``None`` =
+adapters off, ``FULL`` = a plain, fully-trainable model). Critic-free objectives drop the ``critic`` role,
+and with it the critic adapter, the value head, their optimizer state and the value forward.
+
+    mode      bases                         policy        reference   reward      critic (PPO only)
+    full      policy, reference, reward,    policy FULL   reference   reward      critic FULL
+              critic (4 full copies)
+    lora      sft, rm (2 copies)            sft/actor     sft/off     rm/off      rm/critic
+    j-hydra   shared (1 copy)               shared/shared shared/off  shared/off  shared/shared
+    hydra     shared (1 copy)               shared/actor  shared/off  shared/off  shared/critic
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("full", "lora", "j-hydra", "hydra")
+ROLES = ("policy", "reference", "reward", "critic")
+FROZEN_ROLES = ("reference", "reward")
+TRAINABLE_ROLES = ("policy", "critic")
+FULL = "<full>"  # a role served by a whole trainable model, no adapter
+
+# One PPO-style iteration, in order; each is a memory-profiler stage. ``advantages`` is where an objective turns
+# the scored rollout into its targets (GAE, group baselines, or chosen/rejected pairs).
+STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "log")
+
+_PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
+    "full": {"policy": ("policy", FULL), "reference": ("reference", None), "reward": ("reward", None),
+             "critic": ("critic", FULL)},
+    "lora": {"policy": ("sft", "actor"), "reference": ("sft", None), "reward": ("rm", None), "critic": ("rm", "critic")},
+    "j-hydra": {"policy": ("shared", "shared"), "reference": ("shared", None), "reward": ("shared", None),
+                "critic": ("shared", "shared")},
+    "hydra": {"policy": ("shared", "actor"), "reference": ("shared", None), "reward": ("shared", None),
+              "critic": ("shared", "critic")},
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    """What the layout needs to know of an objective; the math and the losses are in ``hydra_rlhf.objectives``."""
+
+    name: str
+    critic: bool  # builds a critic adapter and value head
+    default_samples_per_prompt: int  # k when the config leaves it unset
+    min_samples_per_prompt: int  # group baselines need 2 or more
+    summary: str
+    pairs: bool = False  # learns from one chosen/rejected pair per prompt, kept together in every minibatch
+
+    @property
+    def rows_per_unit(self) -> int:
+        """Rollout rows a minibatch keeps together: a pair for online DPO, else one response."""
+        return 2 if self.pairs else 1
+
+    def train_rows(self, prompts: int, samples_per_prompt: int) -> int:
+        """Rows the learner trains on per iteration: every sample, or one pair per prompt."""
+        return prompts * (2 if self.pairs else samples_per_prompt)
+
+
+OBJECTIVES: dict[str, ObjectiveInfo] = {
+    info.name: info for info in (
+        ObjectiveInfo("ppo", True, 1, 1, "clipped policy and value losses, GAE on KL-shaped rewards (critic)"),
+        ObjectiveInfo("rloo", False, 4, 2, "leave-one-out baseline over k samples, KL as a reward penalty"),
+        ObjectiveInfo("grpo", False, 4, 2, "group-normalised advantages, clipped ratio, KL as a loss term"),
+        ObjectiveInfo("online_dpo", False, 2, 2, "reward head picks chosen/rejected of 2 samples, DPO loss",
+                      pairs=True),
+    )
+}
+
+
+def objective_info(name: str) -> ObjectiveInfo:
+    if name not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {name!r}: use one of {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}: use one of {', '.join(MODES)}.")
+    return mode
+
+
+def role_plan(mode: str, critic: bool = True) -> dict[str, tuple[str, str | None]]:
+    """The role plan of ``mode``; without ``critic``, the critic role (and whatever serves only it) is gone."""
+    plan = dict(_PLANS[check_mode(mode)])
+    if not critic:
+        del plan["critic"]
+    return plan
+
+
+def base_names(plan: dict) -> list[str]:
+    """The base models a plan loads, in first-use order."""
+    return list(dict.fromkeys(base for base, _ in plan.values()))
+
+
+def adapter_names(plan: dict) -> dict[str, list[str]]:
+    """LoRA adapters per base (bases with none are absent)."""
+    adapters: dict[str, list[str]] = {}
+    for base, adapter in plan.values():
+        if adapter not in (None, FULL) and adapter not in adapters.setdefault(base, []):
+            adapters[base].append(adapter)
+    return {base: names for base, names in adapters.items() if names}
+
+
+def counts(plan: dict) -> dict[str, int]:
+    """What a plan keeps in memory: base copies, LoRA adapters, fully-trainable copies, and the forwards with
+    grad alive at backward time (one per distinct trainable (base, adapter) pair)."""
+    trainable = {plan[role] for role in TRAINABLE_ROLES if role in plan}
+    return {
+        "base_copies": len(base_names(plan)),
+        "adapters": sum(len(names) for names in adapter_names(plan).values()),
+        "full_copies": sum(adapter == FULL for _, adapter in trainable),
+        "train_graphs": len(trainable),
+        "value_heads": int("critic" in plan),
+    }

@@ -1,0 +1,47 @@
+"""GRPO (Shao et al., 2024, DeepSeekMath): k samples per prompt, advantages normalised within each group, PPO's
+clipped ratio against the behaviour log-probs, and KL to the reference as a **loss term** (the k3 estimator,
+weighted by ``kl_coef``). No critic.
+
+The loss is a mean over all real tokens of the minibatch (as TRL's ``loss_type: dapo``), not a mean of
+per-sequence means: a long response does not count less per token than a short one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ppo_math
+from .base import Objective, broadcast, record
+
+
+def group_normalized_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Rows grouped k by k: A_i = (s_i - mean(group)) / (std(group) + eps), std with Bessel's correction (as in
+    the GRPO paper's code and TRL). A group whose samples all scored the same gets 0."""
+    grouped = scores.view(-1, group_size)
+    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).flatten()
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref) (Schulman, 2020): exp(d) - d - 1 with d = log pi_ref - log pi.
+    Never negative, 0 where the two agree; unbiased for samples from pi."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+class GRPO(Objective):
+    name = "grpo"
+
+    def targets(self, rollout, kl_coef, moments):
+        self.kl_coef = kl_coef
+        rollout.scores = self.shaped_scores(rollout, moments)
+        advantages = group_normalized_advantages(rollout.scores, rollout.group_size)
+        rollout.advantages = broadcast(advantages, rollout.response_mask)
+        return rollout
+
+    def loss(self, model, batch, normalizer, stats):
+        mask = batch.response_mask.float()
+        pg, scores = self.policy_term(model, batch, normalizer, stats)
+        kl = ppo_math.token_mean(k3_kl(scores.logprobs, batch.ref_logprobs), mask, normalizer)
+        record(stats, {"policy/kl_loss": kl})
+        return pg.loss + self.kl_coef * kl
