@@ -2,8 +2,10 @@
 
     python benchmarks/estimate_accuracy.py                      # default grid, CPU fp32 (or CUDA bf16 when present)
     python benchmarks/estimate_accuracy.py --runs hydra:2:64:32,lora:4:32:32 --json estimate_accuracy.json
+    python benchmarks/estimate_accuracy.py --runs hydra:8:64:32:ppo,hydra:8:64:32:grpo
 
-Each run is ``mode:batch:prompt_len:gen_len``. The profiler left-pads (or cuts) every prompt to exactly
+Each run is ``mode:batch:prompt_len:gen_len`` with an optional ``:objective`` (default ppo; batch counts
+sequences, prompts x samples per prompt). The profiler left-pads (or cuts) every prompt to exactly
 ``prompt_len`` tokens and ignores EOS, so the estimate gets the very shape that ran; ``padded_prompts`` is set
 from the data (true when some prompt is shorter than ``prompt_len``, which gives transformers' attention mask).
 Prints predicted / measured per stage and the worst relative error; the issue's target is 15%.
@@ -28,12 +30,15 @@ from hydra_rlhf.profile import ProfileSettings, matching_estimate, profile_mode
 DEFAULT_RUNS = "hydra:1:64:32,hydra:4:64:32,lora:2:64:32,j-hydra:4:32:32"
 
 
-def parse_run(text: str) -> tuple[str, int, int, int]:
+def parse_run(text: str) -> tuple[str, int, int, int, str]:
     try:
-        mode, batch, prompt_len, gen_len = text.split(":")
-        return mode, int(batch), int(prompt_len), int(gen_len)
+        mode, batch, prompt_len, gen_len, *objective = text.split(":")
+        if len(objective) > 1:
+            raise ValueError
+        return mode, int(batch), int(prompt_len), int(gen_len), (objective or ["ppo"])[0]
     except ValueError:
-        raise SystemExit(f"error: bad --runs entry {text!r}: use mode:batch:prompt_len:gen_len, e.g. hydra:4:64:32")
+        raise SystemExit(f"error: bad --runs entry {text!r}: use mode:batch:prompt_len:gen_len[:objective], e.g. "
+                         "hydra:4:64:32 or hydra:8:64:32:grpo") from None
 
 
 def main() -> None:
@@ -51,13 +56,14 @@ def main() -> None:
     prompts, _ = load_prompts(args.prompts)
 
     results, worst = [], 0.0
-    for mode, batch, prompt_len, gen_len in map(parse_run, args.runs.split(",")):
-        run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], batch_size=batch,
-                              prompt_len=prompt_len, gen_len=gen_len, gradient_checkpointing=args.gradient_checkpointing)
-        measured = profile_mode(mode, run, tokenizer, prompts, accelerator)
-        settings = matching_estimate(mode, run, tokenizer, prompts, accelerator.device.type)
+    for mode, batch, prompt_len, gen_len, objective in map(parse_run, args.runs.split(",")):
+        run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], objectives=[objective],
+                              batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
+                              gradient_checkpointing=args.gradient_checkpointing)
+        measured = profile_mode(mode, run, tokenizer, prompts, accelerator, objective)
+        settings = matching_estimate(mode, run, tokenizer, prompts, accelerator.device.type, objective)
         predicted = estimate(shape, settings).stages
-        print(f"\n{mode}, batch {batch}, prompt {prompt_len} + gen {gen_len} "
+        print(f"\n{mode}, {objective}, batch {batch}, prompt {prompt_len} + gen {gen_len} "
               f"(padded prompts: {settings.padded_prompts})")
         stages = {}
         for stage in STAGES:

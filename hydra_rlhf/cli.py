@@ -2,7 +2,9 @@
 back from a finished run (``report``); and how a run's checkpoints score on held-out prompts (``evaluate``).
 
     hydra-rlhf profile --modes full,lora,j-hydra,hydra --json runs/profile.json
+    hydra-rlhf profile --modes hydra --objective ppo,grpo --json runs/profile_objectives.json
     hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --batch-size 8 --gradient-checkpointing
+    hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --objective all
     hydra-rlhf report runs/demo/ppo
     hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json
 """
@@ -22,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = commands.add_parser("profile", help="Run a few PPO iterations per mode and compare memory per stage.")
     profile.add_argument("--model", default="smollm2-135m", help="Short name, local path or hub id.")
     profile.add_argument("--modes", default="full,lora,j-hydra,hydra", help="Comma-separated modes to compare.")
-    profile.add_argument("--batch-size", type=int, default=8)
+    profile.add_argument("--objective", default="ppo", help="Comma-separated objectives (ppo, rloo, grpo, online_dpo): "
+                         "ppo builds a critic, the others do not.")
+    profile.add_argument("--batch-size", type=int, default=8, help="Sequences per iteration (prompts x samples per "
+                         "prompt), equal for every objective.")
     profile.add_argument("--prompt-len", type=int, default=64,
                          help="Prompt tokens per sample: cut from the left or left-padded to exactly this.")
     profile.add_argument("--gen-len", type=int, default=32, help="Generated tokens (EOS ignored: equal work per mode).")
@@ -70,6 +75,7 @@ def run_profile(args) -> int:
     console = wide_console()
     try:
         settings = ProfileSettings(model=args.model, modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+                                   objectives=[o.strip() for o in args.objective.split(",") if o.strip()],
                                    batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
                                    iterations=args.iterations, quantization=args.quant,
                                    gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,

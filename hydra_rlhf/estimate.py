@@ -51,11 +51,11 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-MODES = ("full", "lora", "j-hydra", "hydra")
+from .layout import MODES, OBJECTIVES, STAGES, counts, objective_info, role_plan
+
 QUANTS = ("none", "8bit", "4bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEVICES = ("cuda", "cpu")
-STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "log")
 CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations")
 PRESET_DIR = Path(__file__).parent / "presets"
 GiB = 1 << 30
@@ -63,10 +63,10 @@ MiB = 1 << 20
 
 # ---------------------------------------------------------------------------------------- layout of the modes
 
-BASE_COPIES = {"full": 4, "lora": 2, "j-hydra": 1, "hydra": 1}  # policy/ref/RM/critic; SFT + RM; one shared base
-ADAPTERS = {"full": 0, "lora": 2, "j-hydra": 1, "hydra": 2}  # actor + critic LoRA; one shared LoRA in j-hydra
-TRAIN_GRAPHS = {"full": 2, "lora": 2, "j-hydra": 1, "hydra": 2}  # forwards with grad alive at backward time
-HEAD_PARAMS = 2  # reward_head and value_head are each Linear(h, 1) with a bias: h + 1 fp32 parameters
+# Read from the role plans (layout.py), for PPO: base copies 4/2/1/1 (full/lora/j-hydra/hydra), LoRA adapters
+# 0/2/1/2, forwards with grad alive at backward time 2/2/1/2. Critic-free objectives drop the critic's adapter
+# (or full copy), its graph and the value head. Each head is a Linear(h, 1) with a bias: h + 1 fp32 parameters.
+BASE_COPIES = {mode: counts(role_plan(mode))["base_copies"] for mode in MODES}
 
 # ------------------------------------------------------------------------------ calibration constants (measured)
 
@@ -235,8 +235,9 @@ class EstimateSettings:
     """One PPO iteration's shape. Defaults describe a GPU run (bf16); for a CPU run use device cpu, dtype fp32."""
 
     mode: str = "hydra"  # full | lora | j-hydra | hydra (DESIGN.md, "The four modes")
+    objective: str = "ppo"  # ppo (critic) | rloo | grpo | online_dpo (critic-free: no critic adapter, value head)
     quant: str = "none"  # frozen base precision: none | 8bit | 4bit (bitsandbytes; NF4 with double quant)
-    batch_size: int = 8  # prompts per iteration (B)
+    batch_size: int = 8  # sequences generated per iteration (B = prompts x samples per prompt)
     minibatch_size: int | None = None  # sequences per forward/backward in train (m); None = batch_size
     prompt_len: int = 256  # prompt tokens (P), left-padded
     gen_len: int = 256  # generated tokens (G); EOS ignored, as in the profiler
@@ -248,6 +249,7 @@ class EstimateSettings:
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
+        _check_choice("objective", self.objective, tuple(OBJECTIVES))
         _check_choice("quant", self.quant, QUANTS)
         _check_choice("dtype", self.dtype, tuple(DTYPE_BYTES))
         _check_choice("device", self.device, DEVICES)
@@ -260,6 +262,11 @@ class EstimateSettings:
             raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {self.quant} "
                              "bitsandbytes base cannot (its weights are frozen); use --quant none, or mode "
                              "lora / j-hydra / hydra")
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """base_copies, adapters, full_copies, train_graphs, value_heads of this mode and objective."""
+        return counts(role_plan(self.mode, objective_info(self.objective).critic))
 
     @property
     def dtype_bytes(self) -> int:
@@ -305,16 +312,19 @@ def quantized_linear_bytes(shape: ModelShape, s: EstimateSettings) -> int:
 
 def trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     """Bytes of the trainable parameters: LoRA adapters and the value head (fp32), or, in full mode, the whole
-    policy and critic (in the compute dtype) plus the value head. Gradients and each AdamW state match it."""
-    value_head = 4 * (shape.hidden_size + 1)
+    policy and critic (in the compute dtype) plus the value head; critic-free objectives have no critic part.
+    Gradients and each AdamW state match it."""
+    layout = s.layout
+    value_head = 4 * (shape.hidden_size + 1) * layout["value_heads"]
     if s.mode == "full":
-        return 2 * shape.num_params * s.dtype_bytes + value_head
-    return 4 * ADAPTERS[s.mode] * shape.lora_params(s.lora_r) + value_head
+        return layout["full_copies"] * shape.num_params * s.dtype_bytes + value_head
+    return 4 * layout["adapters"] * shape.lora_params(s.lora_r) + value_head
 
 
 def critic_trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
-    """The part trained through the critic's own graph (0 in j-hydra, whose one graph serves both roles)."""
-    if TRAIN_GRAPHS[s.mode] == 1:
+    """The part trained through the critic's own graph (0 in j-hydra, whose one graph serves both roles, and for
+    critic-free objectives)."""
+    if s.layout["train_graphs"] == 1:
         return 0
     if s.mode == "full":
         return shape.num_params * s.dtype_bytes + 4 * (shape.hidden_size + 1)
@@ -323,9 +333,11 @@ def critic_trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
 
 def persistent_bytes(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     """What lives in every stage (from the second iteration on): weights, adapters + heads, AdamW states."""
-    adapters = 4 * ADAPTERS[s.mode] * shape.lora_params(s.lora_r) + 4 * HEAD_PARAMS * (shape.hidden_size + 1)
+    layout = s.layout
+    heads = 1 + layout["value_heads"]  # the reward head, and the value head where there is a critic
+    adapters = 4 * layout["adapters"] * shape.lora_params(s.lora_r) + 4 * heads * (shape.hidden_size + 1)
     return {
-        "weights": BASE_COPIES[s.mode] * base_weight_bytes(shape, s),
+        "weights": layout["base_copies"] * base_weight_bytes(shape, s),
         "adapters_heads": adapters,
         "gradients": 0,  # set to None after every optimizer step: only inside train (see train_phases)
         "optimizer": 2 * trainable_bytes(shape, s),  # AdamW exp_avg and exp_avg_sq, dtype of their parameter
@@ -462,7 +474,7 @@ def train_phases(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     graph, logits = graph_bytes(shape, s, tokens), logits_bytes(shape, m, g)
     backward = backward_layer_bytes(shape, s, tokens)
     return {
-        "backward_start": TRAIN_GRAPHS[s.mode] * graph + TRAIN_LOGITS_SAVED * logits + backward,
+        "backward_start": s.layout["train_graphs"] * graph + TRAIN_LOGITS_SAVED * logits + backward,
         "logits_backward": graph + TRAIN_LOGITS_BACKWARD * logits + critic_trainable_bytes(shape, s),
         "optimizer_step": trainable_bytes(shape, s) + optimizer_step_temporary(shape, s),
     }
@@ -597,8 +609,11 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--preset", help=f"A bundled model shape: {', '.join(presets())} (default llama-3.1-8b).")
     source.add_argument("--config", help="A config.json, a model directory, or a hub id (needs the network).")
     parser.add_argument("--mode", default="hydra", choices=[*MODES, "all"], help="Model layout, or all four.")
+    parser.add_argument("--objective", default="ppo", choices=[*OBJECTIVES, "all"],
+                        help="What is trained: ppo builds a critic, rloo/grpo/online_dpo do not; all: one column each.")
     parser.add_argument("--quant", default="none", choices=QUANTS, help="Frozen base precision (bitsandbytes).")
-    parser.add_argument("--batch-size", type=int, default=8, help="Prompts per PPO iteration.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Sequences generated per iteration (prompts x "
+                        "samples per prompt).")
     parser.add_argument("--minibatch-size", type=int, default=None, help="Sequences per training forward "
                         "(default: the batch size).")
     parser.add_argument("--prompt-len", type=int, default=256, help="Prompt tokens.")
@@ -616,17 +631,24 @@ def run_estimate(args: argparse.Namespace) -> int:
     import sys
 
     try:
+        if args.mode == "all" and args.objective == "all":
+            raise ValueError("--mode all and --objective all together: compare one of them at a time")
         shape = shape_from_args(args)
         modes = list(MODES) if args.mode == "all" else [args.mode]
+        objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
         skipped = [m for m in modes if m == "full" and args.quant != "none" and args.mode == "all"]
-        estimates = {m: estimate(shape, settings_from_args(args, m)) for m in modes if m not in skipped}
+        estimates = {  # one column per mode, or per objective
+            (objective if args.objective == "all" else mode): estimate(shape, settings_from_args(args, mode, objective))
+            for mode in modes if mode not in skipped for objective in objectives
+        }
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    gpus = {mode: gpu_table(shape, est.settings) for mode, est in estimates.items()}
+    gpus = {label: gpu_table(shape, est.settings) for label, est in estimates.items()}
     _print_report(shape, estimates, gpus, skipped)
     if args.json:
-        _write_json(args.json, shape, estimates, gpus, single=args.mode != "all")
+        group = "objectives" if args.objective == "all" else "modes" if args.mode == "all" else None
+        _write_json(args.json, shape, estimates, gpus, group)
     return 0
 
 
@@ -653,18 +675,19 @@ def shape_from_hub(repo_id: str) -> ModelShape:
     return ModelShape.from_config(config, name=repo_id)
 
 
-def settings_from_args(args: argparse.Namespace, mode: str) -> EstimateSettings:
+def settings_from_args(args: argparse.Namespace, mode: str, objective: str = "ppo") -> EstimateSettings:
     return EstimateSettings(
-        mode=mode, quant=args.quant, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
+        mode=mode, objective=objective, quant=args.quant, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
         prompt_len=args.prompt_len, gen_len=args.gen_len, lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
     )
 
 
-def _write_json(path: Path, shape: ModelShape, estimates: dict, gpus: dict, single: bool) -> None:
-    """A single mode: the estimate's keys at the top level. ``--mode all``: one entry per mode under "modes"."""
-    entries = {mode: est.to_dict() | {"gpus": gpus[mode]} for mode, est in estimates.items()}
-    data = next(iter(entries.values())) if single else {"model": asdict(shape), "modes": entries}
+def _write_json(path: Path, shape: ModelShape, estimates: dict, gpus: dict, group: str | None) -> None:
+    """A single estimate: its keys at the top level. ``--mode all`` / ``--objective all``: one entry per column
+    under "modes" / "objectives"."""
+    entries = {label: est.to_dict() | {"gpus": gpus[label]} for label, est in estimates.items()}
+    data = next(iter(entries.values())) if group is None else {"model": asdict(shape), group: entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -694,7 +717,8 @@ def _print_report(shape: ModelShape, estimates: dict, gpus: dict, skipped: list)
 
 def _describe(s: EstimateSettings) -> str:
     checkpointing = "on" if s.gradient_checkpointing else "off"
-    return (f"Batch {s.batch_size} (minibatch {s.micro_batch}), prompt {s.prompt_len} + gen {s.gen_len} tokens, "
+    return (f"Objective {s.objective}, batch {s.batch_size} (minibatch {s.micro_batch}), prompt {s.prompt_len} + "
+            f"gen {s.gen_len} tokens, "
             f"{s.dtype}, quant {s.quant}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}.")
 
 

@@ -82,6 +82,7 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
         "kl_to_reference": mean(kls),
         "distinct2_before": distinct_n(before, 2),
         "distinct2_after": distinct_n(after, 2),
+        "gold_per_prompt": {"before": gold_before, "after": gold_after},  # the paired comparison, prompt by prompt
         "samples": [
             {"prompt": p[-1]["content"], "before": b, "after": a, "gold_before": gb, "gold_after": ga}
             for p, b, a, gb, ga in list(zip(prompts, before, after, gold_before, gold_after))[:samples_to_keep]

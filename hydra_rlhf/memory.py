@@ -26,7 +26,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "log")
+from .layout import STAGES
+
 CPU_MEASURE = "live tensor-storage bytes (TorchDispatchMode accounting); peak RSS alongside"
 CUDA_MEASURE = "torch.cuda max_memory_allocated, peak reset per stage"
 

@@ -1,4 +1,6 @@
-"""``hydra-rlhf profile``: a few PPO iterations per mode at identical settings, memory measured per stage.
+"""``hydra-rlhf profile``: a few iterations per mode (and objective) at identical settings, memory measured per
+stage. ``batch_size`` counts generated sequences, so PPO (1 sample per prompt) and a critic-free objective (k
+samples of batch_size / k prompts) train on the same number of rows: the difference is the critic.
 
 Fairness: every mode runs the same trainer code on the same prompts with the same seed, and generation ignores
 EOS so every mode scores exactly ``gen_len`` tokens. ``base_copies`` is counted from distinct parameter storages
@@ -14,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .hydra_model import MODES, HydraModel, HydraModelConfig
+from .hydra_model import HydraModel, HydraModelConfig
+from .layout import MODES, objective_info
 from .memory import summarize
 
 
@@ -22,7 +25,8 @@ from .memory import summarize
 class ProfileSettings:
     model: str = "smollm2-135m"
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    batch_size: int = 8
+    objectives: list[str] = field(default_factory=lambda: ["ppo"])
+    batch_size: int = 8  # sequences per iteration: prompts x the objective's samples per prompt
     prompt_len: int = 64  # every prompt is cut from the left or left-padded to exactly this many tokens
     gen_len: int = 32
     iterations: int = 2
@@ -36,27 +40,36 @@ class ProfileSettings:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"Unknown mode {unknown[0]!r}: use a comma-separated subset of {','.join(MODES)}.")
+        for objective in self.objectives:
+            k = objective_info(objective).default_samples_per_prompt
+            if self.batch_size % k:
+                raise ValueError(f"batch_size {self.batch_size} must be a multiple of {k}, the samples per prompt of "
+                                 f"objective {objective}.")
+        if self.batch_size < 1 or self.gen_len < 1 or self.prompt_len < 1 or self.iterations < 1:
+            raise ValueError("batch_size, prompt_len, gen_len and iterations must be at least 1.")
         if "full" in self.modes and self.quantization != "none":
             raise ValueError("mode 'full' trains every weight and cannot use a quantized base; drop it from --modes.")
 
 
-def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accelerator) -> dict:
-    """Run ``settings.iterations`` PPO iterations in ``mode``; return its memory and invariants."""
+def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accelerator, objective: str = "ppo") -> dict:
+    """Run ``settings.iterations`` iterations of ``objective`` in ``mode``; return its memory and invariants."""
     from .config import PPOConfig
     from .trainer import PPOTrainer
 
     model_config = HydraModelConfig(model_name_or_path=settings.model, mode=mode, quantization=settings.quantization,
                                     gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r)
     with tempfile.TemporaryDirectory() as scratch:
+        info = objective_info(objective)
+        k = info.default_samples_per_prompt
         ppo_config = PPOConfig(
-            prompts_path=settings.prompts, eval_prompts_path=None, batch_size=settings.batch_size,
-            minibatch_size=settings.batch_size, max_prompt_length=settings.prompt_len,
+            objective=objective, num_samples_per_prompt=k, prompts_path=settings.prompts, eval_prompts_path=None,
+            batch_size=settings.batch_size // k, minibatch_size=info.train_rows(settings.batch_size // k, k), max_prompt_length=settings.prompt_len,
             pad_prompts_to_max_length=True, max_new_tokens=settings.gen_len,
             stop_at_eos=False, num_iterations=settings.iterations, ppo_epochs=1, save_every=0, save_final=False,
             output_dir=scratch,
             seed=settings.seed,
         )
-        model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed)
+        model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed, critic=info.critic)
         fingerprint = model.frozen_fingerprint()
         trainer = PPOTrainer(model, tokenizer, ppo_config, prompts, accelerator)
         started = time.perf_counter()
@@ -81,7 +94,7 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
     return result
 
 
-def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, device_type: str):
+def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, device_type: str, objective: str = "ppo"):
     """The ``hydra-rlhf estimate`` settings for the iteration :func:`profile_mode` runs, to compare the two: the
     same shape and precision (bf16 on CUDA, fp32 on CPU), and an attention mask exactly when some prompt is
     shorter than ``prompt_len`` (the profiler left-pads every prompt to it)."""
@@ -91,7 +104,7 @@ def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, 
     shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
     on_cuda = device_type == "cuda"
     return EstimateSettings(
-        mode=mode, quant=settings.quantization, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
+        mode=mode, objective=objective, quant=settings.quantization, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
         gen_len=settings.gen_len, lora_r=settings.lora_r, gradient_checkpointing=settings.gradient_checkpointing,
         dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
         padded_prompts=shortest < settings.prompt_len,
@@ -99,7 +112,8 @@ def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, 
 
 
 def profile(settings: ProfileSettings, progress=None) -> dict:
-    """Profile every mode in ``settings.modes``; the dict is what ``--json`` writes."""
+    """Profile every mode in ``settings.modes`` for every objective in ``settings.objectives``; the dict is what
+    ``--json`` writes. Its "modes" are keyed by mode, or by ``mode/objective`` when several objectives run."""
     from .data import load_prompts
     from .models import load_tokenizer, resolve_model
     from .ppo import make_accelerator
@@ -110,9 +124,12 @@ def profile(settings: ProfileSettings, progress=None) -> dict:
     prompts, _ = load_prompts(settings.prompts)
     modes = {}
     for mode in settings.modes:
-        if progress:
-            progress(mode)
-        modes[mode] = profile_mode(mode, settings, tokenizer, prompts, accelerator)
+        for objective in settings.objectives:
+            label = mode if len(settings.objectives) == 1 else f"{mode}/{objective}"
+            if progress:
+                progress(label)
+            modes[label] = profile_mode(mode, settings, tokenizer, prompts, accelerator, objective)
+            modes[label]["objective"] = objective
     measure_device = accelerator.device
     from .memory import CPU_MEASURE, CUDA_MEASURE
 
@@ -126,7 +143,13 @@ def profile(settings: ProfileSettings, progress=None) -> dict:
 
 
 def ratios(modes: dict) -> dict:
-    """peak(mode) / peak(reference mode), for every pair the issue's targets name."""
+    """peak(mode) / peak(reference mode) for the mode pairs the paper compares; with several objectives, also
+    each critic-free objective's peak against PPO's in the same mode ("hydra/grpo:ppo")."""
     pairs = [(m, "full") for m in ("lora", "j-hydra", "hydra")] + [(m, "lora") for m in ("j-hydra", "hydra")]
-    return {f"{mode}/{reference}": modes[mode]["peak_bytes"] / modes[reference]["peak_bytes"]
-            for mode, reference in pairs if mode in modes and reference in modes}
+    found = {f"{mode}/{reference}": modes[mode]["peak_bytes"] / modes[reference]["peak_bytes"]
+             for mode, reference in pairs if mode in modes and reference in modes}
+    for label in modes:
+        mode, _, objective = label.partition("/")
+        if objective not in ("", "ppo") and f"{mode}/ppo" in modes:
+            found[f"{label}:ppo"] = modes[label]["peak_bytes"] / modes[f"{mode}/ppo"]["peak_bytes"]
+    return found

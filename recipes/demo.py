@@ -3,12 +3,15 @@
     make demo
     python recipes/demo.py --sft_config recipes/configs/sft_smollm2.yaml --ppo_config recipes/configs/ppo_smollm2.yaml
     python recipes/demo.py --mode lora --output_dir runs/demo-lora
+    python recipes/demo.py --objective grpo --output_dir runs/demo-grpo
 
 Writes into --output_dir (default runs/demo): sft/ (the Hydra-SFT checkpoint: merged model + reward head),
 ppo/ (metrics.jsonl, memory.jsonl, checkpoints/, final/ adapters, eval.json, training.png, memory.png) and
 summary.json with gold_before, gold_after, win_rate_vs_sft, distinct2_before, distinct2_after,
-reward_head_accuracy, wall_seconds and the per-stage memory. `--mode lora` (or full) runs the baseline the
-paper compares against: a plain SFT model and a separate reward model, trained by the same recipe.
+reward_head_accuracy, wall_seconds, objective and the per-stage memory. `--mode lora` (or full) runs the
+baseline the paper compares against: a plain SFT model and a separate reward model, trained by the same recipe.
+`--objective rloo|grpo|online_dpo` trains with that objective instead of PPO, by default with its own config
+(recipes/configs/<objective>_smollm2.yaml: the same budget of 16 responses per iteration).
 """
 
 import argparse
@@ -23,7 +26,8 @@ from pathlib import Path
 from trl import TrlParser
 
 from hydra_rlhf.config import PPOConfig
-from hydra_rlhf.hydra_model import MODES, HydraModelConfig, ModelConfig
+from hydra_rlhf.hydra_model import HydraModelConfig, ModelConfig
+from hydra_rlhf.layout import MODES, OBJECTIVES
 from hydra_rlhf.memory import format_bytes, wide_console
 from hydra_rlhf.ppo import run_ppo
 from hydra_rlhf.sft import SFTConfig, run_sft
@@ -32,9 +36,11 @@ from hydra_rlhf.sft import SFTConfig, run_sft
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
-    parser.add_argument("--ppo_config", default="recipes/configs/ppo_smollm2.yaml")
+    parser.add_argument("--ppo_config", help="The RL config (default: recipes/configs/<objective>_smollm2.yaml).")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--mode", choices=MODES, help="Override the PPO config's mode.")
+    parser.add_argument("--objective", choices=tuple(OBJECTIVES), help="Train with this objective (default: the "
+                        "config's, ppo).")
     parser.add_argument("--num_iterations", type=int, help="Override the PPO config's iteration count.")
     parser.add_argument("--reuse_sft", action="store_true", help="Keep an existing SFT checkpoint in output_dir.")
     return parser.parse_args(argv)
@@ -58,13 +64,15 @@ def main(argv=None) -> int:
     output = Path(args.output_dir)
     try:
         model_config, sft_config = TrlParser((ModelConfig, SFTConfig)).parse_yaml_file(args.sft_config)
-        ppo_model_config, ppo_config = TrlParser((HydraModelConfig, PPOConfig)).parse_yaml_file(args.ppo_config)
+        rl_config = args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_smollm2.yaml"
+        ppo_model_config, ppo_config = TrlParser((HydraModelConfig, PPOConfig)).parse_yaml_file(rl_config)
+        ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
+                                         objective=args.objective or ppo_config.objective,
+                                         num_iterations=args.num_iterations or ppo_config.num_iterations)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    mode = args.mode or ppo_model_config.mode
-    ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
-                                     num_iterations=args.num_iterations or ppo_config.num_iterations)
+    mode, objective = args.mode or ppo_model_config.mode, ppo_config.objective
 
     # step 1. SFT: one Hydra checkpoint, or (baselines) a plain SFT model and a separate reward model
     console.rule(f"[bold]1. SFT for mode {mode}")
@@ -77,7 +85,7 @@ def main(argv=None) -> int:
         policy_path, reward_path = output / "sft", str(output / "rm")
 
     # step 2. PPO on the SFT checkpoint(s), evaluated on held-out prompts
-    console.rule(f"[bold]2. PPO ({mode})")
+    console.rule(f"[bold]2. {objective} ({mode})")
     shutil.rmtree(output / "ppo", ignore_errors=True)  # a fresh run, not a resume of an older one
     ppo_model_config = dataclasses.replace(ppo_model_config, model_name_or_path=str(policy_path), mode=mode,
                                            reward_model_path=reward_path)
@@ -86,6 +94,7 @@ def main(argv=None) -> int:
     # step 3. the summary
     evaluation = ppo["eval"]
     summary = {
+        "objective": objective,
         "mode": mode,
         "gold_before": evaluation["gold_before"],
         "gold_after": evaluation["gold_after"],

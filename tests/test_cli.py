@@ -57,3 +57,21 @@ def test_evaluate_needs_a_checkpoint(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     result = run([CLI, "evaluate", str(tmp_path)], check=False)
     assert result.returncode == 2 and "no checkpoints under" in result.stderr
+
+
+def test_profile_shows_what_dropping_the_critic_saves(tiny_model, prompts_file, tmp_path):
+    out = tmp_path / "objectives.json"
+    result = run([CLI, "profile", "--model", tiny_model, "--prompts", str(prompts_file), "--modes", "hydra",
+                  "--objective", "ppo,grpo", "--batch-size", "4", "--gen-len", "4", "--iterations", "1",
+                  "--lora-r", "4", "--json", str(out)])
+    assert "hydra/grpo" in result.stdout and "peak hydra/grpo:ppo" in result.stdout
+    data = json.loads(out.read_text())
+    ppo, grpo = data["modes"]["hydra/ppo"], data["modes"]["hydra/grpo"]
+    assert (ppo["objective"], grpo["objective"]) == ("ppo", "grpo")
+    # PPO trains the actor adapter, a critic adapter of the same size and a value head Linear(h, 1); GRPO the actor's
+    hidden = json.loads((Path(tiny_model) / "config.json").read_text())["hidden_size"]
+    assert ppo["trainable_parameters"] - 2 * grpo["trainable_parameters"] == hidden + 1
+    assert grpo["stages"]["train"]["peak_bytes"] < ppo["stages"]["train"]["peak_bytes"]
+    assert data["ratios"]["hydra/grpo:ppo"] == pytest.approx(grpo["peak_bytes"] / ppo["peak_bytes"])
+    result = run([CLI, "profile", "--modes", "hydra", "--objective", "ppo,dpo"], check=False)
+    assert result.returncode == 2 and "Unknown objective 'dpo'" in result.stderr

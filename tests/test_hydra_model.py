@@ -28,8 +28,8 @@ def sample_batch(model, tokenizer, new_tokens=6):
 def train_step(model, seq, mask, prompt_len, steps=2):
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(steps):
-        logprobs, values = model.policy_scores(seq, mask, prompt_len)
-        (logprobs.mean() + (values**2).mean()).backward()
+        scores = model.policy_scores(seq, mask, prompt_len, values=True)
+        (scores.logprobs.mean() + (scores.values**2).mean()).backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -68,7 +68,7 @@ def test_mode_invariants(tiny_model, tokenizer, mode):
             assert torch.equal(param, frozen_before[name]), f"frozen {name} changed"
     assert model.frozen_fingerprint() == fingerprint
     # after training the policy differs from the reference, and the reference still equals the plain base
-    logprobs, _ = model.policy_scores(seq, mask, prompt_len)
+    logprobs = model.policy_scores(seq, mask, prompt_len).logprobs
     assert not torch.allclose(logprobs, ref_logprobs)
     assert torch.allclose(model.frozen_scores(seq, mask, prompt_len)[0], expected, atol=1e-5)
 
@@ -108,8 +108,8 @@ def test_frozen_roles_never_get_gradients(tiny_model, tokenizer):
     model = make(tiny_model, "hydra")
     seq, mask, prompt_len = sample_batch(model, tokenizer)
     ref_logprobs, rewards = model.frozen_scores(seq, mask, prompt_len)
-    logprobs, values = model.policy_scores(seq, mask, prompt_len)
-    (logprobs.sum() + values.sum()).backward()
+    scores = model.policy_scores(seq, mask, prompt_len, values=True)
+    (scores.logprobs.sum() + scores.values.sum()).backward()
     assert model.reward_head.weight.grad is None
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and "value_head" not in n)
 
@@ -123,9 +123,10 @@ def test_save_and_load_reproduce_outputs(tiny_model, tokenizer, tmp_path, mode):
     manifest = json.loads((tmp_path / "hydra_manifest.json").read_text())
     assert Path(manifest["config"]["model_name_or_path"]).is_absolute()  # loads from any working directory
     loaded = HydraModel.from_pretrained(tmp_path)
-    for method in ("policy_scores", "frozen_scores"):
-        for a, b in zip(getattr(model, method)(seq, mask, prompt_len), getattr(loaded, method)(seq, mask, prompt_len)):
-            assert torch.equal(a, b), method
+    for a, b in zip(model.frozen_scores(seq, mask, prompt_len), loaded.frozen_scores(seq, mask, prompt_len)):
+        assert torch.equal(a, b)
+    ours, theirs = (m.policy_scores(seq, mask, prompt_len, values=True) for m in (model, loaded))
+    assert torch.equal(ours.logprobs, theirs.logprobs) and torch.equal(ours.values, theirs.values)
 
 
 def test_saved_adapter_loads_with_plain_peft(tiny_model, tokenizer, tmp_path):
@@ -142,7 +143,7 @@ def test_saved_adapter_loads_with_plain_peft(tiny_model, tokenizer, tmp_path):
         logits = actor(seq, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     peft_logprobs = torch.log_softmax(logits[:, prompt_len - 1 : -1], -1).gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
     with torch.no_grad():
-        ours, _ = model.policy_scores(seq, mask, prompt_len)
+        ours = model.policy_scores(seq, mask, prompt_len).logprobs
     assert torch.allclose(peft_logprobs, ours, atol=1e-5)
 
 
@@ -175,8 +176,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tokenizer, 
         model = make(tiny_model, mode, gradient_checkpointing=checkpointing)
         seq, mask, prompt_len = sample_batch(model, tokenizer)
         model.train()
-        logprobs, values = model.policy_scores(seq, mask, prompt_len)
-        (logprobs.mean() + values.mean()).backward()
+        scores = model.policy_scores(seq, mask, prompt_len, values=True)
+        (scores.logprobs.mean() + scores.values.mean()).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.trainable_parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
