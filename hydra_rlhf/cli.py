@@ -26,15 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--modes", default="full,lora,j-hydra,hydra", help="Comma-separated modes to compare.")
     profile.add_argument("--objective", default="ppo", help="Comma-separated objectives (ppo, rloo, grpo, online_dpo): "
                          "ppo builds a critic, the others do not.")
-    profile.add_argument("--batch-size", type=int, default=8, help="Sequences per iteration (prompts x samples per "
+    profile.add_argument("--batch-size", type=positive_int, default=8, help="Sequences per iteration (prompts x samples per "
                          "prompt), equal for every objective.")
-    profile.add_argument("--prompt-len", type=int, default=64,
+    profile.add_argument("--prompt-len", type=positive_int, default=64,
                          help="Prompt tokens per sample: cut from the left or left-padded to exactly this.")
-    profile.add_argument("--gen-len", type=int, default=32, help="Generated tokens (EOS ignored: equal work per mode).")
-    profile.add_argument("--iterations", type=int, default=2)
+    profile.add_argument("--gen-len", type=positive_int, default=32, help="Generated tokens (EOS ignored: equal work per mode).")
+    profile.add_argument("--iterations", type=positive_int, default=2)
     profile.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"])
     profile.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    profile.add_argument("--lora-r", type=int, default=16)
+    profile.add_argument("--lora-r", type=positive_int, default=16)
     profile.add_argument("--prompts", default="demo:train", help="Prompt source (bundled name or file).")
     profile.add_argument("--json", type=Path, help="Write the results here.")
     profile.add_argument("--plot", type=Path, help="PNG bar chart (default: next to --json, or profile.png).")
@@ -57,14 +57,24 @@ def main(argv: list[str] | None = None) -> int:
                           help="Checkpoint directories, or a run's output_dir (all its checkpoints, oldest first).")
     evaluate.add_argument("--prompts", default="demo:eval", help="Held-out prompt source (bundled name or file).")
     evaluate.add_argument("--prompt-column", default="prompt")
-    evaluate.add_argument("--num-prompts", type=int, help="Use only the first N prompts.")
-    evaluate.add_argument("--max-new-tokens", type=int, default=48, help="Greedy response cap (tokens).")
-    evaluate.add_argument("--max-prompt-length", type=int, default=64, help="Prompts are cut from the left to this.")
+    evaluate.add_argument("--num-prompts", type=positive_int, help="Use only the first N prompts.")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=48, help="Greedy response cap (tokens).")
+    evaluate.add_argument("--max-prompt-length", type=positive_int, default=64, help="Prompts are cut from the left to this.")
     evaluate.add_argument("--json", type=Path, help="Write the results (per checkpoint) here.")
     evaluate.set_defaults(handler=run_evaluate)
 
     args = parser.parse_args(argv)
-    return args.handler(args)
+    from .errors import error_boundary
+
+    return error_boundary(args.handler, args)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the ValueError into 'invalid positive_int value')."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def run_profile(args) -> int:
@@ -73,17 +83,13 @@ def run_profile(args) -> int:
     from .profile import ProfileSettings, profile
 
     console = wide_console()
-    try:
-        settings = ProfileSettings(model=args.model, modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-                                   objectives=[o.strip() for o in args.objective.split(",") if o.strip()],
-                                   batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                                   iterations=args.iterations, quantization=args.quant,
-                                   gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                                   prompts=args.prompts)
-        results = profile(settings, progress=lambda mode: console.print(f"[bold]profiling {mode}[/bold] ..."))
-    except (ValueError, RuntimeError, FileNotFoundError, ModuleNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = ProfileSettings(model=args.model, modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+                               objectives=[o.strip() for o in args.objective.split(",") if o.strip()],
+                               batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                               iterations=args.iterations, quantization=args.quant,
+                               gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                               prompts=args.prompts)
+    results = profile(settings, progress=lambda mode: console.print(f"[bold]profiling {mode}[/bold] ..."))
     modes = results["modes"]
     console.print(stage_table({m: r["stages"] for m, r in modes.items()}, title="PPO memory per stage, by mode"))
     for mode, result in modes.items():
@@ -108,14 +114,10 @@ def run_report(args) -> int:
 
     log = args.run_dir / "memory.jsonl"
     if not log.is_file():
-        print(f"error: {log} not found; pass a training run's output_dir (it needs profile_memory: true).",
-              file=sys.stderr)
-        return 2
-    try:
-        measure, history = read_memory_log(log)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{log} not found; pass a training run's output_dir (it needs profile_memory: true).")
+    measure, history = read_memory_log(log)
+    if not history:
+        raise ValueError(f"{log} holds no memory records yet: the run has not finished an iteration.")
     summary = summarize(history)
     console = wide_console()
     console.print(stage_table({args.run_dir.name: summary}, title=f"Memory per stage over {len(history)} iterations"))
@@ -137,29 +139,34 @@ def run_evaluate(args) -> int:
     table = Table(title="Held-out evaluation per checkpoint (greedy; start = the SFT policy, adapters off)")
     for column in ("checkpoint", "gold", "gain", "win-rate", "distinct-2", "x start", "KL (nats)", "reward head"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")
-    results = {}
-    try:
-        prompts, _ = load_prompts(args.prompts, args.prompt_column, args.num_prompts)
-        paths = checkpoint_dirs(args.checkpoints)
-        if not paths:
-            raise FileNotFoundError(f"no checkpoints under {', '.join(map(str, args.checkpoints))}/checkpoints")
-        for path, result in evaluate_checkpoints(paths, prompts, args.max_new_tokens, args.max_prompt_length):
-            console.print(f"evaluated {path}: gold {result['gold_after']:.3f}")
-            results[str(path)] = result
-            table.add_row(path.name, f"{result['gold_after']:.3f}", f"{result['gold_gain']:+.3f}",
-                          f"{result['win_rate_vs_sft']:.0%}", f"{result['distinct2_after']:.3f}",
-                          f"{result['distinct2_after'] / max(result['distinct2_before'], 1e-9):.2f}",
-                          f"{result['kl_to_reference']:.2f}", f"{result['reward_head_after']:.3f}")
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    first = next(iter(results.values()))
-    console.print(table)
-    console.print(f"start: gold {first['gold_before']:.3f}, distinct-2 {first['distinct2_before']:.3f} "
-                  f"over {first['num_prompts']} prompts")
+    results, failed = {}, {}
+    prompts, _ = load_prompts(args.prompts, args.prompt_column, args.num_prompts)
+    paths = checkpoint_dirs(args.checkpoints)
+    if not paths:
+        raise FileNotFoundError(f"no checkpoints under {', '.join(map(str, args.checkpoints))}/checkpoints")
+    for path, result, problem in evaluate_checkpoints(paths, prompts, args.max_new_tokens, args.max_prompt_length):
+        if problem is not None:  # the others are still scored, and written
+            console.print(f"[red]skipped {path}: {problem}[/red]")
+            failed[str(path)] = problem
+            continue
+        console.print(f"evaluated {path}: gold {result['gold_after']:.3f}")
+        results[str(path)] = result
+        table.add_row(path.name, f"{result['gold_after']:.3f}", f"{result['gold_gain']:+.3f}",
+                      f"{result['win_rate_vs_sft']:.0%}", f"{result['distinct2_after']:.3f}",
+                      f"{result['distinct2_after'] / max(result['distinct2_before'], 1e-9):.2f}",
+                      f"{result['kl_to_reference']:.2f}", f"{result['reward_head_after']:.3f}")
+    if results:
+        first = next(iter(results.values()))
+        console.print(table)
+        console.print(f"start: gold {first['gold_before']:.3f}, distinct-2 {first['distinct2_before']:.3f} "
+                      f"over {first['num_prompts']} prompts")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
+    if failed:
+        print(f"error: could not score {len(failed)} of {len(paths)} checkpoint(s): "
+              + "; ".join(f"{Path(p).name}: {why}" for p, why in failed.items()), file=sys.stderr)
+        return 1
     return 0
 
 

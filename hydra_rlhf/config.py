@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import check_choice, check_positive
 from .hydra_model import HydraModelConfig
 from .layout import OBJECTIVES, objective_info
 
@@ -81,7 +82,11 @@ class PPOConfig:
     seed: int = field(default=0, metadata={"help": "Random seed (prompt order, sampling, adapter init)."})
     save_every: int = field(default=5, metadata={"help": "Checkpoint every N iterations (0: only at the end)."})
     save_final: bool = field(default=True, metadata={"help": "Checkpoint after the last iteration."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest intact checkpoint in output_dir "
+                                                        "(the run's model settings must match those it started with)."})
+    save_on_interrupt: bool = field(default=True, metadata={"help": "On Ctrl-C, finish the current iteration and "
+                                                                 "save a checkpoint before stopping (a second Ctrl-C "
+                                                                 "stops at once, keeping the last checkpoint)."})
     report_to: str = field(default="none", metadata={"help": "Tracker: none, tensorboard or wandb."})
     profile_memory: bool = field(default=True, metadata={"help": "Record memory per stage (memory.jsonl)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Response cap at evaluation "
@@ -104,17 +109,24 @@ class PPOConfig:
         if self.samples_per_prompt < info.min_samples_per_prompt:
             raise ValueError(f"objective {self.objective} compares samples of the same prompt: num_samples_per_prompt "
                              f"must be at least {info.min_samples_per_prompt}, got {self.samples_per_prompt}.")
-        if self.dpo_beta <= 0:
-            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}.")
-        if self.kl_controller not in ("fixed", "adaptive"):
-            raise ValueError(f"kl_controller {self.kl_controller!r}: use 'fixed' or 'adaptive'.")
-        if self.lr_scheduler not in ("constant", "linear", "cosine"):
-            raise ValueError(f"lr_scheduler {self.lr_scheduler!r}: use constant, linear or cosine.")
-        if self.report_to not in ("none", "tensorboard", "wandb"):
-            raise ValueError(f"report_to {self.report_to!r}: use none, tensorboard or wandb.")
-        for key in ("batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}.")
+        check_positive(self, "dpo_beta", "actor_lr", "critic_lr", "temperature", "kl_target", "kl_horizon",
+                       "clip_range", "clip_range_value")
+        check_positive(self, "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "save_every",
+                       "missing_eos_penalty", "reward_clip", allow_zero=True)
+        check_choice("kl_controller", self.kl_controller, ("fixed", "adaptive"))
+        check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
+        check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
+        check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
+        for key in ("batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs", "num_iterations",
+                    "max_new_tokens", "max_prompt_length", "num_eval_prompts", "eval_max_new_tokens",
+                    "max_nonfinite_in_a_row"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be at least 1, got {value}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma} and {self.lam}.")
         micro = self.minibatch_size // self.gradient_accumulation_steps
         if self.train_rows % self.minibatch_size or micro * self.gradient_accumulation_steps != self.minibatch_size:
             raise ValueError(
@@ -126,32 +138,20 @@ class PPOConfig:
         if micro % info.rows_per_unit:
             raise ValueError(f"objective {self.objective} keeps each chosen/rejected pair together: minibatch_size / "
                              f"gradient_accumulation_steps ({micro}) must be even.")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (log-probs are divided by it).")
 
 
 def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> int:
     """Parse ``--config recipe.yaml`` plus ``--flag`` overrides into the dataclasses (TrlParser), then call
-    ``run(*configs)``. Bad settings (an unknown YAML key, an impossible combination) and bad data (a missing
-    column or file) end in one line on stderr and exit code 2, a diverged run (non-finite updates) in one line
-    and exit code 1, not a traceback."""
+    ``run(*configs)``, inside the error boundary: bad settings, bad data and bad paths end in one line on stderr
+    and exit code 2, a diverged run in one line and exit code 1, Ctrl-C in a line that says how to resume."""
     import logging
-    import sys
 
     from trl import TrlParser
 
-    from .errors import NonFiniteError
+    from .errors import error_boundary
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        run(*TrlParser(dataclass_types).parse_args_and_config(argv))
-    except (KeyError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
-        return 2
-    except NonFiniteError as error:  # the run diverged; the message names the last good checkpoint
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return error_boundary(lambda: run(*TrlParser(dataclass_types).parse_args_and_config(argv)))
 
 
 __all__ = ["PPOConfig", "HydraModelConfig", "run_recipe"]

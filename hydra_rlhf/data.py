@@ -11,6 +11,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from .errors import HubUnreachable
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "demo_data"
@@ -27,23 +29,59 @@ def load_rows(source: str, split: str = "train"):
     dataset name (needs the network)."""
     import datasets
 
+    from .models import looks_local
+
     if source in BUNDLED:
         source = str(DATA_DIR / BUNDLED[source])
     path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() or looks_local(source):
         if not path.is_file():
-            raise FileNotFoundError(f"Data file {source} does not exist.")
+            raise FileNotFoundError(f"Data file {source} does not exist (local files: .jsonl, .json or .parquet).")
+        if path.suffix not in (".jsonl", ".json", ".parquet"):
+            raise ValueError(f"{source}: unknown data format {path.suffix or '(no suffix)'}; use .jsonl, .json or "
+                             ".parquet.")
+        if path.suffix == ".jsonl":
+            check_json_lines(path)
         builder = "parquet" if path.suffix == ".parquet" else "json"
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # noqa: BLE001 - datasets raises several chained types for one bad file
+            cause = error.__cause__ or error
+            raise ValueError(f"{source}: could not be read as {builder} ({type(cause).__name__}: "
+                             f"{str(cause).splitlines()[0] if str(cause) else ''}).") from None
+        if len(rows) == 0:
+            raise ValueError(f"{source} holds no rows.")
+        return rows
     if source.startswith("demo:"):
         raise ValueError(f"Unknown bundled dataset {source!r}: use one of {', '.join(BUNDLED)}.")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as error:  # offline, unknown name: say what to do instead
-        raise RuntimeError(
-            f"Could not load dataset {source!r} ({type(error).__name__}). Offline, use a local .jsonl/.parquet file "
-            "or a bundled one (demo:train, demo:preferences-train, ...)."
+        raise HubUnreachable(
+            f"{source!r} is not a local file, and loading it as a hub dataset failed ({type(error).__name__}). "
+            "Offline, use a local .jsonl/.parquet file or a bundled one (demo:train, demo:preferences-train, ...)."
         ) from error
+
+
+def check_json_lines(path: Path) -> None:
+    """A one-line error naming the first line of a JSONL file that is not a JSON object (or an empty file)."""
+    import json
+
+    rows = 0
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}); fix or remove that line.") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object with named columns, got "
+                                 f"{type(row).__name__}.")
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"{path} holds no rows.")
 
 
 def require_columns(rows, columns: list[str], source: str) -> None:
@@ -51,6 +89,12 @@ def require_columns(rows, columns: list[str], source: str) -> None:
     if missing:
         raise KeyError(f"{source}: column {missing[0]!r} not found; columns are {rows.column_names}. "
                        "Set the matching *_column option.")
+
+
+def skip_reason(value) -> str:
+    """Why ``as_messages`` gave None for a cell: ``empty`` (missing, blank) or ``not text (<type>)``."""
+    messages = isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value)
+    return "empty" if value is None or isinstance(value, str) or messages else f"not text ({type(value).__name__})"
 
 
 def as_messages(value, role: str) -> list[dict] | None:
@@ -74,11 +118,13 @@ def load_prompts(source: str, column: str = "prompt", limit: int | None = None) 
     for value in rows[column]:
         messages = as_messages(value, "user")
         if messages is None:
-            skipped["empty prompt"] += 1
+            skipped[f"{skip_reason(value)} prompt"] += 1
             continue
         prompts.append(messages)
     if skipped:
         logger.warning("%s: skipped %s", source, dict(skipped))
+    if not prompts:
+        raise ValueError(f"{source}: no usable prompts in column {column!r} (skipped {dict(skipped)}).")
     return prompts[:limit] if limit else prompts, skipped
 
 
@@ -97,10 +143,13 @@ def load_preferences(
     else:
         margins = [float("inf")] * len(rows)
     pairs, skipped = [], Counter()
-    for prompt, chosen, rejected, margin in zip(rows[prompt_column], rows[chosen_column], rows[rejected_column], margins):
-        prompt, chosen, rejected = as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
+    for prompt_value, chosen_value, rejected_value, margin in zip(rows[prompt_column], rows[chosen_column],
+                                                                  rows[rejected_column], margins):
+        prompt, chosen = as_messages(prompt_value, "user"), as_messages(chosen_value, "assistant")
+        rejected = as_messages(rejected_value, "assistant")
         if prompt is None or chosen is None or rejected is None:
-            skipped["empty"] += 1
+            values = [v for v, m in ((prompt_value, prompt), (chosen_value, chosen), (rejected_value, rejected)) if m is None]
+            skipped[skip_reason(values[0])] += 1
         elif message_text(chosen) == message_text(rejected):
             skipped["chosen equals rejected"] += 1
         elif margin < min_score_margin:

@@ -258,6 +258,9 @@ class EstimateSettings:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.minibatch_size is not None and self.minibatch_size < 1:
             raise ValueError(f"minibatch_size must be at least 1, got {self.minibatch_size}")
+        if self.minibatch_size is not None and self.minibatch_size > self.batch_size:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) must not exceed batch_size ({self.batch_size}): "
+                             "a minibatch is a slice of the batch")
         if self.mode == "full" and self.quant != "none":
             raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {self.quant} "
                              "bitsandbytes base cannot (its weights are frozen); use --quant none, or mode "

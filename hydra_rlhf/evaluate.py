@@ -92,27 +92,47 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
 
 def checkpoint_dirs(paths) -> list[Path]:
     """Checkpoint directories as given; a run's output_dir stands for all its checkpoints, oldest first."""
-    from .trainer import saved_checkpoints
+    from .checkpoints import saved_checkpoints
+
+    from .hydra_model import read_manifest
 
     found = []
     for path in map(Path, paths):
-        found += saved_checkpoints(path) if (path / "checkpoints").is_dir() else [path]
+        if (path / "checkpoints").is_dir():
+            found += saved_checkpoints(path)
+        else:
+            read_manifest(path)  # a directory that is no checkpoint at all is a usage error, named at once
+            found.append(path)
     return found
 
 
 def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_length: int = 64):
-    """Yield ``(path, evaluate(...))`` per saved HydraModel checkpoint. Checkpoints on the same base share one
-    model load and one evaluation of the starting policy."""
+    """Yield ``(path, evaluate(...) or None, problem or None)`` per saved HydraModel checkpoint: one that fails its
+    checksums or cannot be loaded is reported and skipped, the others are still scored. Checkpoints on the same
+    base share one model load and one evaluation of the starting policy."""
+    from safetensors import SafetensorError
+
+    from .checkpoints import CHECKSUMS_FILE, verify
+    from .errors import one_line
     from .hydra_model import HydraModel, read_manifest
     from .models import load_tokenizer
 
     model = tokenizer = start = loaded = None
-    for path in paths:
-        config = read_manifest(path)["config"]
-        if config != loaded:
-            model, loaded = HydraModel.from_pretrained(path), config
-            tokenizer = load_tokenizer(config["model_name_or_path"], config["trust_remote_code"])
-            start = score_start(model, tokenizer, prompts, max_new_tokens, max_prompt_length)
-        else:
-            model.load_trained(path)
-        yield Path(path), evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length, start=start)
+    for path in map(Path, paths):
+        problem = verify(path) if (path / CHECKSUMS_FILE).is_file() else None  # older checkpoints have no listing
+        if problem is None:
+            try:
+                manifest = read_manifest(path)
+                if manifest != loaded:
+                    model, loaded = HydraModel.from_pretrained(path), manifest
+                    config = manifest["config"]
+                    tokenizer = load_tokenizer(config["model_name_or_path"], config["trust_remote_code"])
+                    start = score_start(model, tokenizer, prompts, max_new_tokens, max_prompt_length)
+                else:
+                    model.load_trained(path)
+            except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as error:
+                problem, loaded = one_line(error), None  # the next checkpoint reloads from scratch
+        if problem is not None:
+            yield path, None, problem
+            continue
+        yield path, evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length, start=start), None

@@ -28,13 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import check_choice, check_positive
 from .layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
-from .models import enable_activation_checkpointing, load_causal_lm, resolve_model
+from .models import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 
 logger = logging.getLogger(__name__)
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
 HEADS_FILE = "hydra_heads.safetensors"  # reward head (and value head) next to a base or a PPO checkpoint
-MANIFEST_FILE = "hydra_manifest.json"
 REWARD_POOLINGS = ("last", "mean", "sum")  # what the reward head reads; stored in the heads file's metadata
 
 
@@ -83,6 +85,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.quantization not in ("none", "8bit", "4bit"):
             raise ValueError(f"Unknown quantization {self.quantization!r}: use none, 8bit or 4bit.")
+        check_choice("dtype", self.dtype, ("auto", *DTYPES))
+        check_positive(self, "lora_r", "lora_alpha", "lora_layers")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
 
 @dataclass
@@ -111,8 +117,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[name]
+    return getattr(torch, DTYPES[name])
 
 
 def _decoder_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

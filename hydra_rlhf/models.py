@@ -21,9 +21,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import HubUnreachable
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "hydra_conversion.json"
+MANIFEST_FILE = "hydra_manifest.json"  # what HydraModel.save_pretrained writes beside adapters and heads
 WEIGHTS = "model.safetensors"
 
 # Used when a tokenizer has none of its own (base models); the role markers follow ChatML.
@@ -63,8 +66,13 @@ def resolve_model(name_or_path: str) -> str:
     """
     if name_or_path in BUNDLED_MODELS:
         return str(bundled_model_dir(name_or_path))
-    if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        _check_is_a_model(path)
+        return str(path)
+    if looks_local(name_or_path):
+        raise FileNotFoundError(f"Model directory {name_or_path} does not exist (a hub id looks like 'org/name'; "
+                                "a bundled short name like 'smollm2-135m').")
     if "/" not in name_or_path:
         known = ", ".join(sorted(BUNDLED_MODELS))
         raise ValueError(
@@ -74,11 +82,56 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def hub_error(name: str, error: Exception) -> RuntimeError:
+def looks_local(name: str) -> bool:
+    """A path, not a hub id: absolute, relative with ./ or ../ or ~, more than one '/', or under a directory that
+    exists here (``runs/sft`` when ``runs/`` exists)."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).expanduser().is_dir()
+
+
+def _check_is_a_model(path: Path) -> None:
+    """A directory of ours that is not a base model gets a line saying what it is and what to pass instead."""
+    if path.is_dir() and (path / MANIFEST_FILE).is_file() and not (path / "config.json").is_file():
+        base = json.loads((path / MANIFEST_FILE).read_text()).get("config", {}).get("model_name_or_path", "?")
+        raise ValueError(f"{path} is a hydra-rlhf PPO checkpoint (adapters and heads), not a base model: its base is "
+                         f"{base}. Score it with `hydra-rlhf evaluate {path}`; continue its run with --resume true.")
+
+
+def context_length(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """The model's maximum sequence length (``max_position_embeddings``), read from its config; None if unknown."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:  # transformers: OSError for files, ValueError for a config it cannot read
+        raise load_error(path, error) from error
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_context(name_or_path: str, tokens: int, what: str, trust_remote_code: bool = False) -> None:
+    """A one-line error, before any weights load, when ``tokens`` exceed the model's context."""
+    limit = context_length(name_or_path, trust_remote_code)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{what} = {tokens} tokens, more than {name_or_path} takes ({limit}, its "
+                         "max_position_embeddings): lower them.")
+
+
+def load_error(path: str, error: Exception) -> Exception:
+    """What transformers' OSError means for the user: a local directory it cannot read, or an unreachable hub id."""
+    if Path(path).exists():
+        first = (str(error).strip().splitlines() or [""])[0]
+        return FileNotFoundError(f"{path} is not a directory transformers can load ({first})")
+    return hub_error(path, error)
+
+
+def hub_error(name: str, error: Exception) -> HubUnreachable:
     """The error a user sees when a hub id cannot be fetched (offline machine, typo, gated model)."""
-    return RuntimeError(
-        f"Could not load {name!r} from the Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0]}). "
-        f"Without network access use the bundled model '{DEFAULT_MODEL}' or a local directory."
+    return HubUnreachable(
+        f"{name!r} is not a local directory, and loading it from the Hugging Face hub failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0]}). Without network access use the bundled model '{DEFAULT_MODEL}' or a local "
+        "directory."
     )
 
 
@@ -197,10 +250,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     path = resolve_model(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        if Path(path).exists():
-            raise
-        raise hub_error(path, error) from error
+    except (OSError, ValueError) as error:  # transformers: OSError for files, ValueError for a config it cannot read
+        raise load_error(path, error) from error
     if tokenizer.pad_token is None:
         logger.warning("%s has no pad token; using its EOS token %r for padding.", name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
@@ -247,10 +298,8 @@ def load_causal_lm(
         kwargs["device_map"] = {"": str(device or "cpu")}  # bitsandbytes places weights at load time
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as error:
-        if Path(path).exists():
-            raise
-        raise hub_error(path, error) from error
+    except (OSError, ValueError) as error:  # transformers: OSError for files, ValueError for a config it cannot read
+        raise load_error(path, error) from error
     if bnb is None and device is not None:
         model.to(device)
     return model

@@ -32,10 +32,11 @@ def make_accelerator(report_to: str = "none", output_dir: str = "runs"):
 
 def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None, console=None) -> dict:
     """Train, evaluate on held-out prompts, print the memory table, and return the run's summary."""
+    from .checkpoints import record_or_check_run_settings, run_settings, write_atomically
     from .data import load_prompts
     from .evaluate import evaluate
     from .memory import summarize
-    from .models import load_tokenizer, resolve_model
+    from .models import check_context, load_tokenizer, resolve_model
     from .plots import plot_memory, plot_training
     from .trainer import PPOTrainer
 
@@ -47,10 +48,17 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
         raise ValueError(f"{output} already holds a run: pass --resume true to continue it, or choose another output_dir.")
     with accelerator.main_process_first():  # the bundled model converts once, on the main process
         resolve_model(model_config.model_name_or_path)
+    # everything that can be checked before the weights load: the context, the data, the run's own settings
+    check_context(model_config.model_name_or_path, config.max_prompt_length + config.max_new_tokens + 1,
+                  "max_prompt_length + max_new_tokens (+1 for the EOS the reward is read at)",
+                  model_config.trust_remote_code)
+    prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
+    settings = run_settings(model_config, config)
+    if accelerator.is_main_process:
+        record_or_check_run_settings(output, settings, config.resume)
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed,
                                    critic=objective_info(config.objective).critic)
-    prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
     accelerator.init_trackers("hydra-rlhf", config={**asdict(model_config), **asdict(config)})
 
     trainer = PPOTrainer(model, tokenizer, config, prompts, accelerator)
@@ -74,7 +82,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
         "final_metrics": history[-1] if history else {},
     }
     if accelerator.is_main_process:
-        model.save_pretrained(output / "final")
+        write_atomically(output / "final", model.save_pretrained)  # a kill while writing never leaves a mix
         if config.eval_prompts_path:
             eval_prompts, _ = load_prompts(config.eval_prompts_path, config.prompt_column, config.num_eval_prompts)
             results = evaluate(model, tokenizer, eval_prompts, config.eval_max_new_tokens or config.max_new_tokens,

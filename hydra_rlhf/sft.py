@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import check_positive
 from .hydra_model import (
     HEADS_FILE,
     REWARD_POOLINGS,
@@ -79,6 +80,8 @@ class SFTConfig:
     max_eval_pairs: int | None = field(default=None, metadata={"help": "Use only the first N held-out pairs."})
     eval_batch_size: int = field(default=16, metadata={"help": "Pairs per evaluation forward."})
     output_dir: str = field(default="runs/sft", metadata={"help": "Where the checkpoint (model + heads) goes."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a checkpoint already in output_dir "
+                                                                     "(otherwise that is an error)."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
 
     def __post_init__(self):
@@ -90,6 +93,18 @@ class SFTConfig:
             raise ValueError(f"Unknown reward_pooling {self.reward_pooling!r}: use one of {', '.join(REWARD_POOLINGS)}.")
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"Unknown truncation {self.truncation!r}: use truncate or drop.")
+        check_positive(self, "learning_rate", "head_learning_rate", "num_epochs")
+        check_positive(self, "reward_weight", "max_grad_norm", "min_score_margin", allow_zero=True)
+        for key in ("batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_train_pairs",
+                    "max_eval_pairs"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be at least 1, got {value}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}), which holds prompt and response.")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -276,10 +291,16 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
 
     from .data import load_preferences
     from .memory import wide_console
-    from .models import load_tokenizer
+    from .models import check_context, load_tokenizer
 
     console = console or wide_console()
     started = time.perf_counter()
+    output = Path(config.output_dir)
+    if output.is_dir() and any(output.iterdir()) and not config.overwrite_output_dir:
+        raise ValueError(f"{output} already holds files (a checkpoint?): pass --overwrite_output_dir true to replace "
+                         "it, or choose another output_dir.")
+    check_context(model_config.model_name_or_path, config.max_length + 1, "max_length (+1 for the EOS)",
+                  model_config.trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     pairs, skipped = load_preferences(config.train_path, config.prompt_column, config.chosen_column,
@@ -346,23 +367,21 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
 
 
 def save_sft_checkpoint(model: HydraSFTModel, model_config: ModelConfig, tokenizer, output_dir, summary, history) -> Path:
-    """A plain model directory (LoRA merged) + reward head + summary, written to a temp dir then renamed."""
+    """A plain model directory (LoRA merged) + reward head + summary, written atomically (``checkpoints.py``)."""
     from safetensors.torch import save_file
 
-    target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged = _merged_lm(model.lm, model_config)
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    heads = {f"reward_head.{k}": v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()}
-    save_file(heads, staging / HEADS_FILE, metadata={"reward_pooling": model.reward_pooling})
-    (staging / "sft_summary.json").write_text(json.dumps(summary, indent=2))
-    (staging / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
-    return target
+    from .checkpoints import write_atomically
+
+    def write(staging: Path) -> None:
+        merged = _merged_lm(model.lm, model_config)
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        heads = {f"reward_head.{k}": v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()}
+        save_file(heads, staging / HEADS_FILE, metadata={"reward_pooling": model.reward_pooling})
+        (staging / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+        (staging / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    return write_atomically(Path(output_dir), write)
 
 
 def _merged_lm(lm: nn.Module, model_config: ModelConfig) -> nn.Module:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
+import signal
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +26,9 @@ import torch
 
 from . import ppo_math
 from . import rollout as experience
+from .checkpoints import CHECKPOINT_PREFIX, clean_staging, latest_intact_checkpoint, write_atomically
 from .data import encode_prompts, left_pad
-from .errors import NonFiniteError
+from .errors import Interrupted, NonFiniteError
 from .memory import MemoryProfiler
 from .objectives import base as objective_base, make_objective
 
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "iter-"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -89,6 +90,8 @@ class PPOTrainer:
             top_k=0, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=self.eos_token_ids if config.stop_at_eos else None,
         )
+        if self.accelerator.is_main_process:
+            clean_staging(self.output_dir)
         self.profiler = MemoryProfiler(
             self.device, tensors=[*model.parameters(), *model.buffers()],
             log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
@@ -104,15 +107,51 @@ class PPOTrainer:
         if self.config.resume:
             self.resume()
         history = []
-        bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc="PPO",
+        bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc=self.config.objective.upper(),
                    disable=not self.accelerator.is_local_main_process)
-        while self.iteration < self.config.num_iterations:
-            metrics = self.step()
-            history.append(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        with self._ctrl_c() as stop:
+            while self.iteration < self.config.num_iterations and not stop.is_set():
+                metrics = self.step()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         bar.close()
+        if stop.is_set():
+            self._stop_after_ctrl_c()
         return history
+
+    @contextmanager
+    def _ctrl_c(self):
+        """The first Ctrl-C lets the current iteration finish (the loop then stops and saves); a second one stops
+        at once, keeping the last checkpoint on disk. Either way the run ends with one line saying how to resume."""
+        stop = threading.Event()
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield stop
+            return
+
+        def handler(signum, frame):
+            if stop.is_set():
+                raise KeyboardInterrupt
+            stop.set()
+            logger.warning("Ctrl-C: finishing iteration %d%s; press Ctrl-C again to stop now.", self.iteration + 1,
+                           ", then saving a checkpoint" if self.config.save_on_interrupt else "")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield stop
+        except KeyboardInterrupt:
+            last = latest_intact_checkpoint(self.output_dir)
+            raise Interrupted(f"stopped by Ctrl-C during iteration {self.iteration + 1} (dropped); "
+                              f"{_resume_hint(last)}") from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_after_ctrl_c(self) -> None:
+        last = latest_intact_checkpoint(self.output_dir)
+        if self.config.save_on_interrupt and (last is None or last.name != _checkpoint_name(self.iteration)):
+            last = self.save_checkpoint()
+        raise Interrupted(f"stopped by Ctrl-C after iteration {self.iteration} of {self.config.num_iterations}; "
+                          f"{_resume_hint(last)}")
 
     def step(self) -> dict:
         """One iteration: experience (stages 1-3), the objective's targets (4), learning (5), logging (6)."""
@@ -280,15 +319,14 @@ class PPOTrainer:
     # -------------------------------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """Adapters, heads and trainer state, written to a temporary directory and renamed into place."""
-        target = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.iteration:06d}"
+        """Adapters, heads and trainer state, written atomically with their checksums (``checkpoints.py``)."""
+        target = self.output_dir / "checkpoints" / _checkpoint_name(self.iteration)
         if self.accelerator.is_main_process:
-            staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            self.model.save_pretrained(staging)
-            torch.save(self._state_dict(), staging / STATE_FILE)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
+            def write(staging: Path) -> None:
+                self.model.save_pretrained(staging)
+                torch.save(self._state_dict(), staging / STATE_FILE)
+
+            write_atomically(target, write)
         self.accelerator.wait_for_everyone()
         return target
 
@@ -304,8 +342,9 @@ class PPOTrainer:
         }
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint in ``output_dir`` (none: start fresh)."""
-        checkpoint = latest_checkpoint(self.output_dir)
+        """Load the newest intact checkpoint in ``output_dir`` (none: start fresh); newer broken ones are named
+        and skipped."""
+        checkpoint = latest_intact_checkpoint(self.output_dir)
         if checkpoint is None:
             logger.info("No checkpoint in %s; starting from scratch.", self.output_dir)
             return False
@@ -320,13 +359,11 @@ class PPOTrainer:
         return True
 
 
-def saved_checkpoints(output_dir: str | Path) -> list[Path]:
-    """A run's complete ``iter-NNNNNN`` directories, oldest first; temporary (half-written) ones never carry that name."""
-    directory = Path(output_dir) / "checkpoints"
-    return sorted(directory.glob(f"{CHECKPOINT_PREFIX}*")) if directory.is_dir() else []
+def _checkpoint_name(iteration: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{iteration:06d}"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    found = saved_checkpoints(output_dir)
-    return found[-1] if found else None
+def _resume_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "no checkpoint was saved yet, so a new run starts from the beginning."
+    return f"the last checkpoint is {checkpoint}: continue with --resume true (same output_dir and settings)."

@@ -52,7 +52,7 @@ def train_sft_stage(model_config, sft_config, objective, output: Path, reuse: bo
     if reuse and summary_file.is_file():
         console.print(f"reusing {output}")
         return json.loads(summary_file.read_text())
-    config = dataclasses.replace(sft_config, objective=objective, output_dir=str(output))
+    config = dataclasses.replace(sft_config, objective=objective, output_dir=str(output), overwrite_output_dir=True)
     return run_sft(model_config, config, console=console)
 
 
@@ -62,16 +62,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     console = wide_console()
     output = Path(args.output_dir)
-    try:
-        model_config, sft_config = TrlParser((ModelConfig, SFTConfig)).parse_yaml_file(args.sft_config)
-        rl_config = args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_smollm2.yaml"
-        ppo_model_config, ppo_config = TrlParser((HydraModelConfig, PPOConfig)).parse_yaml_file(rl_config)
-        ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
-                                         objective=args.objective or ppo_config.objective,
-                                         num_iterations=args.num_iterations or ppo_config.num_iterations)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model_config, sft_config = TrlParser((ModelConfig, SFTConfig)).parse_yaml_file(args.sft_config)
+    rl_config = args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_smollm2.yaml"
+    ppo_model_config, ppo_config = TrlParser((HydraModelConfig, PPOConfig)).parse_yaml_file(rl_config)
+    ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
+                                     objective=args.objective or ppo_config.objective,
+                                     num_iterations=args.num_iterations or ppo_config.num_iterations)
     mode, objective = args.mode or ppo_model_config.mode, ppo_config.objective
 
     # step 1. SFT: one Hydra checkpoint, or (baselines) a plain SFT model and a separate reward model
@@ -134,4 +130,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hydra_rlhf.errors import error_boundary
+
+    sys.exit(error_boundary(main))

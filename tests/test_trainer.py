@@ -114,7 +114,8 @@ def test_nonfinite_rewards_skip_updates_then_stop(tiny_model, tokenizer, prompts
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.data import load_prompts
     from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
-    from hydra_rlhf.trainer import NonFiniteError, PPOTrainer, latest_checkpoint
+    from hydra_rlhf.checkpoints import latest_intact_checkpoint as latest_checkpoint
+    from hydra_rlhf.trainer import NonFiniteError, PPOTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
     config = PPOConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=4,
