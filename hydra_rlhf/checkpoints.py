@@ -20,6 +20,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from .models import file_sha256, resolve_model
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "iter-"
@@ -40,7 +42,7 @@ def write_atomically(target: Path, write) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     write(staging)
-    files = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(staging.rglob("*")) if p.is_file()}
     (staging / CHECKSUMS_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
     old = target.with_name(f"{STAGING_PREFIX}{target.name}-old-{os.getpid()}")
@@ -79,7 +81,7 @@ def verify(directory: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} changed since it was written"
     return None
 
@@ -100,14 +102,6 @@ def latest_intact_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------- what a run started with
 
 # The settings a resumed run must share with its start: they shape the adapters, the optimizer state or the
@@ -119,8 +113,6 @@ RESUME_RUN_KEYS = ("objective", "num_samples_per_prompt")
 
 def run_settings(model_config, config) -> dict:
     """What ``run_settings.json`` records: the model layout, the objective and the bases' fingerprints."""
-    from .models import resolve_model
-
     model, run = asdict(model_config), asdict(config)
     settings = {key: model[key] for key in RESUME_MODEL_KEYS} | {key: run[key] for key in RESUME_RUN_KEYS}
     bases = {model_config.model_name_or_path, model_config.reward_model_path or model_config.model_name_or_path}
@@ -142,7 +134,7 @@ def base_fingerprint(path: str) -> str | None:
         if stat.st_size > 1 << 24:
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
         else:
-            digest.update(bytes.fromhex(_sha256(file)))
+            digest.update(bytes.fromhex(file_sha256(file)))
     return digest.hexdigest()
 
 

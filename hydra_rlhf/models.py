@@ -147,7 +147,8 @@ def _gguf_location(name: str) -> tuple[Path, str]:
     return Path(found.origin).parent, spec.gguf_file
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -165,7 +166,7 @@ def conversion_is_valid(directory: Path) -> bool:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, OSError):
         return False
-    return weights.stat().st_size == manifest.get("weights_bytes") and _sha256(weights) == manifest.get("sha256")
+    return weights.stat().st_size == manifest.get("weights_bytes") and file_sha256(weights) == manifest.get("sha256")
 
 
 def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
@@ -203,7 +204,7 @@ def _convert_gguf(name: str, target: Path) -> None:
             state.pop("lm_head.weight", None)  # shared with embed_tokens; from_pretrained re-ties it
         save_file(state, staging / WEIGHTS, metadata={"format": "pt"})
         manifest = {"source": f"{name} ({gguf_file})", "weights_bytes": (staging / WEIGHTS).stat().st_size}
-        manifest["sha256"] = _sha256(staging / WEIGHTS)
+        manifest["sha256"] = file_sha256(staging / WEIGHTS)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if target.exists():
             if conversion_is_valid(target):  # another process finished first
