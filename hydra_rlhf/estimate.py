@@ -708,7 +708,8 @@ def _print_report(shape: ModelShape, estimates: dict, gpus: dict, skipped: list)
     console = Console(width=120)
     first = next(iter(estimates.values())).settings
     console.print(f"[bold]{shape.name}[/bold]: {shape.num_params / 1e9:.2f}B parameters, {shape.num_layers} layers, "
-                  f"hidden {shape.hidden_size}, vocab {shape.vocab_size}. {_describe(first)}")
+                  f"hidden {shape.hidden_size}, vocab {shape.vocab_size}. "
+                  f"{_describe(first, objective=len({e.settings.objective for e in estimates.values()}) == 1)}")
     for mode in skipped:
         console.print(f"[yellow]{mode}: skipped, it trains every weight and cannot use a {first.quant} base.[/yellow]")
     console.print(_stage_table(estimates))
@@ -718,10 +719,10 @@ def _print_report(shape: ModelShape, estimates: dict, gpus: dict, skipped: list)
         console.print(_verdict(mode, est, gpus[mode]))
 
 
-def _describe(s: EstimateSettings) -> str:
+def _describe(s: EstimateSettings, objective: bool = True) -> str:
     checkpointing = "on" if s.gradient_checkpointing else "off"
-    return (f"Objective {s.objective}, batch {s.batch_size} (minibatch {s.micro_batch}), prompt {s.prompt_len} + "
-            f"gen {s.gen_len} tokens, "
+    return (f"{f'Objective {s.objective}, b' if objective else 'B'}atch {s.batch_size} (minibatch {s.micro_batch}), "
+            f"prompt {s.prompt_len} + gen {s.gen_len} tokens, "
             f"{s.dtype}, quant {s.quant}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}.")
 
 
