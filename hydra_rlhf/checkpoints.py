@@ -139,8 +139,8 @@ def base_fingerprint(path: str) -> str | None:
 
 
 def record_or_check_run_settings(output_dir: Path, settings: dict, resume: bool) -> None:
-    """A fresh run writes ``run_settings.json``; a resumed run must match it, else a one-line error naming every
-    difference (a run started before this file existed resumes with a warning)."""
+    """A run writes ``run_settings.json`` when it starts; a resumed run must match it, else a one-line error naming
+    every difference. (A run saved before this file existed resumes with a warning, and gets one now.)"""
     path = Path(output_dir) / RUN_SETTINGS_FILE
     if resume and path.is_file():
         started = json.loads(path.read_text())
@@ -153,9 +153,8 @@ def record_or_check_run_settings(output_dir: Path, settings: dict, resume: bool)
             raise ValueError(f"cannot resume {output_dir}: {'; '.join(differences)}. Resume with the settings it "
                              "started with (see its run_settings.json), or start a new run in another output_dir.")
         return
-    if resume:
+    if resume and saved_checkpoints(output_dir):
         logger.warning("%s has no %s (an older run): resuming without checking its settings.", output_dir,
                        RUN_SETTINGS_FILE)
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2))

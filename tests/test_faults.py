@@ -171,6 +171,8 @@ def test_resume_refuses_other_settings(tiny_model, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (base / name).write_bytes((Path(tiny_model) / name).read_bytes())
     model, config = HydraModelConfig(model_name_or_path=str(base), lora_r=4), PPOConfig()
+    record_or_check_run_settings(tmp_path / "first", run_settings(model, config), resume=True)  # nothing to resume
+    assert (tmp_path / "first" / "run_settings.json").is_file()  # ... so it starts, and records its settings
     record_or_check_run_settings(tmp_path, run_settings(model, config), resume=False)
     record_or_check_run_settings(tmp_path, run_settings(model, replace(config, actor_lr=1e-5)), resume=True)  # fine
     for changed, expected in [(replace(model, lora_alpha=256), "lora_alpha was 32, now 256"),
