@@ -13,6 +13,7 @@ and ``--sft_set key=value`` one to the SFT run (the tests use them to shrink eve
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -43,11 +44,16 @@ def ensure_sft(sft_dir: Path, sft_config: str, overrides: list[str]) -> None:
 def run_objective(name: str, args, overrides: list[str]) -> dict:
     output = args.output_dir / name
     config = args.config_pattern.format(objective=name)
-    started = time.perf_counter()
-    run(["recipes/ppo.py", "--config", config, "--model_name_or_path", str(args.sft), "--output_dir", str(output),
-         *overrides])
-    seconds = time.perf_counter() - started
-    summary = json.loads((output / "summary.json").read_text())
+    if args.reuse and (output / "summary.json").is_file():  # a finished run of the same config: read, not rerun
+        summary = json.loads((output / "summary.json").read_text())
+        seconds = summary["wall_seconds"]
+    else:
+        shutil.rmtree(output, ignore_errors=True)
+        started = time.perf_counter()
+        run(["recipes/ppo.py", "--config", config, "--model_name_or_path", str(args.sft), "--output_dir", str(output),
+             *overrides])
+        seconds = time.perf_counter() - started
+        summary = json.loads((output / "summary.json").read_text())
     evaluation = summary["eval"]
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     row = {
@@ -85,6 +91,8 @@ def main(argv=None) -> int:
                         help="A flag for every RL run, e.g. --set max_new_tokens=8.")
     parser.add_argument("--sft_set", action="append", default=[], metavar="KEY=VALUE", help="A flag for the SFT run.")
     parser.add_argument("--json", type=Path, help="Write the table here.")
+    parser.add_argument("--reuse", action="store_true", help="Read the runs already finished in output_dir (same "
+                        "configs) instead of running them again; their wall time is the run's own.")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
     unknown = [n for n in names if n not in OBJECTIVES]
