@@ -102,9 +102,6 @@ class SFTConfig:
                 raise ValueError(f"{key} must be at least 1, got {value}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
-                             f"({self.max_length}), which holds prompt and response.")
 
 
 # ------------------------------------------------------------------------------------------------ data

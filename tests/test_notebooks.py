@@ -95,6 +95,12 @@ def test_quickstart_runs_sft_ppo_and_saves_adapters(tmp_path, monkeypatch):
                  "final/shared/actor/adapter_model.safetensors", "final/shared/critic/adapter_model.safetensors"):
         assert (ppo / name).is_file(), name
     assert re.search(r"policy\s+\(gold [+-]\d\.\d\d\):", text)  # the reloaded adapters answered
+    for objective in ("rloo", "grpo", "online_dpo"):  # the critic-free objectives from the same checkpoint
+        other = json.loads((run_dir / objective / "summary.json").read_text())
+        assert other["objective"] == objective and other["base_copies"] == 1 and other["frozen_base_unchanged"]
+        assert not (run_dir / objective / "final" / "shared" / "critic").exists()
+        # what persists between stages (weights, adapters, optimizer state): one adapter and its AdamW states fewer
+        assert other["memory"]["log"]["peak_bytes"] < summary["memory"]["log"]["peak_bytes"]
 
 
 def test_memory_notebook_estimates_and_profiles_the_four_modes(tmp_path, monkeypatch):
@@ -112,6 +118,7 @@ def test_memory_notebook_estimates_and_profiles_the_four_modes(tmp_path, monkeyp
     assert "peak hydra/full" in text and "overall peak" in text
     assert (run_dir / "profile.png").is_file()
     assert "estimate / measured" in text
+    assert re.search(r"train-stage peak without the critic: .* less\)", text)
 
 
 def refresh(paths: list[Path]) -> None:
