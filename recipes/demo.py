@@ -46,6 +46,16 @@ def parse(argv=None):
     return parser.parse_args(argv)
 
 
+def parse_yaml(path: str, dataclass_types: tuple):
+    """The dataclasses of a YAML config; malformed YAML is one line naming the file."""
+    import yaml
+
+    try:
+        return TrlParser(dataclass_types).parse_yaml_file(path)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+
+
 def train_sft_stage(model_config, sft_config, objective, output: Path, reuse: bool, console) -> dict:
     """One SFT objective into ``output``; an existing checkpoint is reused only when asked."""
     summary_file = output / "sft_summary.json"
@@ -62,9 +72,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     console = wide_console()
     output = Path(args.output_dir)
-    model_config, sft_config = TrlParser((ModelConfig, SFTConfig)).parse_yaml_file(args.sft_config)
+    model_config, sft_config = parse_yaml(args.sft_config, (ModelConfig, SFTConfig))
     rl_config = args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_smollm2.yaml"
-    ppo_model_config, ppo_config = TrlParser((HydraModelConfig, PPOConfig)).parse_yaml_file(rl_config)
+    ppo_model_config, ppo_config = parse_yaml(rl_config, (HydraModelConfig, PPOConfig))
     ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
                                      objective=args.objective or ppo_config.objective,
                                      num_iterations=args.num_iterations or ppo_config.num_iterations)
