@@ -116,7 +116,7 @@ class PPOTrainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         bar.close()
-        if stop.is_set():
+        if stop.is_set() and self.iteration < self.config.num_iterations:  # (a Ctrl-C in the last one: done anyway)
             self._stop_after_ctrl_c()
         return history
 
