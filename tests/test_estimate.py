@@ -261,12 +261,13 @@ def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_fi
     # The calibration check of the estimator against the profiler, on a tiny model (the default is the bundled one).
     out = tmp_path / "accuracy.json"
     result = subprocess.run([sys.executable, "benchmarks/estimate_accuracy.py", "--model", tiny_model,
-                             "--prompts", str(prompts_file), "--runs", "hydra:2:80:4", "--json", str(out)],
+                             "--prompts", str(prompts_file), "--runs", "hydra:4:80:4:grpo", "--json", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     (run,) = data["runs"]
     assert run["settings"]["padded_prompts"] is True  # the tiny prompts are shorter than 80 tokens
+    assert run["settings"]["objective"] == "grpo" and run["settings"]["batch_size"] == 4
     assert set(run["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
     for stage in run["stages"].values():
         assert stage["measured_bytes"] > 0 and stage["relative_error"] == pytest.approx(
