@@ -41,7 +41,7 @@ def test_conversion_check_catches_partial_and_corrupt_copies(tmp_path):
     (directory / "config.json").write_text("{}")
     (directory / models.WEIGHTS).write_bytes(b"x" * 1000)
     assert not models.conversion_is_valid(directory)  # no manifest: interrupted before the end
-    manifest = {"weights_bytes": 1000, "sha256": models._sha256(directory / models.WEIGHTS)}
+    manifest = {"weights_bytes": 1000, "sha256": models.file_sha256(directory / models.WEIGHTS)}
     (directory / models.MANIFEST).write_text(json.dumps(manifest))
     assert models.conversion_is_valid(directory)
     (directory / models.WEIGHTS).write_bytes(b"x" * 999 + b"y")  # same size, different bytes
