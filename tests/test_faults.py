@@ -313,3 +313,26 @@ def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(tiny_model, 
     assert f"iteration {done}" in resumed.stderr
     assert torch.load(output / "checkpoints" / f"iter-{done + 1:06d}" / "trainer_state.pt",
                       weights_only=True)["iteration"] == done + 1
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_save_on_interrupt_decides_whether_ctrl_c_saves(tiny_model, tokenizer, tmp_path, save):
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.errors import Interrupted
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.trainer import PPOTrainer
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
+    config = PPOConfig(prompts_path="unused", batch_size=4, minibatch_size=4, max_new_tokens=2, save_every=0,
+                       output_dir=str(tmp_path), save_on_interrupt=save)
+    prompts = [[{"role": "user", "content": f"Tip {i}?"}] for i in range(8)]
+    trainer = PPOTrainer(model, tokenizer, config, prompts)
+    try:
+        trainer.step()
+        with pytest.raises(Interrupted, match="after iteration 1 of 20") as stopped:
+            trainer._stop_after_ctrl_c()  # what the loop calls after the first Ctrl-C
+    finally:
+        trainer.profiler.close()
+    saved = (tmp_path / "checkpoints" / "iter-000001").is_dir()
+    assert saved == save
+    assert ("--resume true" in str(stopped.value)) == save and ("no checkpoint" in str(stopped.value)) != save
