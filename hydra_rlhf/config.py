@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import check_choice, check_positive
+from .errors import check_at_least_one, check_choice, check_positive
 from .hydra_model import HydraModelConfig
 from .layout import OBJECTIVES, objective_info
 
@@ -104,8 +104,7 @@ class PPOConfig:
 
     def __post_init__(self):
         info = objective_info(self.objective)
-        if self.num_samples_per_prompt is not None and self.num_samples_per_prompt < 1:
-            raise ValueError(f"num_samples_per_prompt must be at least 1, got {self.num_samples_per_prompt}.")
+        check_at_least_one(self, "num_samples_per_prompt")
         if self.samples_per_prompt < info.min_samples_per_prompt:
             raise ValueError(f"objective {self.objective} compares samples of the same prompt: num_samples_per_prompt "
                              f"must be at least {info.min_samples_per_prompt}, got {self.samples_per_prompt}.")
@@ -117,12 +116,9 @@ class PPOConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
-        for key in ("batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs", "num_iterations",
-                    "max_new_tokens", "max_prompt_length", "num_eval_prompts", "eval_max_new_tokens",
-                    "max_nonfinite_in_a_row"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"{key} must be at least 1, got {value}.")
+        check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
+                           "num_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
+                           "eval_max_new_tokens", "max_nonfinite_in_a_row")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

@@ -81,6 +81,15 @@ def check_positive(owner, *keys: str, allow_zero: bool = False) -> None:
             raise ValueError(f"{key} must be {bound}, got {value}.")
 
 
+def check_at_least_one(owner, *keys: str) -> None:
+    """A one-line ValueError naming the first of ``keys`` (counts: sizes, lengths, iterations) below 1; None is
+    skipped."""
+    for key in keys:
+        value = getattr(owner, key)
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}.")
+
+
 def check_choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {key} {value!r}: use one of {', '.join(map(str, choices))}.")

@@ -53,9 +53,8 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
                   "max_prompt_length + max_new_tokens (+1 for the EOS the reward is read at)",
                   model_config.trust_remote_code)
     prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
-    settings = run_settings(model_config, config)
-    if accelerator.is_main_process:
-        record_or_check_run_settings(output, settings, config.resume)
+    if accelerator.is_main_process:  # the fingerprint reads the bases' files: once, not once per process
+        record_or_check_run_settings(output, run_settings(model_config, config), config.resume)
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed,
                                    critic=objective_info(config.objective).critic)

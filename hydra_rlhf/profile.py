@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .hydra_model import HydraModel, HydraModelConfig
+from .errors import check_at_least_one
 from .layout import MODES, objective_info
 from .memory import summarize
 
@@ -40,13 +41,12 @@ class ProfileSettings:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"Unknown mode {unknown[0]!r}: use a comma-separated subset of {','.join(MODES)}.")
+        check_at_least_one(self, "batch_size", "prompt_len", "gen_len", "iterations", "lora_r")
         for objective in self.objectives:
             k = objective_info(objective).default_samples_per_prompt
             if self.batch_size % k:
                 raise ValueError(f"batch_size {self.batch_size} must be a multiple of {k}, the samples per prompt of "
                                  f"objective {objective}.")
-        if self.batch_size < 1 or self.gen_len < 1 or self.prompt_len < 1 or self.iterations < 1:
-            raise ValueError("batch_size, prompt_len, gen_len and iterations must be at least 1.")
         if "full" in self.modes and self.quantization != "none":
             raise ValueError("mode 'full' trains every weight and cannot use a quantized base; drop it from --modes.")
 

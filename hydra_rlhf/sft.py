@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import check_positive
+from .errors import check_at_least_one, check_positive
 from .hydra_model import (
     HEADS_FILE,
     REWARD_POOLINGS,
@@ -93,11 +93,8 @@ class SFTConfig:
             raise ValueError(f"Unknown truncation {self.truncation!r}: use truncate or drop.")
         check_positive(self, "learning_rate", "head_learning_rate", "num_epochs")
         check_positive(self, "reward_weight", "max_grad_norm", "min_score_margin", allow_zero=True)
-        for key in ("batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_train_pairs",
-                    "max_eval_pairs"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"{key} must be at least 1, got {value}.")
+        check_at_least_one(self, "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_train_pairs",
+                           "max_eval_pairs")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
 
