@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .errors import check_at_least_one, check_choice, check_positive
 from .hydra_model import HydraModelConfig
 from .layout import OBJECTIVES, objective_info
+from .levers import OPTIMIZERS
 
 
 @dataclass
@@ -70,6 +71,8 @@ class PPOConfig:
                                                           "(ppo only)."})
     lr_scheduler: str = field(default="constant", metadata={"help": "constant, linear or cosine (over all steps)."})
     warmup_steps: int = field(default=0, metadata={"help": "LR warm-up optimizer steps."})
+    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, or adamw_bnb_8bit: bitsandbytes' "
+                                                          "8-bit AdamW states (1 byte per element instead of 4)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0 disables)."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
@@ -113,6 +116,7 @@ class PPOConfig:
         check_positive(self, "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "save_every",
                        "missing_eos_penalty", "reward_clip", allow_zero=True)
         check_choice("kl_controller", self.kl_controller, ("fixed", "adaptive"))
+        check_choice("optim", self.optim, OPTIMIZERS)
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import check_choice, check_positive
+from .levers import ADAPTER_DTYPES, activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
 from .layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
 from .models import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 
@@ -80,12 +81,16 @@ class ModelConfig:
         default=None, metadata={"help": "LoRA on the top N decoder layers only (default: all). Backward then stops "
                                 "N layers down, which makes every training step cheaper."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    adapter_dtype: str = field(default="float32", metadata={
+        "help": "LoRA weights in float32, or in the base's compute dtype ('compute': bf16 on a GPU): half the "
+                "adapter, gradient and optimizer bytes. Refused with a float16 base (see hydra_rlhf/levers.py)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
 
     def __post_init__(self):
         if self.quantization not in ("none", "8bit", "4bit"):
             raise ValueError(f"Unknown quantization {self.quantization!r}: use none, 8bit or 4bit.")
         check_choice("dtype", self.dtype, ("auto", *DTYPES))
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         check_positive(self, "lora_r", "lora_alpha", "lora_layers")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
@@ -100,10 +105,17 @@ class HydraModelConfig(ModelConfig):
         default=None,
         metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
     )
+    logprob_chunk_size: int = field(default=0, metadata={
+        "help": "Compute log-probs over chunks of this many response tokens, recomputed in backward, so the "
+                "(batch, tokens, vocabulary) logits never exist whole (0: whole logits). Same results."})
+    activation_offload: bool = field(default=False, metadata={
+        "help": "CUDA: keep what the training forward saves for backward (with gradient checkpointing, each "
+                "layer's input) in pinned host memory until backward needs it. No effect on CPU."})
 
     def __post_init__(self):
         super().__post_init__()
         check_mode(self.mode)
+        check_positive(self, "logprob_chunk_size", allow_zero=True)
         if self.mode == "full" and self.quantization != "none":
             raise ValueError(
                 f"mode 'full' trains every weight, which a {self.quantization} base cannot do; "
@@ -183,6 +195,8 @@ class HydraModel(nn.Module):
             if config.gradient_checkpointing:
                 enable_activation_checkpointing(base, use_reentrant=False, context_fn=model._checkpoint_contexts)
         model._remember_trainable()
+        if config.activation_offload and device.type != "cuda":
+            logger.warning("activation_offload has no effect on %s: host memory is the device memory there.", device)
         return model
 
     @property
@@ -283,16 +297,11 @@ class HydraModel(nn.Module):
         return out.last_hidden_state
 
     def _response_logprobs(self, model, hidden, input_ids, prompt_len, temperature, return_entropy=False):
-        """(B, R) log pi(a_t | s_t) of the response tokens, from hidden states at the positions predicting them."""
-        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
+        """(B, R) log pi(a_t | s_t) of the response tokens, from hidden states at the positions predicting them
+        (over chunks of ``logprob_chunk_size`` tokens when set)."""
         _, lm_head = _decoder_and_lm_head(model)
-        logits = lm_head(hidden[:, prompt_len - 1 : -1]).float() / temperature  # (B, R, V)
-        logprobs = selective_log_softmax(logits, input_ids[:, prompt_len:])
-        if not return_entropy:
-            return logprobs
-        with torch.no_grad():
-            return logprobs, entropy_from_logits(logits.detach())
+        return response_logprobs(lm_head, hidden[:, prompt_len - 1 : -1], input_ids[:, prompt_len:], temperature,
+                                 return_entropy, self.config.logprob_chunk_size)
 
     def _values(self, hidden, prompt_len) -> torch.Tensor:
         """(B, R) V(s_t) for each response step, read where the step's token is predicted."""
@@ -327,15 +336,16 @@ class HydraModel(nn.Module):
         """The actor's log-probs of the response tokens, with grad if grad is enabled; with ``entropy`` the
         per-token entropy (no grad); with ``values`` the critic's values (PPO only: a second forward, except in
         j-hydra where actor and critic share one). Evaluation and critic-free objectives pay for no critic pass."""
-        with self.role("policy") as model:
-            hidden = self._hidden(model, input_ids, attention_mask)
-            scores = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature, entropy)
-        scores = PolicyScores(*scores) if entropy else PolicyScores(scores)
-        if values:
-            if not self._same_pass("policy", "critic"):
-                with self.role("critic") as model:
-                    hidden = self._hidden(model, input_ids, attention_mask)
-            scores.values = self._values(hidden, prompt_len)
+        with activation_offload(self.config.activation_offload and torch.is_grad_enabled(), hidden_device(self)):
+            with self.role("policy") as model:
+                hidden = self._hidden(model, input_ids, attention_mask)
+                scores = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature, entropy)
+            scores = PolicyScores(*scores) if entropy else PolicyScores(scores)
+            if values:
+                if not self._same_pass("policy", "critic"):
+                    with self.role("critic") as model:
+                        hidden = self._hidden(model, input_ids, attention_mask)
+                scores.values = self._values(hidden, prompt_len)
         return scores
 
     @torch.no_grad()
@@ -474,6 +484,11 @@ class PolicyScores:
     values: torch.Tensor | None = None  # (B, R) V(s_t) from the critic (when asked; PPO only)
 
 
+def hidden_device(model: nn.Module) -> torch.device:
+    """Where a model computes: the device of its (first) parameters."""
+    return next(model.parameters()).device
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False)
 
@@ -524,6 +539,8 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
         model = get_peft_model(base, lora, adapter_name=adapters[0])
     for name in adapters[1:]:
         model.add_adapter(name, lora)
+    compute_dtype = base.get_input_embeddings().weight.dtype  # also on a quantized base, whose linears are packed
+    cast_adapters(model, adapter_torch_dtype(config.adapter_dtype, compute_dtype))
     for name, param in model.named_parameters():  # every adapter trainable, never the base
         param.requires_grad_("lora_" in name)
     return model

@@ -29,6 +29,7 @@ from . import rollout as experience
 from .checkpoints import CHECKPOINT_PREFIX, clean_staging, latest_intact_checkpoint, write_atomically
 from .data import encode_prompts, left_pad
 from .errors import Interrupted, NonFiniteError
+from .levers import make_optimizer
 from .memory import MemoryProfiler
 from .objectives import base as objective_base, make_objective
 
@@ -71,10 +72,8 @@ class PPOTrainer:
         self.trainable = [p for params in groups.values() for p in params]
         learning_rates = {"actor": config.actor_lr, "critic": config.critic_lr}
         self.group_names = list(groups)  # one optimizer group per trainable role; critic-free: the actor's only
-        self.optimizer = torch.optim.AdamW(
-            [{"params": groups[name], "lr": learning_rates[name]} for name in self.group_names],
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = make_optimizer([{"params": groups[name], "lr": learning_rates[name]} for name in self.group_names],
+                                        config.optim, config.weight_decay)
         steps_per_iteration = config.ppo_epochs * (config.train_rows // config.minibatch_size)
         self.scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.num_iterations * steps_per_iteration)
