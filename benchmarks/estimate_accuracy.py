@@ -3,6 +3,7 @@
     python benchmarks/estimate_accuracy.py                      # default grid, CPU fp32 (or CUDA bf16 when present)
     python benchmarks/estimate_accuracy.py --runs hydra:2:64:32,lora:4:32:32 --json estimate_accuracy.json
     python benchmarks/estimate_accuracy.py --runs hydra:8:64:32:ppo,hydra:8:64:32:grpo
+    python benchmarks/estimate_accuracy.py --runs hydra:8:64:128,hydra:4:64:128 --gradient-checkpointing --all-levers
 
 Each run is ``mode:batch:prompt_len:gen_len`` with an optional ``:objective`` (default ppo; batch counts
 sequences, prompts x samples per prompt). The profiler left-pads (or cuts) every prompt to exactly
@@ -22,6 +23,7 @@ import torch
 
 from hydra_rlhf.data import load_prompts
 from hydra_rlhf.estimate import STAGES, ModelShape, estimate
+from hydra_rlhf.levers import add_lever_arguments, levers_from_args
 from hydra_rlhf.memory import format_bytes
 from hydra_rlhf.models import load_tokenizer, resolve_model
 from hydra_rlhf.ppo import make_accelerator
@@ -41,6 +43,24 @@ def parse_run(text: str) -> tuple[str, int, int, int, str]:
                          "hydra:4:64:32 or hydra:8:64:32:grpo") from None
 
 
+def compare(shape, run: ProfileSettings, measured: dict, tokenizer, prompts, device_type: str, mode: str,
+            objective: str = "ppo") -> dict:
+    """Estimate the run ``profile_mode`` measured; print and return predicted / measured per stage."""
+    settings = matching_estimate(mode, run, tokenizer, prompts, device_type, objective)
+    predicted = estimate(shape, settings).stages
+    print(f"\n{mode}, {objective}, batch {run.batch_size}, prompt {run.prompt_len} + gen {run.gen_len} "
+          f"(padded prompts: {settings.padded_prompts}; levers: {run.levers()})")
+    stages = {}
+    for stage in STAGES:
+        got, want = predicted[stage], measured["stages"][stage]["peak_bytes"]
+        stages[stage] = {"estimated_bytes": got, "measured_bytes": want, "relative_error": got / want - 1}
+        print(f"  {stage:13s} estimate {format_bytes(got):>10s}  measured {format_bytes(want):>10s}  {got / want - 1:+6.1%}")
+    peak_error = max(predicted.values()) / measured["peak_bytes"] - 1
+    print(f"  {'peak':13s} {peak_error:+6.1%}")
+    return {"settings": asdict(settings), "stages": stages, "peak_relative_error": peak_error,
+            "worst_relative_error": max(abs(s["relative_error"]) for s in stages.values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="Comma-separated mode:batch:prompt_len:gen_len.")
@@ -48,6 +68,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="Model to profile (default: the bundled one).")
     parser.add_argument("--prompts", default="demo:train", help="Prompts to profile with.")
     parser.add_argument("--json", type=Path)
+    add_lever_arguments(parser)
     args = parser.parse_args()
 
     accelerator = make_accelerator()
@@ -59,23 +80,11 @@ def main() -> None:
     for mode, batch, prompt_len, gen_len, objective in map(parse_run, args.runs.split(",")):
         run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], objectives=[objective],
                               batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
-                              gradient_checkpointing=args.gradient_checkpointing)
+                              gradient_checkpointing=args.gradient_checkpointing, **levers_from_args(args))
         measured = profile_mode(mode, run, tokenizer, prompts, accelerator, objective)
-        settings = matching_estimate(mode, run, tokenizer, prompts, accelerator.device.type, objective)
-        predicted = estimate(shape, settings).stages
-        print(f"\n{mode}, {objective}, batch {batch}, prompt {prompt_len} + gen {gen_len} "
-              f"(padded prompts: {settings.padded_prompts})")
-        stages = {}
-        for stage in STAGES:
-            got, want = predicted[stage], measured["stages"][stage]["peak_bytes"]
-            error = got / want - 1
-            worst = max(worst, abs(error))
-            stages[stage] = {"estimated_bytes": got, "measured_bytes": want, "relative_error": error}
-            print(f"  {stage:13s} estimate {format_bytes(got):>10s}  measured {format_bytes(want):>10s}  {error:+6.1%}")
-        peak_error = max(predicted.values()) / measured["peak_bytes"] - 1
-        print(f"  {'peak':13s} {peak_error:+6.1%}")
-        results.append({"settings": asdict(settings), "stages": stages,
-                        "peak_relative_error": peak_error})
+        result = compare(shape, run, measured, tokenizer, prompts, accelerator.device.type, mode, objective)
+        worst = max(worst, result["worst_relative_error"])
+        results.append(result)
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
     print(f"\nworst stage error {worst:.1%} on {device} (target: within 15%)")
     if args.json:

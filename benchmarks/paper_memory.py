@@ -1,12 +1,14 @@
 """The Hydra-RLHF paper's memory comparison, re-derived with ``hydra_rlhf.estimate`` (no weights, no GPU).
 
-    python benchmarks/paper_memory.py
+    python benchmarks/paper_memory.py --json runs/paper_memory.json
 
 Paper (Santacroce et al. 2023, arXiv 2309.00754): Llama-7B on StackExchange, A100 80GB, LoRA rank 128, half
 precision weights. Full PPO 220 GB (estimated), LoRA-PPO 68.0 GB, J-Hydra-PPO 67.9 GB, Hydra-PPO 71.1 GB: the
 modes use about the same memory because each spends what it frees on a larger batch. So this prints (1) every
 mode at one equal setting, with the ratios, (2) the largest batch per mode under the same 80 GB card, the
-paper's method, and (3) the issue's targets for Llama-3.1 at 4 bit.
+paper's method, (3) the issue's targets for Llama-3.1 at 4 bit, and (4) the same shapes with the memory levers
+off and on (``hydra_rlhf/levers.py``): the peak, and the largest batch each common card fits. The JSON's keys
+``llama-3.1-8b_bs8_gib`` and ``llama-3.1-70b_bs4_gib`` hold the levers-on peaks.
 
 Our numbers are live-tensor bytes (what ``torch.cuda.max_memory_allocated`` reports) in GiB; the card's budget
 is its usable memory (``hydra_rlhf.estimate.GPUS``). Full PPO here keeps AdamW states in the weights' dtype, as
@@ -15,9 +17,13 @@ this toolkit does; the paper's 220 GB estimate also counts fp32 master weights a
 
 from __future__ import annotations
 
-from dataclasses import replace
+import argparse
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
-from hydra_rlhf.estimate import GPUS, MODES, EstimateSettings, GiB, estimate, largest_batch, load_preset
+from hydra_rlhf.estimate import GPUS, MODES, EstimateSettings, GiB, estimate, gpu_table, largest_batch, load_preset
+from hydra_rlhf.levers import ALL_ON
 
 PAPER_GB = {"full": 220.0, "lora": 68.0, "j-hydra": 67.9, "hydra": 71.1}
 PAPER_SETTING = EstimateSettings(batch_size=4, prompt_len=256, gen_len=128, lora_r=128, dtype="bf16")
@@ -98,14 +104,56 @@ def targets() -> dict:
     return results
 
 
+LEVER_TARGETS = {  # (preset, batch) -> GiB with every lever on: the 70B on a 48 GB card with headroom, the 8B in 8
+    ("llama-3.1-8b", 8): 8.0,
+    ("llama-3.1-70b", 4): 44.0,
+}
+LEVER_SETTING = replace(TARGET_SETTING, batch_size=1)  # 256 + 256 tokens, 4-bit base, LoRA r=16, checkpointing
+
+
+def levers() -> dict:
+    """Every lever off and on at the issue's shapes: peak, verdict, and the largest batch per card."""
+    print(f"4. Memory levers off / on (on: {', '.join(f'{k}={v}' for k, v in ALL_ON.levers().items())}); hydra, 4bit, "
+          "LoRA r=16, 256 + 256 tokens, gradient checkpointing, bf16, CUDA")
+    results = {}
+    for (name, batch), target in LEVER_TARGETS.items():
+        shape = load_preset(name)
+        off = replace(LEVER_SETTING, batch_size=batch)
+        on = replace(off, **ALL_ON.levers())
+        peaks = {label: estimate(shape, setting) for label, setting in (("off", off), ("on", on))}
+        verdict = "met" if peaks["on"].peak_bytes / GiB <= target else "MISSED"
+        print(f"   {name:14s} batch {batch}: off {peaks['off'].peak_bytes / GiB:6.2f} GiB, on "
+              f"{peaks['on'].peak_bytes / GiB:6.2f} GiB (peak in '{peaks['on'].peak_stage}'); target <= {target:.0f} "
+              f"GiB: {verdict}")
+        cards = {label: gpu_table(shape, setting) for label, setting in (("off", off), ("on", on))}
+        print("      largest batch per card, off -> on: " + ", ".join(
+            f"{a['name']} {a['largest_batch']} -> {b['largest_batch']}" for a, b in zip(cards["off"], cards["on"])))
+        results[f"{name}_bs{batch}_gib"] = peaks["on"].peak_bytes / GiB
+        results[name] = {"batch_size": batch, "target_gib": target, "met": verdict == "met",
+                         "levers_off_gib": peaks["off"].peak_bytes / GiB, "levers_on_gib": peaks["on"].peak_bytes / GiB,
+                         "levers_on_breakdown_gib": {k: v / GiB for k, v in peaks["on"].breakdown.items()},
+                         "largest_batch": {label: {row["name"]: row["largest_batch"] for row in rows}
+                                           for label, rows in cards.items()}}
+    results["levers_on"] = asdict(ALL_ON)
+    return results
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="Write the figures here.")
+    args = parser.parse_args()
     shape = load_preset("llama-2-7b")
     print(f"Hydra-RLHF paper memory comparison (estimated, {shape.num_params / 1e9:.2f}B parameters)\n")
     equal_setting(shape)
     print()
     larger_batches(shape)
     print()
-    targets()
+    target_peaks = targets()
+    print()
+    lever_results = levers()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**lever_results, "targets_levers_off_gib": target_peaks}, indent=2) + "\n")
     return 0
 
 

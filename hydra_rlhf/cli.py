@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
+    from .levers import add_lever_arguments
+
     profile = commands.add_parser("profile", help="Run a few PPO iterations per mode and compare memory per stage.")
     profile.add_argument("--model", default="smollm2-135m", help="Short name, local path or hub id.")
     profile.add_argument("--modes", default="full,lora,j-hydra,hydra", help="Comma-separated modes to compare.")
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     profile.add_argument("--lora-r", type=positive_int, default=16)
     profile.add_argument("--prompts", default="demo:train", help="Prompt source (bundled name or file).")
+    add_lever_arguments(profile)
     profile.add_argument("--json", type=Path, help="Write the results here.")
     profile.add_argument("--plot", type=Path, help="PNG bar chart (default: next to --json, or profile.png).")
     profile.set_defaults(handler=run_profile)
@@ -80,6 +83,7 @@ def positive_int(text: str) -> int:
 def run_profile(args) -> int:
     from .memory import format_bytes, stage_table, wide_console
     from .plots import plot_memory
+    from .levers import levers_from_args
     from .profile import ProfileSettings, profile
 
     console = wide_console()
@@ -88,7 +92,7 @@ def run_profile(args) -> int:
                                batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
                                iterations=args.iterations, quantization=args.quant,
                                gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                               prompts=args.prompts)
+                               prompts=args.prompts, **levers_from_args(args))
     results = profile(settings, progress=lambda mode: console.print(f"[bold]profiling {mode}[/bold] ..."))
     modes = results["modes"]
     console.print(stage_table({m: r["stages"] for m, r in modes.items()}, title="PPO memory per stage, by mode"))

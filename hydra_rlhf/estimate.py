@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .layout import MODES, OBJECTIVES, STAGES, counts, objective_info, role_plan
+from .levers import Levers, add_lever_arguments, levers_from_args
 
 QUANTS = ("none", "8bit", "4bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -90,6 +91,9 @@ EXPERIENCE_TOKEN_TENSORS = 7  # fp32 (B, G) rollout tensors: ref_logprobs, logpr
 
 # ---------------------------------------------------------------------------------------------- GPU table
 
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit AdamW states for smaller tensors
+BNB_BLOCK = 256  # elements per fp32 absmax of its block-wise 8-bit states
+
 CUDA_RESERVED_BYTES = 1 * GiB  # not tensors: CUDA context (~0.3-0.5 GiB), cuBLAS/cuDNN workspaces, fragmentation
 
 
@@ -107,7 +111,10 @@ class GPU:
 GPUS = (
     GPU("T4 16GB", 15360),
     GPU("L4 24GB", 23034),
+    GPU("RTX 4090 24GB", 24564),
     GPU("A100 40GB", 40960),
+    GPU("L40S 48GB", 46068),
+    GPU("RTX A6000 48GB", 49140),
     GPU("A100 80GB", 81920),
     GPU("H100 80GB", 81559),
 )
@@ -231,7 +238,7 @@ def load_preset(name: str) -> ModelShape:
 
 
 @dataclass
-class EstimateSettings:
+class EstimateSettings(Levers):
     """One PPO iteration's shape. Defaults describe a GPU run (bf16); for a CPU run use device cpu, dtype fp32."""
 
     mode: str = "hydra"  # full | lora | j-hydra | hydra (DESIGN.md, "The four modes")
@@ -261,6 +268,10 @@ class EstimateSettings:
         if self.minibatch_size is not None and self.minibatch_size > self.batch_size:
             raise ValueError(f"minibatch_size ({self.minibatch_size}) must not exceed batch_size ({self.batch_size}): "
                              "a minibatch is a slice of the batch")
+        self.check_levers()
+        if self.adapter_dtype == "compute" and self.dtype == "fp16":
+            raise ValueError("adapter_dtype compute with an fp16 base would train fp16 weights without loss scaling; "
+                             "use --adapter-dtype float32 with --dtype fp16")
         if self.mode == "full" and self.quant != "none":
             raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {self.quant} "
                              "bitsandbytes base cannot (its weights are frozen); use --quant none, or mode "
@@ -274,6 +285,21 @@ class EstimateSettings:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per LoRA element (weights, gradients, torch AdamW states): fp32, or the compute dtype."""
+        return self.dtype_bytes if self.adapter_dtype == "compute" else 4
+
+    @property
+    def offload(self) -> bool:
+        """Whether saved activations leave the device (CUDA only, as in the toolkit)."""
+        return self.activation_offload and self.device == "cuda"
+
+    def logit_tokens(self, rows: int) -> int:
+        """Response tokens whose vocab-sized logits exist at once: all of ``rows`` x G, or one chunk."""
+        whole = rows * self.gen_len
+        return min(whole, self.logprob_chunk_size) if self.logprob_chunk_size else whole
 
     @property
     def micro_batch(self) -> int:
@@ -317,11 +343,36 @@ def trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     """Bytes of the trainable parameters: LoRA adapters and the value head (fp32), or, in full mode, the whole
     policy and critic (in the compute dtype) plus the value head; critic-free objectives have no critic part.
     Gradients and each AdamW state match it."""
-    layout = s.layout
-    value_head = 4 * (shape.hidden_size + 1) * layout["value_heads"]
+    return sum(numel * element_bytes * count for numel, element_bytes, count in trainable_tensors(shape, s))
+
+
+def trainable_tensors(shape: ModelShape, s: EstimateSettings) -> list[tuple[int, int, int]]:
+    """(elements, bytes per element, how many) of every trainable tensor: each adapter's A (r x in) and B (out x
+    r) per linear and layer, or every weight of each full-mode copy; and the value head's weight and bias."""
+    layout, h = s.layout, shape.hidden_size
+    heads = [(h, 4, layout["value_heads"]), (1, 4, layout["value_heads"])]
     if s.mode == "full":
-        return layout["full_copies"] * shape.num_params * s.dtype_bytes + value_head
-    return 4 * layout["adapters"] * shape.lora_params(s.lora_r) + value_head
+        copies, a = layout["full_copies"], s.dtype_bytes
+        lm_head = 0 if shape.tie_word_embeddings else 1
+        weights = [(i * o, a, copies * shape.num_layers) for i, o in shape.linear_shapes()]
+        weights += [(shape.vocab_size * h, a, copies * (1 + lm_head)), (h, a, copies * (2 * shape.num_layers + 1))]
+        return weights + heads
+    count = layout["adapters"] * shape.num_layers
+    lora = [(s.lora_r * size, s.adapter_bytes, count) for i, o in shape.linear_shapes() for size in (i, o)]
+    return lora + heads
+
+
+def optimizer_state_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """AdamW's exp_avg and exp_avg_sq. torch: the dtype of their parameter. bitsandbytes 8-bit: one byte per
+    element plus an fp32 absmax per 256-element block, for tensors of at least 4,096 elements; smaller ones keep
+    two fp32 states (its ``min_8bit_size``)."""
+    if s.optim == "adamw_torch":
+        return 2 * trainable_bytes(shape, s)
+    total = 0
+    for numel, _, count in trainable_tensors(shape, s):
+        per_tensor = 2 * 4 * numel if numel < BNB_MIN_8BIT_SIZE else 2 * (numel + 4 * math.ceil(numel / BNB_BLOCK))
+        total += count * per_tensor
+    return total
 
 
 def critic_trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
@@ -331,19 +382,19 @@ def critic_trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
         return 0
     if s.mode == "full":
         return shape.num_params * s.dtype_bytes + 4 * (shape.hidden_size + 1)
-    return 4 * shape.lora_params(s.lora_r) + 4 * (shape.hidden_size + 1)
+    return s.adapter_bytes * shape.lora_params(s.lora_r) + 4 * (shape.hidden_size + 1)
 
 
 def persistent_bytes(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     """What lives in every stage (from the second iteration on): weights, adapters + heads, AdamW states."""
     layout = s.layout
     heads = 1 + layout["value_heads"]  # the reward head, and the value head where there is a critic
-    adapters = 4 * layout["adapters"] * shape.lora_params(s.lora_r) + 4 * heads * (shape.hidden_size + 1)
+    adapters = s.adapter_bytes * layout["adapters"] * shape.lora_params(s.lora_r) + 4 * heads * (shape.hidden_size + 1)
     return {
         "weights": layout["base_copies"] * base_weight_bytes(shape, s),
         "adapters_heads": adapters,
         "gradients": 0,  # set to None after every optimizer step: only inside train (see train_phases)
-        "optimizer": 2 * trainable_bytes(shape, s),  # AdamW exp_avg and exp_avg_sq, dtype of their parameter
+        "optimizer": optimizer_state_bytes(shape, s),
     }
 
 
@@ -358,7 +409,7 @@ def kv_cache_bytes(shape: ModelShape, s: EstimateSettings, batch: int, length: i
 def nograd_layer_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
     """Peak inside one decoder layer of a no-grad forward; earlier layers' tensors are already freed."""
     per_token = NOGRAD_PER_TOKEN[0] * shape.hidden_size + NOGRAD_PER_TOKEN[1] * shape.intermediate_size
-    return tokens * per_token * (s.dtype_bytes + 4) // 2
+    return tokens * per_token * (s.dtype_bytes + s.adapter_bytes) // 2
 
 
 def mask_bytes(s: EstimateSettings, batch: int, length: int) -> int:
@@ -402,9 +453,10 @@ def _trainable_inputs_per_token(shape: ModelShape, s: EstimateSettings) -> int:
     h, q, i, a = shape.hidden_size, shape.q_dim, shape.intermediate_size, s.dtype_bytes
     if s.mode == "full":
         return a * (2 * h + i) + a * 2 * h
-    lora_inputs = 4 * (2 * h + i) if a == 4 else 4 * (5 * h + q + i)
+    ab = s.adapter_bytes  # adapters in the activations' dtype keep the tensors already there; fp32 ones, copies
+    lora_inputs = ab * (2 * h + i) if a == ab else ab * (5 * h + q + i)
     int8_inputs = a * (2 * h + i) if s.quant == "8bit" and a != 4 else 0
-    return lora_inputs + 4 * 7 * s.lora_r + int8_inputs
+    return lora_inputs + ab * 7 * s.lora_r + int8_inputs
 
 
 def graph_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
@@ -412,6 +464,8 @@ def graph_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
     checkpointing only each layer's input hidden states; plus the final norm's fp32 input and the final hidden
     states (the value head keeps a view of them)."""
     h, a = shape.hidden_size, s.dtype_bytes
+    if s.offload:  # everything saved for backward waits in host memory
+        return 0
     per_layer = tokens * h * a if s.gradient_checkpointing else layer_saved_bytes(shape, s, tokens)
     return shape.num_layers * per_layer + tokens * h * (4 + a)
 
@@ -419,13 +473,20 @@ def graph_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
 def backward_layer_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
     """Extra while back-propagating one layer: gradient buffers, plus (checkpointing) the recomputed layer."""
     grads = 4 * tokens * (BACKWARD_PER_TOKEN[0] * shape.hidden_size + BACKWARD_PER_TOKEN[1] * shape.intermediate_size)
-    recomputed = layer_saved_bytes(shape, s, tokens) if s.gradient_checkpointing else 0
+    # with checkpointing, the layer recomputed; with offload and no checkpointing, its saved tensors brought back
+    recomputed = layer_saved_bytes(shape, s, tokens) if s.gradient_checkpointing or s.offload else 0
     return grads + recomputed + dequant_bytes(shape, s)
 
 
-def logits_bytes(shape: ModelShape, rows: int, gen_len: int) -> int:
-    """One fp32 (rows, G, V) tensor: the LM head runs on the response positions only, then ``.float()``."""
-    return 4 * rows * gen_len * shape.vocab_size
+def logits_bytes(shape: ModelShape, s: EstimateSettings, rows: int) -> int:
+    """One fp32 (rows, G, V) tensor, or (chunk, V) with ``logprob_chunk_size``: the LM head runs on the response
+    positions only, then ``.float()``."""
+    return 4 * s.logit_tokens(rows) * shape.vocab_size
+
+
+def chunk_states_bytes(shape: ModelShape, s: EstimateSettings, rows: int) -> int:
+    """Chunked log-probs flatten the (rows, G, h) response states first: one copy (0 without chunks)."""
+    return rows * s.gen_len * shape.hidden_size * s.dtype_bytes if s.logprob_chunk_size else 0
 
 
 def experience_bytes(s: EstimateSettings) -> int:
@@ -457,7 +518,7 @@ def scoring_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     b, t, h, a = s.batch_size, s.seq_len, shape.hidden_size, s.dtype_bytes
     hidden = b * t * h * a
     layers = nograd_layer_bytes(shape, s, b * t) + mask_bytes(s, b, t) + dequant_bytes(shape, s) + hidden
-    head = hidden + SCORE_LOGITS_COPIES * logits_bytes(shape, b, s.gen_len)
+    head = hidden + SCORE_LOGITS_COPIES * logits_bytes(shape, s, b) + chunk_states_bytes(shape, s, b)
     return max(layers, head)
 
 
@@ -472,12 +533,14 @@ def train_phases(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     * optimizer_step: all gradients, plus AdamW's foreach temporary the size of the trainable set on CUDA, or
       of the largest trainable tensor on CPU (a loop over parameters).
     """
-    m, g = s.micro_batch, s.gen_len
+    m = s.micro_batch
     tokens = m * s.seq_len
-    graph, logits = graph_bytes(shape, s, tokens), logits_bytes(shape, m, g)
+    graph, logits = graph_bytes(shape, s, tokens), logits_bytes(shape, s, m)
     backward = backward_layer_bytes(shape, s, tokens)
+    # chunked: each chunk saves only its (flattened) states and recomputes its logits in backward
+    saved_logits = chunk_states_bytes(shape, s, m) if s.logprob_chunk_size else TRAIN_LOGITS_SAVED * logits
     return {
-        "backward_start": s.layout["train_graphs"] * graph + TRAIN_LOGITS_SAVED * logits + backward,
+        "backward_start": s.layout["train_graphs"] * graph + saved_logits + backward,
         "logits_backward": graph + TRAIN_LOGITS_BACKWARD * logits + critic_trainable_bytes(shape, s),
         "optimizer_step": trainable_bytes(shape, s) + optimizer_step_temporary(shape, s),
     }
@@ -493,11 +556,13 @@ def optimizer_step_temporary(shape: ModelShape, s: EstimateSettings) -> int:
     """AdamW's temporaries. CUDA (foreach): ``_foreach_sqrt(exp_avg_sqs)`` over every trainable tensor at once,
     then divided in place. CPU (a loop): ``exp_avg_sq.sqrt() / bias_correction`` for one tensor at a time, two
     copies of it, so the largest tensor counts: the embedding in full mode, else the largest LoRA matrix."""
+    if s.optim == "adamw_bnb_8bit":  # updates each tensor in place, in one kernel
+        return 0
     if s.device == "cuda":
         return trainable_bytes(shape, s)
     if s.mode == "full":
         return 2 * shape.vocab_size * shape.hidden_size * s.dtype_bytes
-    return 2 * 4 * s.lora_r * max(max(i, o) for i, o in shape.linear_shapes())
+    return 2 * s.adapter_bytes * s.lora_r * max(max(i, o) for i, o in shape.linear_shapes())
 
 
 def stage_activations(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
@@ -525,6 +590,7 @@ class Estimate:
     settings: EstimateSettings
     stage_breakdown: dict[str, dict[str, int]]  # stage -> category -> bytes at that stage's peak
     train_phases: dict[str, int]
+    host_bytes: int = 0  # pinned host memory holding the offloaded activations (activation_offload on CUDA)
 
     @property
     def stages(self) -> dict[str, int]:
@@ -558,6 +624,7 @@ class Estimate:
                        for name, peak in self.stages.items()},
             "breakdown": self.breakdown,
             "train_phases": self.train_phases,
+            "host_bytes": self.host_bytes,
         }
 
 
@@ -572,7 +639,14 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
             grads = phase_gradients(shape, settings)[max(phases, key=phases.get)]
             parts.update(gradients=grads, activations=activations - grads)
         breakdown[stage] = parts
-    return Estimate(shape, settings, breakdown, phases)
+    return Estimate(shape, settings, breakdown, phases, offloaded_bytes(shape, settings))
+
+
+def offloaded_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """What activation offload keeps in pinned host memory at the start of backward: every training graph."""
+    if not s.offload:
+        return 0
+    return s.layout["train_graphs"] * graph_bytes(shape, replace(s, activation_offload=False), s.micro_batch * s.seq_len)
 
 
 def largest_batch(shape: ModelShape, settings: EstimateSettings, budget_bytes: int, limit: int = 1 << 16) -> int:
@@ -627,6 +701,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="Compute dtype of the base.")
     parser.add_argument("--device", default="cuda", choices=DEVICES, help="Where it would run (cpu: use fp32).")
     parser.add_argument("--json", type=Path, help="Write the estimate here.")
+    add_lever_arguments(parser)
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -683,6 +758,7 @@ def settings_from_args(args: argparse.Namespace, mode: str, objective: str = "pp
         mode=mode, objective=objective, quant=args.quant, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
         prompt_len=args.prompt_len, gen_len=args.gen_len, lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
+        **levers_from_args(args),
     )
 
 
@@ -723,7 +799,16 @@ def _describe(s: EstimateSettings, objective: bool = True) -> str:
     checkpointing = "on" if s.gradient_checkpointing else "off"
     return (f"{f'Objective {s.objective}, b' if objective else 'B'}atch {s.batch_size} (minibatch {s.micro_batch}), "
             f"prompt {s.prompt_len} + gen {s.gen_len} tokens, "
-            f"{s.dtype}, quant {s.quant}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}.")
+            f"{s.dtype}, quant {s.quant}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}. "
+            f"Levers: {_describe_levers(s)}.")
+
+
+def _describe_levers(s: EstimateSettings) -> str:
+    on = [f"log-prob chunks of {s.logprob_chunk_size}" if s.logprob_chunk_size else "",
+          "8-bit AdamW" if s.optim == "adamw_bnb_8bit" else "",
+          ("activation offload" + ("" if s.offload else " (no effect on cpu)")) if s.activation_offload else "",
+          f"{s.dtype} adapters" if s.adapter_dtype == "compute" else ""]
+    return ", ".join(filter(None, on)) or "none"
 
 
 def _stage_table(estimates: dict):
@@ -775,6 +860,8 @@ def _verdict(mode: str, est: Estimate, rows: list[dict]) -> str:
     share = est.breakdown[est.dominant_category] / est.peak_bytes
     line = (f"{mode}: peak {gib(est.peak_bytes)} in '{est.peak_stage}', dominated by {est.dominant_category} "
             f"({share:.0%}).")
+    if est.host_bytes:
+        line += f" Activation offload holds {gib(est.host_bytes)} of pinned host memory (check the machine's RAM)."
     if not any(row["fits"] for row in rows):
         biggest = max(rows, key=lambda row: row["usable_bytes"])
         line += (f" [red]Fits none of the listed GPUs: {gib(-biggest['headroom_bytes'])} over the largest "

@@ -31,6 +31,7 @@ from torch import nn
 from .errors import check_choice, check_positive
 from .levers import ADAPTER_DTYPES, activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
 from .layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
+from .memory import storage_bytes
 from .models import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -391,8 +392,8 @@ class HydraModel(nn.Module):
     def base_copies(self) -> int:
         """How many copies of the base weights are in memory, counted from distinct parameter storages."""
         first_base = next(iter(self.bases.values()))
-        one_base = _distinct_storage_bytes(p for n, p in first_base.named_parameters() if "lora_" not in n)
-        return round(_distinct_storage_bytes(self.base_parameters()) / one_base)
+        one_base = storage_bytes(p for n, p in first_base.named_parameters() if "lora_" not in n)
+        return round(storage_bytes(self.base_parameters()) / one_base)
 
     def frozen_bases(self) -> dict[str, nn.Module]:
         """The base models whose weights must never change (the ones adapters sit on, or frozen copies)."""
@@ -549,12 +550,6 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
 def _with_prefix(state: dict, prefix: str) -> dict:
     """The entries of ``state`` under ``prefix``, with the prefix removed (one head out of a heads file)."""
     return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
-
-
-def _distinct_storage_bytes(params) -> int:
-    """Bytes of the distinct storages behind ``params`` (tied or shared weights count once)."""
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}
-    return sum(storages.values())
 
 
 def _hash_weights(model: nn.Module) -> str:

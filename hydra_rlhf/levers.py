@@ -20,16 +20,61 @@ run without them computes exactly what it always did.
 
 from __future__ import annotations
 
-import logging
+import argparse
 from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # torch loads when a lever runs: ``hydra-rlhf estimate`` reads the flags without it
+    import torch
+    from torch import nn
 
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # the names transformers' TrainingArguments.optim uses
 ADAPTER_DTYPES = ("float32", "compute")
+ALL_ON_CHUNK_SIZE = 256  # tokens per log-prob chunk when every lever is on: 256 x a 128k vocabulary is 128 MiB of fp32 logits
+
+
+@dataclass
+class Levers:
+    """The four levers, as ``hydra-rlhf profile`` and ``estimate`` take them (the recipes read the same keys from
+    HydraModelConfig and PPOConfig). Defaults: all off."""
+
+    logprob_chunk_size: int = 0
+    optim: str = "adamw_torch"
+    activation_offload: bool = False
+    adapter_dtype: str = "float32"
+
+    def check_levers(self) -> None:
+        from .errors import check_choice, check_positive
+
+        check_positive(self, "logprob_chunk_size", allow_zero=True)
+        check_choice("optim", self.optim, OPTIMIZERS)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+
+    def levers(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(Levers)}
+
+
+ALL_ON = Levers(ALL_ON_CHUNK_SIZE, "adamw_bnb_8bit", True, "compute")
+
+
+def add_lever_arguments(parser: argparse.ArgumentParser) -> None:
+    """The lever flags shared by ``hydra-rlhf profile`` and ``hydra-rlhf estimate``."""
+    parser.add_argument("--logprob-chunk-size", type=int, default=0, metavar="TOKENS",
+                        help=f"Log-probs over chunks of this many tokens, no whole logits (0: off; e.g. {ALL_ON_CHUNK_SIZE}).")
+    parser.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS, help="adamw_bnb_8bit: 8-bit AdamW states.")
+    parser.add_argument("--activation-offload", action=argparse.BooleanOptionalAction, default=False,
+                        help="CUDA: saved activations wait for backward in host memory.")
+    parser.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
+                        help="LoRA weights in fp32 or in the compute dtype (bf16 on a GPU).")
+    parser.add_argument("--all-levers", action="store_true", help="Every lever on (chunks of "
+                        f"{ALL_ON_CHUNK_SIZE} tokens, 8-bit AdamW, offload, adapters in the compute dtype).")
+
+
+def levers_from_args(args: argparse.Namespace) -> dict:
+    if args.all_levers:
+        return ALL_ON.levers()
+    return {f.name: getattr(args, f.name) for f in fields(Levers)}
 
 
 # ------------------------------------------------------------------------------------------------ log-probs
@@ -42,6 +87,7 @@ def response_logprobs(lm_head: nn.Module, states: torch.Tensor, tokens: torch.Te
     each recomputed in backward, so at most one chunk's logits exist at a time."""
     if not chunk_size:
         return _token_scores(lm_head, states, tokens, temperature, entropy)
+    import torch
     from torch.utils.checkpoint import checkpoint
 
     rows, width = tokens.shape
@@ -57,6 +103,7 @@ def _token_scores(lm_head: nn.Module, states: torch.Tensor, tokens: torch.Tensor
                   entropy: bool):
     """Log-probs of ``tokens`` (and the entropy, without grad) from one block of states. The entropy comes after
     the last tensor saved for backward, so a checkpoint's recomputation stops before it."""
+    import torch
     from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
     logits = lm_head(states).float() / temperature
@@ -72,6 +119,8 @@ def _token_scores(lm_head: nn.Module, states: torch.Tensor, tokens: torch.Tensor
 
 def make_optimizer(param_groups: list[dict], name: str, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over ``param_groups``: torch's, or bitsandbytes' 8-bit one (a clear error where it cannot run)."""
+    import torch
+
     if name == "adamw_torch":
         return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     if name != "adamw_bnb_8bit":
@@ -92,6 +141,8 @@ def activation_offload(enabled: bool, device: torch.device):
     when off or on a CPU, where host memory is the device's own."""
     if not enabled or device.type != "cuda":
         return nullcontext()
+    import torch
+
     return torch.autograd.graph.save_on_cpu(pin_memory=True)
 
 
@@ -100,6 +151,8 @@ def activation_offload(enabled: bool, device: torch.device):
 
 def adapter_torch_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype LoRA weights are kept in: fp32, or the compute dtype (refused for fp16: no loss scaling here)."""
+    import torch
+
     if name == "float32" or compute_dtype == torch.float32:
         return torch.float32
     if name != "compute":

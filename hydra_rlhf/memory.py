@@ -184,6 +184,18 @@ class MemoryProfiler:
             self._tracker = None
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (tied or shared weights count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def persistent_bytes(model, optimizer) -> int:
+    """What lives in every stage of a run: the model's weights, adapters and heads, and the optimizer's state."""
+    state = [value for entry in optimizer.state.values() for value in entry.values() if torch.is_tensor(value)]
+    return storage_bytes([*model.parameters(), *model.buffers(), *state])
+
+
 def summarize(history: list[dict[str, dict]]) -> dict[str, dict]:
     stages: dict[str, dict] = defaultdict(lambda: {"peak_bytes": 0, "delta_bytes": [], "seconds": []})
     for record in history:

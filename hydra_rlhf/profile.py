@@ -19,11 +19,12 @@ import torch
 from .hydra_model import HydraModel, HydraModelConfig
 from .errors import check_at_least_one
 from .layout import MODES, objective_info
-from .memory import summarize
+from .levers import Levers
+from .memory import persistent_bytes, summarize
 
 
 @dataclass
-class ProfileSettings:
+class ProfileSettings(Levers):
     model: str = "smollm2-135m"
     modes: list[str] = field(default_factory=lambda: list(MODES))
     objectives: list[str] = field(default_factory=lambda: ["ppo"])
@@ -36,12 +37,14 @@ class ProfileSettings:
     lora_r: int = 16
     prompts: str = "demo:train"
     seed: int = 0
+    measure_memory: bool = True  # False: time the iterations without the CPU's live-tensor accounting (slower)
 
     def __post_init__(self):
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"Unknown mode {unknown[0]!r}: use a comma-separated subset of {','.join(MODES)}.")
         check_at_least_one(self, "batch_size", "prompt_len", "gen_len", "iterations", "lora_r")
+        self.check_levers()
         for objective in self.objectives:
             k = objective_info(objective).default_samples_per_prompt
             if self.batch_size % k:
@@ -57,7 +60,9 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
     from .trainer import PPOTrainer
 
     model_config = HydraModelConfig(model_name_or_path=settings.model, mode=mode, quantization=settings.quantization,
-                                    gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r)
+                                    gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r,
+                                    logprob_chunk_size=settings.logprob_chunk_size,
+                                    activation_offload=settings.activation_offload, adapter_dtype=settings.adapter_dtype)
     with tempfile.TemporaryDirectory() as scratch:
         info = objective_info(objective)
         k = info.default_samples_per_prompt
@@ -66,8 +71,7 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
             batch_size=settings.batch_size // k, minibatch_size=info.train_rows(settings.batch_size // k, k), max_prompt_length=settings.prompt_len,
             pad_prompts_to_max_length=True, max_new_tokens=settings.gen_len,
             stop_at_eos=False, num_iterations=settings.iterations, ppo_epochs=1, save_every=0, save_final=False,
-            output_dir=scratch,
-            seed=settings.seed,
+            output_dir=scratch, seed=settings.seed, optim=settings.optim, profile_memory=settings.measure_memory,
         )
         model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed, critic=info.critic)
         fingerprint = model.frozen_fingerprint()
@@ -79,7 +83,8 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
         trainer.profiler.close()
         stages = summarize(trainer.profiler.history)
         result = {
-            "peak_bytes": max(s["peak_bytes"] for s in stages.values()),
+            "peak_bytes": max((s["peak_bytes"] for s in stages.values()), default=None),
+            "persistent_bytes": persistent_bytes(model, trainer.optimizer),
             "base_copies": model.base_copies(),
             "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
             "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
@@ -107,7 +112,7 @@ def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, 
         mode=mode, objective=objective, quant=settings.quantization, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
         gen_len=settings.gen_len, lora_r=settings.lora_r, gradient_checkpointing=settings.gradient_checkpointing,
         dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
-        padded_prompts=shortest < settings.prompt_len,
+        padded_prompts=shortest < settings.prompt_len, **settings.levers(),
     )
 
 

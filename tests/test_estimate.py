@@ -142,6 +142,50 @@ def test_matches_the_profiler_live_on_smollm2():
             assert predicted[stage] == pytest.approx(value, rel=0.05), (run, stage)  # the issue allows 15%
 
 
+def test_each_memory_lever_cuts_what_it_claims():
+    from hydra_rlhf.estimate import logits_bytes, optimizer_state_bytes, trainable_bytes
+
+    shape = load_preset("llama-3.1-8b")
+    base = EstimateSettings(quant="4bit", batch_size=8, gradient_checkpointing=True)
+    # 8-bit AdamW: one byte per state element (+ an fp32 absmax per 256), against 4 for fp32 adapters
+    eight_bit = replace(base, optim="adamw_bnb_8bit")
+    lora_elements = trainable_bytes(shape, base) / 4
+    assert optimizer_state_bytes(shape, eight_bit) == pytest.approx(2 * lora_elements * (1 + 4 / 256), rel=1e-3)
+    assert optimizer_state_bytes(shape, base) == 8 * lora_elements
+    # adapters in bf16: adapters, their gradients and torch AdamW states halve; the heads stay fp32
+    bf16 = replace(base, adapter_dtype="compute")
+    for part in ("optimizer", "adapters_heads"):
+        assert persistent_bytes(shape, bf16)[part] == pytest.approx(persistent_bytes(shape, base)[part] / 2, rel=1e-3)
+    with pytest.raises(ValueError, match="fp16 base"):
+        replace(base, dtype="fp16", adapter_dtype="compute")
+    # chunked log-probs: one chunk's logits instead of the minibatch's
+    chunked = replace(base, logprob_chunk_size=256)
+    assert logits_bytes(shape, chunked, 8) == 4 * 256 * shape.vocab_size == logits_bytes(shape, base, 8) // 8 // 256 * 256
+    assert estimate(shape, chunked).stages["train"] < estimate(shape, base).stages["train"]
+    assert estimate(shape, chunked).stages["score_frozen"] < estimate(shape, base).stages["score_frozen"]
+    # activation offload: the checkpointed inputs leave the GPU (and are counted in host memory); no effect on CPU
+    offload = replace(base, activation_offload=True)
+    assert estimate(shape, offload).stages["train"] < estimate(shape, base).stages["train"]
+    assert estimate(shape, offload).host_bytes > 0 == estimate(shape, base).host_bytes
+    cpu = replace(base, device="cpu", dtype="fp32")
+    assert estimate(shape, replace(cpu, activation_offload=True)).stages == estimate(shape, cpu).stages
+
+
+def test_every_lever_on_fits_70b_on_a_48gb_card_and_8b_in_8_gib():
+    from hydra_rlhf.levers import ALL_ON
+
+    setting = EstimateSettings(quant="4bit", prompt_len=256, gen_len=256, lora_r=16, gradient_checkpointing=True,
+                               **ALL_ON.levers())
+    big = estimate(load_preset("llama-3.1-70b"), replace(setting, batch_size=4))
+    small = estimate(load_preset("llama-3.1-8b"), replace(setting, batch_size=8))
+    assert big.peak_bytes <= 44 * (1 << 30) and small.peak_bytes <= 8 * (1 << 30)
+    levers_off = estimate(load_preset("llama-3.1-70b"), EstimateSettings(quant="4bit", batch_size=4, prompt_len=256,
+                                                                         gen_len=256, gradient_checkpointing=True))
+    assert levers_off.peak_bytes > 48 * (1 << 30)  # the issue's 49.2 GiB
+    l40s = next(gpu for gpu in GPUS if gpu.name.startswith("L40S"))
+    assert big.peak_bytes <= l40s.usable_bytes < levers_off.peak_bytes
+
+
 def test_critic_free_objectives_drop_the_critic_state():
     shape = load_preset("llama-3.1-8b")
     ppo, grpo = (estimate(shape, EstimateSettings(objective=o, quant="4bit")) for o in ("ppo", "grpo"))
@@ -249,12 +293,18 @@ def test_importing_the_estimator_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_paper_benchmark_runs():
-    result = subprocess.run([sys.executable, "benchmarks/paper_memory.py"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, check=False)
+def test_paper_benchmark_runs(tmp_path):
+    out = tmp_path / "paper.json"
+    result = subprocess.run([sys.executable, "benchmarks/paper_memory.py", "--json", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    for expected in ("Llama-2-7B", "hydra/full", "Largest batch", "llama-3.1-8b", "llama-3.1-70b"):
+    for expected in ("Llama-2-7B", "hydra/full", "Largest batch", "llama-3.1-8b", "llama-3.1-70b", "Memory levers"):
         assert expected in result.stdout
+    data = json.loads(out.read_text())
+    assert data["llama-3.1-8b_bs8_gib"] <= 8 and data["llama-3.1-70b_bs4_gib"] <= 44
+    seventy = data["llama-3.1-70b"]
+    assert seventy["levers_off_gib"] > seventy["levers_on_gib"] == data["llama-3.1-70b_bs4_gib"]
+    assert seventy["largest_batch"]["off"]["L40S 48GB"] == 0 < seventy["largest_batch"]["on"]["L40S 48GB"]
 
 
 def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_file, tmp_path):
