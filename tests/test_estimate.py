@@ -91,7 +91,7 @@ def test_largest_batch_fits_and_the_next_does_not():
     assert largest_batch(shape, settings, 1 << 30) == 0  # not even the weights fit
 
 
-def profiled_and_estimated(model: str, prompts: str, runs: list[tuple]) -> list[tuple[dict, dict]]:
+def profiled_and_estimated(model: str, prompts: str, runs: list[tuple], **levers) -> list[tuple[dict, dict]]:
     """Profile each (mode, objective, batch, prompt_len, gen_len, checkpointing) with the toolkit's own profiler,
     live, and estimate the same iteration from the model's config: [(measured stages, estimated stages)]."""
     from hydra_rlhf.data import load_prompts
@@ -106,7 +106,7 @@ def profiled_and_estimated(model: str, prompts: str, runs: list[tuple]) -> list[
     for mode, objective, batch, prompt_len, gen_len, checkpointing in runs:
         settings = ProfileSettings(model=model, prompts=prompts, modes=[mode], objectives=[objective], batch_size=batch,
                                    prompt_len=prompt_len, gen_len=gen_len, gradient_checkpointing=checkpointing,
-                                   lora_r=4 if "tiny" in model else 16)
+                                   lora_r=4 if "tiny" in model else 16, **levers)
         measured = profile_mode(mode, settings, tokenizer, rows, accelerator, objective)["stages"]
         predicted = estimate(shape, matching_estimate(mode, settings, tokenizer, rows, "cpu", objective)).stages
         found.append(({k: v["peak_bytes"] for k, v in measured.items()}, predicted))
@@ -131,6 +131,19 @@ def test_matches_the_profiler_live_for_critic_and_critic_free_objectives(tiny_mo
     # (at tiny sizes the vocabulary-sized logits set the train peak, so the saving is the critic's parameters and
     # their AdamW states, about 100 KB: predicted within 0.1% of the stage)
     assert saved > 0 and predicted_saving == pytest.approx(saved, abs=0.001 * ppo_measured["train"])
+
+
+def test_matches_the_profiler_live_with_the_levers_on(tiny_model, prompts_file):
+    # chunked log-probs and 8-bit AdamW (the levers that act on a CPU), at two batch sizes; the tiny model's
+    # vocabulary-sized logits dominate its train stage, so chunking changes it several-fold
+    runs = [("hydra", "ppo", 8, 32, 16, True), ("hydra", "ppo", 4, 32, 16, True)]
+    plain = profiled_and_estimated(tiny_model, str(prompts_file), runs[:1])
+    levered = profiled_and_estimated(tiny_model, str(prompts_file), runs, logprob_chunk_size=16, optim="adamw_bnb_8bit")
+    for run, (measured, predicted) in zip(runs, levered):
+        for stage, value in measured.items():
+            tolerance = 0.05 if stage in ("train", "advantages", "log") else 0.25
+            assert predicted[stage] == pytest.approx(value, rel=tolerance), (run, stage)
+    assert levered[0][0]["train"] < 0.6 * plain[0][0]["train"]  # measured: chunks of 16 tokens against 8 x 16
 
 
 @pytest.mark.slow

@@ -119,6 +119,9 @@ def test_memory_notebook_estimates_and_profiles_the_four_modes(tmp_path, monkeyp
     assert (run_dir / "profile.png").is_file()
     assert "estimate / measured" in text
     assert re.search(r"train-stage peak without the critic: .* less\)", text)
+    assert "gradient checkpointing" in text and "largest batch on my GPU" in text  # sections 5: ratios, levers
+    cut = re.search(r"all levers: (-?\d+)% less above the persistent bytes", text)
+    assert cut and int(cut.group(1)) > 20, text[-2000:]
 
 
 def refresh(paths: list[Path]) -> None:
