@@ -46,6 +46,13 @@ class PPOConfig:
     stop_at_eos: bool = field(default=True, metadata={"help": "End a response at the EOS token."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the reward of "
                                                                       "responses cut off before EOS."})
+    fusion: bool = field(default=False, metadata={
+        "help": "Sample-level fusion: a finished response leaves the decode batch at once and is scored (reference, "
+                "reward, actor, critic) while the longest ones still decode; training micro-batches are bucketed by "
+                "length. Same results, less computed padding (hydra_rlhf/fusion.py)."})
+    fusion_tail_fraction: float = field(default=0.2, metadata={
+        "help": "fusion: finished responses are scored in chunks of this share of the batch; once no more than that "
+                "share is still decoding (the tail), each is scored right after the step it finished in."})
     # --- rewards and KL
     kl_coef: float = field(default=0.05, metadata={"help": "Initial KL coefficient: ppo, a per-token reward penalty; "
                                                       "rloo, a penalty on the sequence reward; grpo, the weight of the "
@@ -123,6 +130,8 @@ class PPOConfig:
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
                            "num_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
                            "eval_max_new_tokens", "max_nonfinite_in_a_row")
+        if not 0 < self.fusion_tail_fraction <= 1:
+            raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

@@ -34,21 +34,22 @@ class FusionStats:
     rows_computed: int = 0  # rows in the forward of every decode step, summed (the prefill counts once per row)
     rows_live: int = 0  # rows still decoding at each step, summed: equal to rows_computed when rows retire
     scoring_chunks: int = 0
-    scored_tokens: int = 0  # response positions the scoring passes computed (chunks padded to their longest)
-    response_tokens: int = 0  # real response tokens
+    scored_positions: int = 0  # (prompt + response) positions the scoring passes computed, per pass
+    real_positions: int = 0  # of which real tokens (the rest is padding)
     chunk_sizes: list[int] = field(default_factory=list)
 
-    def unfused(self, lengths: torch.Tensor) -> dict[str, int]:
-        """The same counts for ``generate`` + whole-batch scoring of responses of these lengths."""
-        steps = int(lengths.max())
-        return {"rows_computed": len(lengths) * steps, "rows_live": int(lengths.sum()),
-                "scored_tokens": len(lengths) * steps}
+    @staticmethod
+    def unfused(rollout: Rollout) -> dict[str, int]:
+        """The same counts for ``generate`` + whole-batch scoring of the same samples."""
+        lengths = rollout.response_mask.sum(-1)
+        return {"rows_computed": len(lengths) * int(lengths.max()), "rows_live": int(lengths.sum()),
+                "scored_positions": rollout.attention_mask.numel()}
 
     def metrics(self) -> dict[str, float]:
         return {"fusion/decode_rows_computed": float(self.rows_computed),
                 "fusion/decode_rows_live": float(self.rows_live),
                 "fusion/scoring_chunks": float(self.scoring_chunks),
-                "fusion/score_padded_fraction": 1 - self.response_tokens / max(self.scored_tokens, 1)}
+                "score/padded_fraction": 1 - self.real_positions / max(self.scored_positions, 1)}
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
@@ -136,8 +137,8 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         score_policy(model, chunk, temperature)
         stats.scoring_chunks += 1
         stats.chunk_sizes.append(len(rows))
-        stats.scored_tokens += chunk.response_mask.numel()
-        stats.response_tokens += int(chunk.response_mask.sum())
+        stats.scored_positions += chunk.attention_mask.numel()
+        stats.real_positions += int(chunk.attention_mask.sum())
         scored.append((rows, chunk))
         pending_rows.clear()
         pending_responses.clear()

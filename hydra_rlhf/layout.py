@@ -26,6 +26,16 @@ FULL = "<full>"  # a role served by a whole trainable model, no adapter
 # One PPO-style iteration, in order; each is a memory-profiler stage. ``advantages`` is where an objective turns
 # the scored rollout into its targets (GAE, group baselines, or chosen/rejected pairs).
 STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "log")
+# With sample-level fusion (``fusion: true``) the first three overlap: rows are scored while others still decode.
+# They are profiled as one stage, this one, in their place.
+FUSED_STAGE = "generate+score"
+FUSED = ("generate", "score_frozen", "score_policy")
+STAGE_ORDER = ("generate", FUSED_STAGE, "score_frozen", "score_policy", "advantages", "train", "log")
+
+
+def iteration_stages(fusion: bool = False) -> tuple[str, ...]:
+    """The profiler stages of one iteration, fused or not."""
+    return (FUSED_STAGE, *STAGES[len(FUSED):]) if fusion else STAGES
 
 _PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
     "full": {"policy": ("policy", FULL), "reference": ("reference", None), "reward": ("reward", None),

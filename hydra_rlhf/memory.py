@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .layout import STAGES
+from .layout import STAGE_ORDER
 
 CPU_MEASURE = "live tensor-storage bytes (TorchDispatchMode accounting); peak RSS alongside"
 CUDA_MEASURE = "torch.cuda max_memory_allocated, peak reset per stage"
@@ -204,7 +204,7 @@ def summarize(history: list[dict[str, dict]]) -> dict[str, dict]:
             entry["peak_bytes"] = max(entry["peak_bytes"], values["peak_bytes"])
             entry["delta_bytes"].append(values["delta_bytes"])
             entry["seconds"].append(values.get("seconds", 0.0))
-    ordered = sorted(stages, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+    ordered = sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
     return {
         name: {"peak_bytes": stages[name]["peak_bytes"],
                "delta_bytes": round(sum(stages[name]["delta_bytes"]) / len(stages[name]["delta_bytes"])),

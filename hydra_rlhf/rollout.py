@@ -42,6 +42,25 @@ class Rollout:
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len :]
 
+    def trimmed(self) -> "Rollout":
+        """The same rows without the columns that are padding in every one of them (the left of the prompts, the
+        right of the responses): what a length-bucketed micro-batch computes. Equal results, causally."""
+        first = int(self.attention_mask[:, : self.prompt_len].any(0).long().argmax())
+        width = max(int(self.response_mask.sum(-1).max()), 1)
+        trimmed = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and f.name in ("input_ids", "attention_mask"):
+                value = value[:, first : self.prompt_len + width]
+            elif isinstance(value, torch.Tensor) and value.dim() == 2:  # (B, R) response tensors
+                value = value[:, :width]
+            trimmed[f.name] = value
+        return Rollout(**{**trimmed, "prompt_len": self.prompt_len - first})
+
+    def padded_fraction(self) -> float:
+        """The share of the (B, P + R) positions a forward over this batch computes that are padding."""
+        return 1 - float(self.attention_mask.sum()) / max(self.attention_mask.numel(), 1)
+
     def select(self, index: torch.Tensor) -> "Rollout":
         """The rows ``index`` of every per-sample tensor (a minibatch)."""
         picked = {}

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import ppo_math
+from . import fusion, ppo_math
 from . import rollout as experience
 from .checkpoints import CHECKPOINT_PREFIX, clean_staging, latest_intact_checkpoint, write_atomically
 from .data import encode_prompts, left_pad
 from .errors import Interrupted, NonFiniteError
+from .layout import FUSED_STAGE
 from .levers import make_optimizer
 from .memory import MemoryProfiler
 from .objectives import base as objective_base, make_objective
@@ -158,18 +159,22 @@ class PPOTrainer:
         torch.manual_seed(self._seed("sample"))  # a function of (seed, iteration, rank): resumes reproduce it
         started = time.perf_counter()
 
-        # step 1. generate: the actor samples k responses for each prompt of a batch
-        with stage("generate"):
-            prompt_ids, prompt_mask = self._next_prompts()
-            model.eval()
-            rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
-                                          samples_per_prompt=config.samples_per_prompt)
-        # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
-        with stage("score_frozen"):
-            experience.score_frozen(model, rollout, config.temperature, self.tokenizer.eos_token_id)
-        # step 3. score_policy: the actor's log-probs at sampling time, and the critic's values (PPO only)
-        with stage("score_policy"):
-            experience.score_policy(model, rollout, config.temperature)
+        if config.fusion:  # steps 1-3 overlap: finished responses are scored while the longest still decode
+            with stage(FUSED_STAGE):
+                rollout = self._fused_experience()
+        else:
+            # step 1. generate: the actor samples k responses for each prompt of a batch
+            with stage("generate"):
+                prompt_ids, prompt_mask = self._next_prompts()
+                model.eval()
+                rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs,
+                                              self.eos_token_ids, samples_per_prompt=config.samples_per_prompt)
+            # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
+            with stage("score_frozen"):
+                experience.score_frozen(model, rollout, config.temperature, self.tokenizer.eos_token_id)
+            # step 3. score_policy: the actor's log-probs at sampling time, and the critic's values (PPO only)
+            with stage("score_policy"):
+                experience.score_policy(model, rollout, config.temperature)
         # step 4. advantages: the objective's targets (GAE, group baselines, or chosen/rejected pairs)
         with stage("advantages"):
             batch = self.objective.targets(rollout, self.kl_controller.value, self.moments)
@@ -206,10 +211,14 @@ class PPOTrainer:
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(batch.input_ids) // unit, generator=generator)
             for units in order.split(config.minibatch_size // unit):
+                if config.fusion:  # length-bucketed micro-batches: the longest units together
+                    units = units[batch.response_mask.sum(-1).view(-1, unit).amax(-1)[units].argsort(descending=True)]
                 rows = (units[:, None] * unit + torch.arange(unit)).flatten()
                 normalizer = objective.normalizer(batch.response_mask[rows])
                 for micro in rows.split(micro_size):
-                    objective.loss(self.model, batch.select(micro), normalizer, stats).backward()
+                    micro_batch = batch.select(micro).trimmed() if config.fusion else batch.select(micro)
+                    stats["train/padded_fraction"].append(micro_batch.padded_fraction())
+                    objective.loss(self.model, micro_batch, normalizer, stats).backward()
                 skipped += not self._optimizer_step(stats)
         summary = {key: sum(values) / len(values) for key, values in stats.items()}
         summary["train/skipped_nonfinite_updates"] = float(skipped)
@@ -235,6 +244,15 @@ class PPOTrainer:
         return True
 
     # ------------------------------------------------------------------------------------------- helpers
+
+    def _fused_experience(self) -> experience.Rollout:
+        """Stages 1-3 through ``fusion.fused_rollout``; its counts go to the iteration's metrics."""
+        prompt_ids, prompt_mask = self._next_prompts()
+        self.model.eval()
+        self.fusion_stats = fusion.FusionStats()
+        return fusion.fused_rollout(self.model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
+                                    self.config.temperature, self.tokenizer.eos_token_id,
+                                    self.config.fusion_tail_fraction, self.config.samples_per_prompt, self.fusion_stats)
 
     def _seed(self, purpose: str) -> int:
         offset = {"sample": 0, "shuffle": 1}[purpose]
@@ -268,6 +286,10 @@ class PPOTrainer:
             "response/eos_fraction": rollout.has_eos.float().mean(),
         }
         local = {k: float(v) for k, v in local.items()}
+        if self.config.fusion:
+            local.update(self.fusion_stats.metrics())
+        else:  # the scoring passes compute every row at the batch's full width
+            local["score/padded_fraction"] = rollout.padded_fraction()
         local.update(objective_base.group_stats(rollout.raw_scores, rollout.group_size))
         local.update(self.objective.metrics(batch))
         local.update(stats)

@@ -70,9 +70,10 @@ def test_greedy_fusion_gives_generates_tokens_and_the_stages_scores(varied_model
     assert (fused.values is None) == (not critic)
     # retired rows were not computed: decode rows equal live rows, fewer than generate's batch x steps
     assert stats.rows_computed == stats.rows_live == int(lengths.sum())
-    assert stats.rows_computed < stats.unfused(lengths)["rows_computed"]
+    assert stats.rows_computed < stats.unfused(reference)["rows_computed"]
     assert stats.scoring_chunks >= 2 and sum(stats.chunk_sizes) == len(ids)
-    assert stats.scored_tokens < stats.unfused(lengths)["scored_tokens"]  # chunks carry less padding
+    assert stats.real_positions == int(reference.attention_mask.sum())
+    assert stats.scored_positions < stats.unfused(reference)["scored_positions"]  # chunks carry less padding
     assert model.plan["policy"][1] == model.bases["shared"].active_adapter  # the adapter state is restored
 
 
@@ -109,3 +110,60 @@ def test_sampling_draws_from_generates_distribution():
     dropped = [i for i in range(len(probs)) if i not in kept.tolist()]
     assert dropped and observed[dropped].sum() == 0  # top-p cut the tail
     assert sample_next(logits, False, temperature, top_p).item() == 0  # greedy: the argmax
+
+
+def test_a_trimmed_micro_batch_gives_the_same_loss_and_gradients(varied_model, tokenizer):
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.objectives import make_objective
+    from hydra_rlhf.ppo_math import RunningMoments
+
+    model = make(varied_model)
+    ids, mask = prompts(tokenizer)
+    eos = frequent_tokens(model, ids, mask, tokenizer, 12)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    objective = make_objective(PPOConfig(batch_size=6, minibatch_size=6))
+    batch = objective.targets(fused_rollout(model, ids, mask, kwargs, eos, 1.0, eos[0]), 0.05, RunningMoments())
+    short = batch.response_mask.sum(-1).argsort()[:3]  # the three shortest responses: most columns are padding
+    results = []
+    for micro in (batch.select(short), batch.select(short).trimmed()):
+        model.zero_grad()
+        model.train()
+        loss = objective.loss(model, micro, micro.response_mask.sum(), _Stats())
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None]))
+    trimmed = batch.select(short).trimmed()
+    assert trimmed.input_ids.shape[1] < batch.input_ids.shape[1] and trimmed.padded_fraction() < batch.padded_fraction()
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+
+class _Stats(dict):
+    def __missing__(self, key):
+        self[key] = []
+        return self[key]
+
+
+@pytest.mark.parametrize("objective", ["ppo", "rloo", "grpo", "online_dpo"])
+def test_every_objective_trains_with_fusion(tiny_model, tokenizer, prompts_file, tmp_path, objective):
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.data import load_prompts
+    from hydra_rlhf.layout import FUSED_STAGE, objective_info
+    from hydra_rlhf.trainer import PPOTrainer
+
+    info = objective_info(objective)
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4), critic=info.critic)
+    config = PPOConfig(objective=objective, prompts_path=str(prompts_file), eval_prompts_path=None, batch_size=4,
+                       minibatch_size=4, gradient_accumulation_steps=2, max_new_tokens=6, num_iterations=1,
+                       save_every=0, save_final=False, output_dir=str(tmp_path), fusion=True)
+    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    try:
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+        metrics = trainer.step()
+    finally:
+        trainer.profiler.close()
+    assert metrics["response/count"] == 4 * config.samples_per_prompt
+    for key in ("fusion/decode_rows_computed", "fusion/scoring_chunks", "score/padded_fraction", "train/padded_fraction"):
+        assert key in metrics, key
+    assert metrics["fusion/decode_rows_computed"] == metrics["fusion/decode_rows_live"]
+    assert set(trainer.profiler.history[0]) == {FUSED_STAGE, "advantages", "train", "log"}
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # it learned
