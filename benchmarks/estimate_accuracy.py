@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hydra_rlhf.data import load_prompts
-from hydra_rlhf.estimate import STAGES, ModelShape, estimate
+from hydra_rlhf.estimate import ModelShape, estimate
 from hydra_rlhf.levers import add_lever_arguments, levers_from_args
 from hydra_rlhf.memory import format_bytes
 from hydra_rlhf.models import load_tokenizer, resolve_model
@@ -51,7 +51,7 @@ def compare(shape, run: ProfileSettings, measured: dict, tokenizer, prompts, dev
     print(f"\n{mode}, {objective}, batch {run.batch_size}, prompt {run.prompt_len} + gen {run.gen_len} "
           f"(padded prompts: {settings.padded_prompts}; levers: {run.levers()})")
     stages = {}
-    for stage in STAGES:
+    for stage in predicted:
         got, want = predicted[stage], measured["stages"][stage]["peak_bytes"]
         stages[stage] = {"estimated_bytes": got, "measured_bytes": want, "relative_error": got / want - 1}
         print(f"  {stage:13s} estimate {format_bytes(got):>10s}  measured {format_bytes(want):>10s}  {got / want - 1:+6.1%}")

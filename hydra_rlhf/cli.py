@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     profile.add_argument("--lora-r", type=positive_int, default=16)
     profile.add_argument("--prompts", default="demo:train", help="Prompt source (bundled name or file).")
+    profile.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
+                         help="Sample-level fusion: generation and scoring as one stage (generate+score).")
     add_lever_arguments(profile)
     profile.add_argument("--json", type=Path, help="Write the results here.")
     profile.add_argument("--plot", type=Path, help="PNG bar chart (default: next to --json, or profile.png).")
@@ -92,7 +94,7 @@ def run_profile(args) -> int:
                                batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
                                iterations=args.iterations, quantization=args.quant,
                                gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                               prompts=args.prompts, **levers_from_args(args))
+                               prompts=args.prompts, fusion=args.fusion, **levers_from_args(args))
     results = profile(settings, progress=lambda mode: console.print(f"[bold]profiling {mode}[/bold] ..."))
     modes = results["modes"]
     console.print(stage_table({m: r["stages"] for m, r in modes.items()}, title="PPO memory per stage, by mode"))

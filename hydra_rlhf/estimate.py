@@ -51,7 +51,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .layout import MODES, OBJECTIVES, STAGES, counts, objective_info, role_plan
+from .layout import FUSED_STAGE, MODES, OBJECTIVES, counts, objective_info, role_plan
 from .levers import Levers, add_lever_arguments, levers_from_args
 
 QUANTS = ("none", "8bit", "4bit")
@@ -253,6 +253,8 @@ class EstimateSettings(Levers):
     dtype: str = "bf16"  # compute dtype of the base: fp32 | bf16 | fp16
     device: str = "cuda"  # cuda: AdamW uses foreach kernels (one parameter-sized temporary); cpu: per tensor
     padded_prompts: bool = True  # prompts of unequal length -> an attention mask -> k, v repeated to all heads
+    fusion: bool = False  # generation and scoring as one stage, retired rows scored in chunks (fusion.py)
+    fusion_tail_fraction: float = 0.2  # the chunk: this share of the batch
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -269,6 +271,8 @@ class EstimateSettings(Levers):
             raise ValueError(f"minibatch_size ({self.minibatch_size}) must not exceed batch_size ({self.batch_size}): "
                              "a minibatch is a slice of the batch")
         self.check_levers()
+        if not 0 < self.fusion_tail_fraction <= 1:
+            raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}")
         if self.adapter_dtype == "compute" and self.dtype == "fp16":
             raise ValueError("adapter_dtype compute with an fp16 base would train fp16 weights without loss scaling; "
                              "use --adapter-dtype float32 with --dtype fp16")
@@ -522,6 +526,16 @@ def scoring_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     return max(layers, head)
 
 
+def fused_experience_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """Generation and scoring fused (``fusion``): the largest of decoding; a chunk of ``fusion_tail_fraction`` x B
+    retired rows scored while the KV cache of the rows still decoding (at most the batch's, at full length) is
+    alive; and the whole batch scored at once, the cache freed, when every row ends in the same step (all cut at
+    the length cap, as in the profiler)."""
+    chunk = replace(s, batch_size=max(1, math.ceil(s.fusion_tail_fraction * s.batch_size)))
+    return max(generate_bytes(shape, s), scoring_bytes(shape, s),
+               kv_cache_bytes(shape, s, s.batch_size, s.seq_len) + scoring_bytes(shape, chunk))
+
+
 def train_phases(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     """Bytes above the persistent state in the three candidate peaks of one training minibatch.
 
@@ -569,10 +583,13 @@ def stage_activations(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     """Bytes above the persistent state at each stage's peak (the rollout included from generate on)."""
     rollout = experience_bytes(s)
     small = 8 * 4 * s.batch_size * s.gen_len  # a few (B, G) fp32 temporaries: GAE, whitening, metrics
+    if s.fusion:
+        experience = {FUSED_STAGE: fused_experience_bytes(shape, s) + rollout}
+    else:
+        experience = {"generate": generate_bytes(shape, s) + rollout, "score_frozen": scoring_bytes(shape, s) + rollout,
+                      "score_policy": scoring_bytes(shape, s) + rollout}
     return {
-        "generate": generate_bytes(shape, s) + rollout,
-        "score_frozen": scoring_bytes(shape, s) + rollout,
-        "score_policy": scoring_bytes(shape, s) + rollout,
+        **experience,
         "advantages": rollout + small,
         "train": max(train_phases(shape, s).values()) + rollout,
         "log": rollout + small,
@@ -701,6 +718,8 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="Compute dtype of the base.")
     parser.add_argument("--device", default="cuda", choices=DEVICES, help="Where it would run (cpu: use fp32).")
     parser.add_argument("--json", type=Path, help="Write the estimate here.")
+    parser.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
+                        help="Sample-level fusion: generation and scoring as one stage (generate+score).")
     add_lever_arguments(parser)
 
 
@@ -758,7 +777,7 @@ def settings_from_args(args: argparse.Namespace, mode: str, objective: str = "pp
         mode=mode, objective=objective, quant=args.quant, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
         prompt_len=args.prompt_len, gen_len=args.gen_len, lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
-        **levers_from_args(args),
+        fusion=args.fusion, **levers_from_args(args),
     )
 
 
@@ -818,9 +837,13 @@ def _stage_table(estimates: dict):
     table.add_column("stage")
     for mode in estimates:
         table.add_column(mode, justify="right")
-    for stage in STAGES:
+    stages = list(dict.fromkeys(stage for est in estimates.values() for stage in est.stages))
+    for stage in stages:
         cells = []
         for est in estimates.values():
+            if stage not in est.stages:
+                cells.append("-")
+                continue
             text = gib(est.stages[stage])
             cells.append(f"[bold]{text} <- peak[/bold]" if stage == est.peak_stage else text)
         table.add_row(stage, *cells)

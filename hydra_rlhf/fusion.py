@@ -96,15 +96,16 @@ def decode(causal_lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_n
         tokens = sample_next(logits, do_sample, temperature, top_p)
         responses = torch.cat([responses, tokens[:, None]], dim=1)
         done = torch.isin(tokens, eos) | (step + 1 == max_new_tokens)
-        if done.any():
-            yield rows[done], responses[done]
+        retired = rows[done], responses[done]
         if done.all():
+            del cache  # free the KV cache before the last rows are scored
+            yield retired
             return
-        keep = (~done).nonzero().squeeze(1)
-        if len(keep) < len(rows):  # retire: the finished rows leave the batch and the cache
+        if done.any():  # retire: the finished rows leave the batch and the cache, then go to scoring
+            keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            rows, responses, mask, tokens = rows[keep], responses[keep], mask[keep], tokens[keep]
-            positions = positions[keep]
+            rows, responses, mask, tokens, positions = rows[keep], responses[keep], mask[keep], tokens[keep], positions[keep]
+            yield retired
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         inputs, positions = tokens[:, None], positions[:, -1:] + 1
 

@@ -37,6 +37,7 @@ class ProfileSettings(Levers):
     lora_r: int = 16
     prompts: str = "demo:train"
     seed: int = 0
+    fusion: bool = False  # generation and scoring fused (fusion.py): one stage, generate+score
     measure_memory: bool = True  # False: time the iterations without the CPU's live-tensor accounting (slower)
 
     def __post_init__(self):
@@ -72,6 +73,7 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
             pad_prompts_to_max_length=True, max_new_tokens=settings.gen_len,
             stop_at_eos=False, num_iterations=settings.iterations, ppo_epochs=1, save_every=0, save_final=False,
             output_dir=scratch, seed=settings.seed, optim=settings.optim, profile_memory=settings.measure_memory,
+            fusion=settings.fusion,
         )
         model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed, critic=info.critic)
         fingerprint = model.frozen_fingerprint()
@@ -112,7 +114,7 @@ def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, 
         mode=mode, objective=objective, quant=settings.quantization, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
         gen_len=settings.gen_len, lora_r=settings.lora_r, gradient_checkpointing=settings.gradient_checkpointing,
         dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
-        padded_prompts=shortest < settings.prompt_len, **settings.levers(),
+        padded_prompts=shortest < settings.prompt_len, fusion=settings.fusion, **settings.levers(),
     )
 
 

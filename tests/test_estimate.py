@@ -146,6 +146,15 @@ def test_matches_the_profiler_live_with_the_levers_on(tiny_model, prompts_file):
     assert levered[0][0]["train"] < 0.6 * plain[0][0]["train"]  # measured: chunks of 16 tokens against 8 x 16
 
 
+def test_matches_the_profiler_live_with_fusion(tiny_model, prompts_file):
+    # generation and scoring profiled as one stage; the estimate names the same stages
+    ((measured, predicted),) = profiled_and_estimated(tiny_model, str(prompts_file), [("hydra", "ppo", 8, 32, 8, False)],
+                                                      fusion=True)
+    assert set(measured) == set(predicted) == {"generate+score", "advantages", "train", "log"}
+    for stage, value in measured.items():
+        assert predicted[stage] == pytest.approx(value, rel=0.03 if stage != "generate+score" else 0.25), stage
+
+
 @pytest.mark.slow
 def test_matches_the_profiler_live_on_smollm2():
     runs = [("hydra", "ppo", 8, 64, 32, False), ("hydra", "grpo", 8, 64, 32, False), ("lora", "ppo", 4, 32, 32, False),

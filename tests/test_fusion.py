@@ -167,3 +167,25 @@ def test_every_objective_trains_with_fusion(tiny_model, tokenizer, prompts_file,
     assert metrics["fusion/decode_rows_computed"] == metrics["fusion/decode_rows_live"]
     assert set(trainer.profiler.history[0]) == {FUSED_STAGE, "advantages", "train", "log"}
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # it learned
+
+
+def test_fusion_benchmark_reports_speed_tokens_and_memory(varied_model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "fusion.json"
+    result = subprocess.run([sys.executable, "benchmarks/fusion.py", "--model", varied_model, "--prompts",
+                             "demo:eval", "--batch-size", "4", "--iterations", "1", "--max-new-tokens", "4,6",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["same_tokens"] is True and data["max_score_difference"] < 1e-5
+    assert data["speedup"] == data["settings"]["6"]["speedup"] > 0
+    for setting in data["settings"].values():
+        assert setting["fused"]["decode_rows_computed"] == setting["fused"]["decode_rows_live"]
+        assert setting["unfused"]["decode_rows_computed"] >= setting["unfused"]["decode_rows_live"]
+        assert setting["peak_bytes"]["fused"] > 0 and setting["peak_bytes"]["unfused"] > 0
+    assert "fusion takes" in result.stdout
