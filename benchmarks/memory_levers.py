@@ -34,12 +34,10 @@ from hydra_rlhf.models import load_tokenizer, resolve_model  # noqa: E402
 from hydra_rlhf.ppo import make_accelerator  # noqa: E402
 from hydra_rlhf.profile import ProfileSettings, profile_mode  # noqa: E402
 
-LEVERS = {  # configuration name -> the one key it turns on (from ALL_ON)
-    "logprob_chunk_size": {"logprob_chunk_size": ALL_ON.logprob_chunk_size},
-    "optim": {"optim": ALL_ON.optim},
-    "activation_offload": {"activation_offload": True},
-    "adapter_dtype": {"adapter_dtype": ALL_ON.adapter_dtype},
-}
+def lever_settings(chunk_size: int) -> dict[str, dict]:
+    """Configuration name -> the one key it turns on (as ``--all-levers`` sets it)."""
+    return {"logprob_chunk_size": {"logprob_chunk_size": chunk_size}, "optim": {"optim": ALL_ON.optim},
+            "activation_offload": {"activation_offload": True}, "adapter_dtype": {"adapter_dtype": ALL_ON.adapter_dtype}}
 TARGET_CUT = 0.40  # all levers: at least 40% less train-stage memory above the persistent bytes
 
 
@@ -79,6 +77,7 @@ def main() -> int:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--iterations", type=int, default=2, help="Per configuration; the second has AdamW states.")
     parser.add_argument("--estimate-batches", default="8,4", help="Batch sizes of the estimate-vs-profile check.")
+    parser.add_argument("--chunk-size", type=int, default=ALL_ON.logprob_chunk_size, help="logprob_chunk_size.")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--reuse", action="store_true", help="Take the measured runs from --json (same settings) and "
                         "redo only the comparison with the estimate, e.g. after changing the estimator.")
@@ -92,14 +91,15 @@ def main() -> int:
     base = ProfileSettings(model=args.model, modes=["hydra"], batch_size=args.batch_size, prompt_len=args.prompt_len,
                            gen_len=args.gen_len, iterations=args.iterations, gradient_checkpointing=True)
 
-    all_on = replace(base, **ALL_ON.levers())
+    levers = lever_settings(args.chunk_size)
+    all_on = replace(base, **{**ALL_ON.levers(), "logprob_chunk_size": args.chunk_size})
     batches = [int(b) for b in args.estimate_batches.split(",")]
     if args.reuse:
         previous = json.loads(args.json.read_text())
         runs, skipped, checks = previous["runs"], previous["skipped"], previous["estimate_checks"]
     else:
         runs, skipped = {"none": measure("none", base, tokenizer, prompts, accelerator)}, {}
-        for lever, keys in LEVERS.items():
+        for lever, keys in levers.items():
             reason = skip_reason(lever, device_type)
             if reason:
                 skipped[lever] = reason

@@ -75,3 +75,39 @@ def test_profile_shows_what_dropping_the_critic_saves(tiny_model, prompts_file, 
     assert data["ratios"]["hydra/grpo:ppo"] == pytest.approx(grpo["peak_bytes"] / ppo["peak_bytes"])
     result = run([CLI, "profile", "--modes", "hydra", "--objective", "ppo,dpo"], check=False)
     assert result.returncode == 2 and "Unknown objective 'dpo'" in result.stderr
+
+
+def test_profile_and_estimate_take_the_memory_levers_and_fusion(tiny_model, prompts_file, tmp_path):
+    out = tmp_path / "levers.json"
+    result = run([CLI, "profile", "--model", tiny_model, "--prompts", str(prompts_file), "--modes", "hydra",
+                  "--batch-size", "4", "--gen-len", "8", "--iterations", "2", "--lora-r", "4",
+                  "--gradient-checkpointing", "--logprob-chunk-size", "8", "--optim", "adamw_bnb_8bit", "--fusion",
+                  "--json", str(out)])
+    assert "generate+score" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["settings"]["logprob_chunk_size"] == 8 and data["settings"]["optim"] == "adamw_bnb_8bit"
+    hydra = data["modes"]["hydra"]
+    assert set(hydra["stages"]) == {"generate+score", "advantages", "train", "log"}
+    assert 0 < hydra["persistent_bytes"] <= hydra["stages"]["log"]["peak_bytes"]
+    estimate = run([CLI, "estimate", "--preset", "llama-3.1-70b", "--quant", "4bit", "--batch-size", "4",
+                    "--gradient-checkpointing", "--all-levers", "--json", str(tmp_path / "e.json")])
+    assert "Levers: log-prob chunks of 256, 8-bit AdamW, activation offload, bf16 adapters" in " ".join(estimate.stdout.split())
+    assert "pinned host memory" in estimate.stdout and "L40S 48GB" in estimate.stdout
+    assert json.loads((tmp_path / "e.json").read_text())["host_bytes"] > 0
+    bad = run([CLI, "estimate", "--dtype", "fp16", "--adapter-dtype", "compute"], check=False)
+    assert bad.returncode == 2 and "fp16 base" in bad.stderr
+
+
+def test_memory_levers_benchmark_measures_each_lever(tiny_model, tmp_path):
+    out = tmp_path / "levers.json"
+    result = run([PYTHON, "benchmarks/memory_levers.py", "--model", tiny_model, "--batch-size", "4", "--prompt-len",
+                  "32", "--gen-len", "16", "--chunk-size", "16", "--estimate-batches", "4,2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"none", "logprob_chunk_size", "optim", "all"}  # the other two need CUDA / bf16
+    assert set(data["skipped"]) == {"activation_offload", "adapter_dtype"}
+    runs = data["runs"]
+    assert runs["logprob_chunk_size"]["train_above_persistent_bytes"] < runs["none"]["train_above_persistent_bytes"]
+    assert runs["all"]["cut"] == pytest.approx(1 - runs["all"]["train_above_persistent_bytes"]
+                                               / runs["none"]["train_above_persistent_bytes"])
+    assert [check["settings"]["batch_size"] for check in data["estimate_accuracy"]] == [4, 2]
+    assert data["worst_estimate_error"] < 0.5 and "all levers:" in result.stdout
