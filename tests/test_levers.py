@@ -185,3 +185,19 @@ def test_a_run_with_every_cpu_lever_resumes_bit_identically(tiny_model, tokenize
     a = {n: p for n, p in straight.model.named_parameters() if p.requires_grad}
     b = dict(resumed.model.named_parameters())
     assert a and all(torch.equal(p, b[n]) for n, p in a.items())
+
+
+def test_the_readme_command_with_levers_and_fusion_runs(tiny_model, prompts_file, tmp_path):
+    # README, Usage: `python recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --logprob_chunk_size 256
+    # --optim adamw_bnb_8bit --fusion true`, shrunk to the tiny model and one short iteration
+    import json
+
+    from conftest import PYTHON, run
+
+    output = tmp_path / "run"
+    run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--logprob_chunk_size", "256",
+         "--optim", "adamw_bnb_8bit", "--fusion", "true", "--model_name_or_path", tiny_model, "--lora_layers", "1",
+         "--prompts_path", str(prompts_file), "--eval_prompts_path", "", "--num_iterations", "1",
+         "--max_new_tokens", "4", "--save_every", "0", "--output_dir", str(output)])
+    summary = json.loads((output / "summary.json").read_text())
+    assert "generate+score" in summary["memory"] and "score/padded_fraction" in summary["final_metrics"]
