@@ -5,7 +5,8 @@ generation batch and are scored while the long tail still decodes.
 scoring stages then pad every row to that longest response. Here a row is *retired* the step it ends (EOS or the
 length cap): it leaves the batch and the KV cache (``DynamicCache.batch_select_indices``), so each step computes
 only live rows, and retired rows are scored in chunks of similar length (rows retire in order of length, so a
-chunk carries little padding) by the same ``score_frozen`` / ``score_policy`` as the unfused path.
+chunk carries little padding; its common left padding is cut too) by the same ``score_frozen`` /
+``score_policy`` as the unfused path.
 
 When: retired rows wait until they fill a chunk of ``ceil(fusion_tail_fraction x B)`` rows, so scoring runs
 batched; once no more than that many rows are still decoding (the tail), every retired row is scored right
@@ -133,13 +134,16 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         rows = torch.cat(pending_rows)
         chunk = chunk_rollout(prompt_ids[rows], prompt_mask[rows], _right_pad(pending_responses, pad), eos_token_ids,
                               prompt_len, samples_per_prompt)
+        scoring = chunk.trimmed()  # nor the left padding that every prompt of the chunk has
         model.eval()
-        score_frozen(model, chunk, temperature, score_eos_token_id)
-        score_policy(model, chunk, temperature)
+        score_frozen(model, scoring, temperature, score_eos_token_id)
+        score_policy(model, scoring, temperature)
+        chunk.ref_logprobs, chunk.raw_scores = scoring.ref_logprobs, scoring.raw_scores
+        chunk.logprobs, chunk.values = scoring.logprobs, scoring.values
         stats.scoring_chunks += 1
         stats.chunk_sizes.append(len(rows))
-        stats.scored_positions += chunk.attention_mask.numel()
-        stats.real_positions += int(chunk.attention_mask.sum())
+        stats.scored_positions += scoring.attention_mask.numel()
+        stats.real_positions += int(scoring.attention_mask.sum())
         scored.append((rows, chunk))
         pending_rows.clear()
         pending_responses.clear()
