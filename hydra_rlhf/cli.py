@@ -5,6 +5,8 @@ back from a finished run (``report``); and how a run's checkpoints score on held
     hydra-rlhf profile --modes hydra --objective ppo,grpo --json runs/profile_objectives.json
     hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --batch-size 8 --gradient-checkpointing
     hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --objective all
+    hydra-rlhf estimate --preset llama-3.1-70b --quant 4bit --batch-size 4 --gradient-checkpointing --all-levers
+    hydra-rlhf profile --modes hydra --gradient-checkpointing --logprob-chunk-size 256 --optim adamw_bnb_8bit
     hydra-rlhf report runs/demo/ppo
     hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json
 """
