@@ -81,6 +81,8 @@ def compare(model, batches, kwargs, eos, pad_eos, tail_fraction, seed) -> dict:
             lengths[path] += rollout.response_mask.sum(-1).tolist()
     result = {"seconds_per_iteration": {p: s / len(batches) for p, s in seconds.items()},
               "speedup": seconds["unfused"] / seconds["fused"],
+              # the paths sample different tokens (and so lengths): the time per response token is their fair ratio
+              "response_tokens_per_second": {p: sum(lengths[p]) / seconds[p] for p in seconds},
               "response_length_mean": {p: sum(v) / len(v) for p, v in lengths.items()},
               "cut_at_cap_fraction": {p: sum(n >= kwargs["max_new_tokens"] for n in v) / len(v) for p, v in lengths.items()}}
     for path, stats in counts.items():
@@ -104,7 +106,8 @@ def same_results(model, ids, mask, kwargs, eos, pad_eos, tail_fraction) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="Base or Hydra-SFT checkpoint (default: bundled).")
+    parser.add_argument("--model", default="smollm2-135m", help="Base or Hydra-SFT checkpoint (default: the bundled "
+                        "instruct model; the demo samples from its Hydra-SFT checkpoint, runs/demo/sft).")
     parser.add_argument("--prompts", default="demo:train")
     parser.add_argument("--batch-size", type=int, default=16, help="Responses per iteration (the demo's 16).")
     parser.add_argument("--max-new-tokens", default="48,128", help="Comma-separated response caps.")
@@ -137,7 +140,8 @@ def main() -> int:
         s = result["seconds_per_iteration"]
         print(f"  generation + scoring: unfused {s['unfused']:.1f} s, fused {s['fused']:.1f} s per iteration "
               f"({result['speedup']:.2f}x); mean length {result['response_length_mean']['unfused']:.1f} / "
-              f"{result['response_length_mean']['fused']:.1f} tokens")
+              f"{result['response_length_mean']['fused']:.1f} tokens; response tokens per second "
+              f"{result['response_tokens_per_second']['unfused']:.1f} / {result['response_tokens_per_second']['fused']:.1f}")
         for path in ("unfused", "fused"):
             r = result[path]
             print(f"  {path:8s} decode rows computed {r['decode_rows_computed']:6d} (live {r['decode_rows_live']:6d}), "
@@ -152,7 +156,8 @@ def main() -> int:
         args.json.write_text(json.dumps({
             "model": args.model, "batch_size": args.batch_size, "iterations": args.iterations,
             "tail_fraction": args.tail_fraction, "threads": torch.get_num_threads(), "settings": settings,
-            "speedup": longest["speedup"], "same_tokens": all(r["same_tokens"] for r in settings.values()),
+            "speedup": longest["speedup"], "tokens_per_second_ratio": longest["response_tokens_per_second"]["fused"]
+            / longest["response_tokens_per_second"]["unfused"], "same_tokens": all(r["same_tokens"] for r in settings.values()),
             "max_score_difference": max(r["max_score_difference"] for r in settings.values()),
         }, indent=2) + "\n")
     return 0

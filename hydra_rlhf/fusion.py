@@ -88,9 +88,10 @@ def decode(causal_lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_n
     eos = torch.tensor(eos_token_ids or [], device=prompt_ids.device, dtype=torch.long)
     responses = prompt_ids.new_empty((len(prompt_ids), 0))
     inputs, positions = prompt_ids, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache_kwarg = _cache_keyword(causal_lm)
     for step in range(max_new_tokens):
-        logits = causal_lm(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = causal_lm(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **{cache_kwarg: cache}).logits[:, -1]
         stats.decode_steps += 1
         stats.rows_computed += len(rows)
         stats.rows_live += len(rows)
@@ -109,6 +110,14 @@ def decode(causal_lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_n
             yield retired
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         inputs, positions = tokens[:, None], positions[:, -1:] + 1
+
+
+def _cache_keyword(causal_lm) -> str:
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40)."""
+    import inspect
+
+    forward = (causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_kwargs: dict,
