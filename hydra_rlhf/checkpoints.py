@@ -107,8 +107,8 @@ def latest_intact_checkpoint(output_dir: str | Path) -> Path | None:
 # The settings a resumed run must share with its start: they shape the adapters, the optimizer state or the
 # reference and the reward. Everything else (learning rates, iterations, logging) may change on resume.
 RESUME_MODEL_KEYS = ("mode", "model_name_or_path", "reward_model_path", "quantization", "dtype", "lora_r",
-                     "lora_alpha", "lora_target_modules", "lora_layers")
-RESUME_RUN_KEYS = ("objective", "num_samples_per_prompt")
+                     "lora_alpha", "lora_target_modules", "lora_layers", "adapter_dtype")
+RESUME_RUN_KEYS = ("objective", "num_samples_per_prompt", "optim")  # optim: the saved AdamW states' format
 
 
 def run_settings(model_config, config) -> dict:
@@ -144,8 +144,9 @@ def record_or_check_run_settings(output_dir: Path, settings: dict, resume: bool)
     path = Path(output_dir) / RUN_SETTINGS_FILE
     if resume and path.is_file():
         started = json.loads(path.read_text())
-        differences = [f"{key} was {started.get(key)!r}, now {settings[key]!r}"
-                       for key in settings if key != "base_fingerprints" and started.get(key) != settings[key]]
+        differences = [f"{key} was {started[key]!r}, now {settings[key]!r}"  # (a key an older run did not record
+                       for key in settings  # is not checked)
+                       if key != "base_fingerprints" and key in started and started[key] != settings[key]]
         for name, fingerprint in settings["base_fingerprints"].items():
             if started.get("base_fingerprints", {}).get(name, fingerprint) != fingerprint:
                 differences.append(f"the weights in {name} changed since the run started")

@@ -182,6 +182,14 @@ def test_resume_refuses_other_settings(tiny_model, tmp_path):
             record_or_check_run_settings(tmp_path, run_settings(changed, config), resume=True)
     with pytest.raises(ValueError, match="objective was 'ppo', now 'grpo'"):
         record_or_check_run_settings(tmp_path, run_settings(model, PPOConfig(objective="grpo")), resume=True)
+    with pytest.raises(ValueError, match="optim was 'adamw_torch', now 'adamw_bnb_8bit'"):  # other optimizer states
+        record_or_check_run_settings(tmp_path, run_settings(model, replace(config, optim="adamw_bnb_8bit")), resume=True)
+    with pytest.raises(ValueError, match="adapter_dtype was 'float32', now 'compute'"):
+        record_or_check_run_settings(tmp_path, run_settings(replace(model, adapter_dtype="compute"), config), resume=True)
+    recorded = json.loads((tmp_path / "run_settings.json").read_text())
+    del recorded["optim"]  # a run recorded before the key existed resumes unchecked on it
+    (tmp_path / "run_settings.json").write_text(json.dumps(recorded))
+    record_or_check_run_settings(tmp_path, run_settings(model, config), resume=True)
     weights = bytearray((base / "model.safetensors").read_bytes())
     weights[-1] ^= 1  # the base retrained: other weights, same size
     (base / "model.safetensors").write_bytes(bytes(weights))
