@@ -51,7 +51,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .layout import FUSED_STAGE, MODES, OBJECTIVES, counts, objective_info, role_plan
+from .layout import FUSED_STAGE, MODES, OBJECTIVES, counts, fusion_chunk_rows, objective_info, role_plan
 from .levers import Levers, add_lever_arguments, levers_from_args
 
 QUANTS = ("none", "8bit", "4bit")
@@ -531,7 +531,7 @@ def fused_experience_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     retired rows scored while the KV cache of the rows still decoding (at most the batch's, at full length) is
     alive; and the whole batch scored at once, the cache freed, when every row ends in the same step (all cut at
     the length cap, as in the profiler)."""
-    chunk = replace(s, batch_size=max(1, math.ceil(s.fusion_tail_fraction * s.batch_size)))
+    chunk = replace(s, batch_size=fusion_chunk_rows(s.fusion_tail_fraction, s.batch_size))
     return max(generate_bytes(shape, s), scoring_bytes(shape, s),
                kv_cache_bytes(shape, s, s.batch_size, s.seq_len) + scoring_bytes(shape, chunk))
 

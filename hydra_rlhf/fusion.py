@@ -19,11 +19,11 @@ the same random numbers, since finished rows no longer draw.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
+from .layout import fusion_chunk_rows
 from .rollout import Rollout, response_mask_until_eos, score_frozen, score_policy
 
 
@@ -131,7 +131,7 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
     prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
     batch, prompt_len = prompt_ids.shape
-    chunk_rows = max(1, math.ceil(tail_fraction * batch))
+    chunk_rows = fusion_chunk_rows(tail_fraction, batch)
     pad = generation_kwargs.get("pad_token_id")
     pad = pad if pad is not None else score_eos_token_id
     scored: list[tuple[torch.Tensor, Rollout]] = []

@@ -337,7 +337,8 @@ class HydraModel(nn.Module):
         """The actor's log-probs of the response tokens, with grad if grad is enabled; with ``entropy`` the
         per-token entropy (no grad); with ``values`` the critic's values (PPO only: a second forward, except in
         j-hydra where actor and critic share one). Evaluation and critic-free objectives pay for no critic pass."""
-        with activation_offload(self.config.activation_offload and torch.is_grad_enabled(), hidden_device(self)):
+        device = next(self.parameters()).device
+        with activation_offload(self.config.activation_offload and torch.is_grad_enabled(), device):
             with self.role("policy") as model:
                 hidden = self._hidden(model, input_ids, attention_mask)
                 scores = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature, entropy)
@@ -483,11 +484,6 @@ class PolicyScores:
     logprobs: torch.Tensor  # (B, R) log pi(a_t | s_t), with grad when grad is on
     entropy: torch.Tensor | None = None  # (B, R) policy entropy per step, no grad (when asked)
     values: torch.Tensor | None = None  # (B, R) V(s_t) from the critic (when asked; PPO only)
-
-
-def hidden_device(model: nn.Module) -> torch.device:
-    """Where a model computes: the device of its (first) parameters."""
-    return next(model.parameters()).device
 
 
 def _frozen(model: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ and with it the critic adapter, the value head, their optimizer state and the va
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODES = ("full", "lora", "j-hydra", "hydra")
@@ -29,13 +30,13 @@ STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "lo
 # With sample-level fusion (``fusion: true``) the first three overlap: rows are scored while others still decode.
 # They are profiled as one stage, this one, in their place.
 FUSED_STAGE = "generate+score"
-FUSED = ("generate", "score_frozen", "score_policy")
 STAGE_ORDER = ("generate", FUSED_STAGE, "score_frozen", "score_policy", "advantages", "train", "log")
 
 
-def iteration_stages(fusion: bool = False) -> tuple[str, ...]:
-    """The profiler stages of one iteration, fused or not."""
-    return (FUSED_STAGE, *STAGES[len(FUSED):]) if fusion else STAGES
+def fusion_chunk_rows(tail_fraction: float, batch: int) -> int:
+    """Finished responses fusion scores together (and the tail below which it scores each step's at once):
+    ``ceil(tail_fraction x batch)``. The fused loop and the estimator both read it."""
+    return max(1, math.ceil(tail_fraction * batch))
 
 _PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
     "full": {"policy": ("policy", FULL), "reference": ("reference", None), "reward": ("reward", None),

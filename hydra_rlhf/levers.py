@@ -121,10 +121,11 @@ def make_optimizer(param_groups: list[dict], name: str, weight_decay: float) -> 
     """AdamW over ``param_groups``: torch's, or bitsandbytes' 8-bit one (a clear error where it cannot run)."""
     import torch
 
+    from .errors import check_choice
+
+    check_choice("optim", name, OPTIMIZERS)
     if name == "adamw_torch":
         return torch.optim.AdamW(param_groups, weight_decay=weight_decay)
-    if name != "adamw_bnb_8bit":
-        raise ValueError(f"Unknown optim {name!r}: use one of {', '.join(OPTIMIZERS)}.")
     try:
         import bitsandbytes as bnb
     except ImportError as error:  # e.g. a platform without a bitsandbytes build
@@ -153,10 +154,11 @@ def adapter_torch_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype LoRA weights are kept in: fp32, or the compute dtype (refused for fp16: no loss scaling here)."""
     import torch
 
+    from .errors import check_choice
+
+    check_choice("adapter_dtype", name, ADAPTER_DTYPES)
     if name == "float32" or compute_dtype == torch.float32:
         return torch.float32
-    if name != "compute":
-        raise ValueError(f"Unknown adapter_dtype {name!r}: use one of {', '.join(ADAPTER_DTYPES)}.")
     if compute_dtype == torch.float16:
         raise ValueError("adapter_dtype compute with a float16 base (a T4) would train fp16 weights without loss "
                          "scaling; keep adapter_dtype float32 there.")
