@@ -251,6 +251,11 @@ def test_recipes_answer_bad_input_in_one_line(tiny_model, prompts_file, tmp_path
                        check=False), "not a local directory", "hub")
     one_line_error(run([*ppo, "--config", str(config), "--max_prompt_length", "100000"], check=False),
                    "more than", "max_position_embeddings")
+    for flag, value, expected in [("--optim", "sgd", "Unknown optim 'sgd'"),  # the memory levers and fusion
+                                  ("--adapter_dtype", "int8", "Unknown adapter_dtype 'int8'"),
+                                  ("--logprob_chunk_size", "-1", "logprob_chunk_size must be >= 0"),
+                                  ("--fusion_tail_fraction", "2", "fusion_tail_fraction must be in (0, 1]")]:
+        one_line_error(run([*ppo, "--config", str(config), flag, value], check=False), expected)
     assert not (tmp_path / "never").exists()  # refused before anything was written
     sft = [PYTHON, "recipes/sft.py", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)]
     one_line_error(run([*sft, "--learning_rate", "-1"], check=False), "learning_rate must be > 0")
