@@ -53,6 +53,14 @@ class PPOConfig:
     fusion_tail_fraction: float = field(default=0.2, metadata={
         "help": "fusion: finished responses are scored in chunks of this share of the batch; once no more than that "
                 "share is still decoding (the tail), each is scored right after the step it finished in."})
+    async_generation: bool = field(default=False, metadata={
+        "help": "Asynchronous off-policy training (Noukhov et al., 2024): a generator samples and scores the next "
+                "batches with an older actor while the learner trains. On one process the generator is a child "
+                "process sharing the frozen base; with `accelerate launch --num_processes 2` it is rank 1. Only the "
+                "actor adapter travels after each update (hydra_rlhf/asynchronous.py)."})
+    max_staleness: int = field(default=1, metadata={
+        "help": "async_generation: batch i is sampled by the actor of update i - max_staleness (1: the paper's one "
+                "step off-policy; 0: synchronous). Samples staler than this are dropped and counted."})
     # --- rewards and KL
     kl_coef: float = field(default=0.05, metadata={"help": "Initial KL coefficient: ppo, a per-token reward penalty; "
                                                       "rloo, a penalty on the sequence reward; grpo, the weight of the "
@@ -130,6 +138,7 @@ class PPOConfig:
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
                            "num_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
                            "eval_max_new_tokens", "max_nonfinite_in_a_row")
+        check_positive(self, "max_staleness", allow_zero=True)
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")
         if not 0 < self.top_p <= 1:

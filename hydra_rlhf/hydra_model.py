@@ -351,6 +351,12 @@ class HydraModel(nn.Module):
         return scores
 
     @torch.no_grad()
+    def values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+        """(B, R) the critic's values of each response step (no grad)."""
+        with self.role("critic") as model:
+            return self._values(self._hidden(model, input_ids, attention_mask), prompt_len)
+
+    @torch.no_grad()
     def generate(self, input_ids, attention_mask, role: str = "policy", **generation_kwargs) -> torch.Tensor:
         """Sample with the policy (or ``role="reference"``: the starting policy); returns (B, P + R) sequences."""
         with self.role(role) as model:

@@ -30,7 +30,9 @@ STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "lo
 # With sample-level fusion (``fusion: true``) the first three overlap: rows are scored while others still decode.
 # They are profiled as one stage, this one, in their place.
 FUSED_STAGE = "generate+score"
-STAGE_ORDER = ("generate", FUSED_STAGE, "score_frozen", "score_policy", "advantages", "train", "log")
+# With asynchronous generation the learner's iteration is: receive (wait for the generator's batch), score_policy
+# (the critic's values, PPO only), advantages, train, sync (the actor adapter to the generator), log.
+STAGE_ORDER = ("generate", FUSED_STAGE, "receive", "score_frozen", "score_policy", "advantages", "train", "sync", "log")
 
 
 def fusion_chunk_rows(tail_fraction: float, batch: int) -> int:

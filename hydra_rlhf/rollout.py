@@ -32,6 +32,7 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B, R) PPO: KL-shaped per-token rewards
     advantages: torch.Tensor | None = None  # (B, R) per-token advantages (PPO: GAE; RLOO/GRPO: per sequence)
     returns: torch.Tensor | None = None  # (B, R) PPO: advantages + values, the critic's targets
+    policy_version: torch.Tensor | None = None  # (B,) learner updates the sampling actor had seen (async mode)
 
     @property
     def kl(self) -> torch.Tensor:
@@ -127,8 +128,15 @@ def score_frozen(model, rollout: Rollout, temperature: float, eos_token_id: int)
 
 
 @torch.no_grad()
-def score_policy(model, rollout: Rollout, temperature: float) -> None:
-    """Stage 3: the actor's log-probs at sampling time (no grad), and the critic's values where there is one."""
+def score_policy(model, rollout: Rollout, temperature: float, values: bool = True) -> None:
+    """Stage 3: the actor's log-probs at sampling time (no grad), and the critic's values where there is one
+    (unless ``values`` is off: an asynchronous generator leaves them to the learner, who owns the critic)."""
     scores = model.policy_scores(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature,
-                                 values=model.has_critic)
+                                 values=values and model.has_critic)
     rollout.logprobs, rollout.values = scores.logprobs, scores.values
+
+
+@torch.no_grad()
+def score_values(model, rollout: Rollout) -> None:
+    """The critic's values alone, for a rollout whose log-probs the sampling process recorded (async mode)."""
+    rollout.values = model.values(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)

@@ -5,7 +5,9 @@ checkpoints.
 
 Multi-process (``accelerate launch --num_processes N``): every process samples its own prompts; gradients of
 the (small) trainable set are averaged across processes before each optimiser step, so adapters stay
-identical on every rank without wrapping the multi-role model in DDP.
+identical on every rank without wrapping the multi-role model in DDP. With ``async_generation`` the stages 1-3
+of each batch run in a generator instead (``hydra_rlhf.asynchronous``): a child process sharing the base on one
+device, or rank 1 of two processes.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import fusion, ppo_math
+from . import asynchronous, fusion, ppo_math
 from . import rollout as experience
 from .checkpoints import CHECKPOINT_PREFIX, clean_staging, latest_intact_checkpoint, write_atomically
-from .data import encode_prompts, left_pad
+from .data import encode_prompts
 from .errors import Interrupted, NonFiniteError
-from .layout import FUSED_STAGE
+from .experience import ExperienceMaker
 from .levers import make_optimizer
 from .memory import MemoryProfiler
 from .objectives import base as objective_base, make_objective
@@ -55,14 +57,24 @@ class PPOTrainer:
         self.output_dir = Path(config.output_dir)
         self.eos_token_ids = experience.eos_token_ids(tokenizer, model)
 
-        # Each process takes its own slice of the prompts.
+        # Data-parallel processes each take their own slice of the prompts; async ranks (learner, generator) share
+        # one stream of batches.
+        processes = self.accelerator.num_processes
+        if config.async_generation and processes > 2:
+            raise ValueError(f"async_generation runs on 1 process (the generator is its child) or 2 (learner and "
+                             f"generator ranks), not {processes}: launch with --num_processes 1 or 2.")
+        if config.async_generation:
+            asynchronous.actor_parameters(model)  # an adapter policy, or a one-line error now
+        self.data_parallel = processes > 1 and not config.async_generation
+        self.world = processes if self.data_parallel else 1
+        self.role = "generator" if config.async_generation and self.accelerator.process_index == 1 else "learner"
         encoded, truncated = encode_prompts(tokenizer, prompts, config.max_prompt_length)
         if truncated:
             logger.info("%d prompts were longer than %d tokens and were cut from the left.", truncated, config.max_prompt_length)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        self.prompt_ids = encoded[rank::world]
-        if len(self.prompt_ids) < config.batch_size:
-            raise ValueError(f"Only {len(self.prompt_ids)} prompts per process, fewer than batch_size {config.batch_size}.")
+        rank = self.accelerator.process_index if self.data_parallel else 0
+        prompt_ids = encoded[rank :: self.world]
+        if len(prompt_ids) < config.batch_size:
+            raise ValueError(f"Only {len(prompt_ids)} prompts per process, fewer than batch_size {config.batch_size}.")
 
         self.objective = make_objective(config)
         if model.has_critic != self.objective.info.critic:
@@ -85,11 +97,15 @@ class PPOTrainer:
         self.moments = ppo_math.RunningMoments()
         self.iteration = 0
         self.nonfinite_in_a_row = 0
-        self.generation_kwargs = dict(
+        generation_kwargs = dict(
             max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature, top_p=config.top_p,
             top_k=0, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=self.eos_token_ids if config.stop_at_eos else None,
         )
+        self.experience = ExperienceMaker(prompt_ids, config, generation_kwargs, self.eos_token_ids,
+                                          tokenizer.eos_token_id, tokenizer.pad_token_id, rank, str(self.device))
+        self.generator = None  # async: the channel to the generator, while training
+        self.async_stats: dict[str, float] = {}
         if self.accelerator.is_main_process:
             clean_staging(self.output_dir)
         self.profiler = MemoryProfiler(
@@ -106,10 +122,13 @@ class PPOTrainer:
 
         if self.config.resume:
             self.resume()
+        if self.role == "generator":  # rank 1 of an async two-process run: it makes the batches, the learner logs
+            self._generate_for_learner()
+            return []
         history = []
         bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc=self.config.objective.upper(),
                    disable=not self.accelerator.is_local_main_process)
-        with self._ctrl_c() as stop:
+        with self._ctrl_c() as stop, self._generator():
             while self.iteration < self.config.num_iterations and not stop.is_set():
                 metrics = self.step()
                 history.append(metrics)
@@ -156,25 +175,22 @@ class PPOTrainer:
     def step(self) -> dict:
         """One iteration: experience (stages 1-3), the objective's targets (4), learning (5), logging (6)."""
         config, model, stage = self.config, self.model, self.profiler.stage
-        torch.manual_seed(self._seed("sample"))  # a function of (seed, iteration, rank): resumes reproduce it
         started = time.perf_counter()
 
-        if config.fusion:  # steps 1-3 overlap: finished responses are scored while the longest still decode
-            with stage(FUSED_STAGE):
-                rollout = self._fused_experience()
-        else:
-            # step 1. generate: the actor samples k responses for each prompt of a batch
-            with stage("generate"):
-                prompt_ids, prompt_mask = self._next_prompts()
-                model.eval()
-                rollout = experience.generate(model, prompt_ids, prompt_mask, self.generation_kwargs,
-                                              self.eos_token_ids, samples_per_prompt=config.samples_per_prompt)
-            # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
-            with stage("score_frozen"):
-                experience.score_frozen(model, rollout, config.temperature, self.tokenizer.eos_token_id)
-            # step 3. score_policy: the actor's log-probs at sampling time, and the critic's values (PPO only)
-            with stage("score_policy"):
-                experience.score_policy(model, rollout, config.temperature)
+        # steps 1-3. experience: 1 generate (the actor samples k responses per prompt), 2 score_frozen (adapters
+        # off: reference log-probs and reward in one pass), 3 score_policy (the actor's log-probs, the critic's values)
+        if self.generator is None:
+            self.fusion_stats = fusion.FusionStats()
+            rollout = self.experience.make(model, self.iteration, stage, fusion_stats=self.fusion_stats)
+        else:  # async: the generator made this batch with an older actor, while the learner trained on the last
+            with stage("receive"):
+                rollout = self._receive_experience()
+            if rollout is None:  # every group was staler than max_staleness (dropped and counted)
+                return self._skip_iteration(started)
+            if model.has_critic:
+                with stage("score_policy"):
+                    model.eval()
+                    experience.score_values(model, rollout)  # the learner's critic; pi_old came with the batch
         # step 4. advantages: the objective's targets (GAE, group baselines, or chosen/rejected pairs)
         with stage("advantages"):
             batch = self.objective.targets(rollout, self.kl_controller.value, self.moments)
@@ -184,11 +200,14 @@ class PPOTrainer:
             model.train()
             stats = self.learn(batch) if finite else {"train/skipped_nonfinite_updates": 1.0}
             healthy = finite and stats["train/skipped_nonfinite_updates"] == 0
+        self.iteration += 1
+        if self.generator is not None:  # async: the generator gets the new actor adapter (and only that)
+            with stage("sync"):
+                self._send_adapter()
         # step 6. log: metrics, KL controller, checkpoint
         with stage("log"):
-            self.iteration += 1
             metrics = self._metrics(rollout, batch, stats, time.perf_counter() - started)
-            self.kl_controller.update(metrics["objective/kl"], len(rollout.input_ids) * self.accelerator.num_processes)
+            self.kl_controller.update(metrics["objective/kl"], len(rollout.input_ids) * self.world)
             self._log(metrics)
             self._guard_nonfinite(healthy)
             periodic = config.save_every and self.iteration % config.save_every == 0
@@ -203,7 +222,7 @@ class PPOTrainer:
         each one optimizer step; its micro-batches accumulate gradients, each loss already scaled to its share
         of the minibatch mean (``objective.normalizer``), so accumulation changes no token's weight."""
         config, objective = self.config, self.objective
-        generator = torch.Generator().manual_seed(self._seed("shuffle"))
+        generator = torch.Generator().manual_seed(self.experience.seed(self.iteration, "shuffle"))
         unit = objective.info.rows_per_unit
         micro_size = config.minibatch_size // config.gradient_accumulation_steps
         stats = defaultdict(list)
@@ -226,7 +245,7 @@ class PPOTrainer:
 
     def _optimizer_step(self, stats: dict) -> bool:
         """Average gradients across processes, clip, step. A non-finite gradient skips the step."""
-        if self.accelerator.num_processes > 1:
+        if self.data_parallel:
             for param in self.trainable:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
@@ -245,33 +264,81 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- helpers
 
-    def _fused_experience(self) -> experience.Rollout:
-        """Stages 1-3 through ``fusion.fused_rollout``; its counts go to the iteration's metrics."""
-        prompt_ids, prompt_mask = self._next_prompts()
-        self.model.eval()
-        self.fusion_stats = fusion.FusionStats()
-        return fusion.fused_rollout(self.model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
-                                    self.config.temperature, self.tokenizer.eos_token_id,
-                                    self.config.fusion_tail_fraction, self.config.samples_per_prompt, self.fusion_stats)
+    # --------------------------------------------------------------------- asynchronous generation (async mode)
 
-    def _seed(self, purpose: str) -> int:
-        offset = {"sample": 0, "shuffle": 1}[purpose]
-        return (self.config.seed * 1_000_003 + self.iteration * 7919 + offset) * 131 + self.accelerator.process_index
+    @contextmanager
+    def _generator(self):
+        """While training in async mode: the generator, started at the learner's iteration (a resumed run makes
+        exactly the batches it has not trained), stopped and reaped on every exit."""
+        config = self.config
+        if not config.async_generation:
+            yield
+            return
+        previous_threads = torch.get_num_threads()
+        if self.accelerator.num_processes == 2:
+            self.generator = asynchronous.DistributedChannel()
+        else:
+            threads = 0
+            if self.device.type == "cpu":  # the two processes share the cores: half each
+                learner_threads, threads = asynchronous.cpu_threads_split()
+                torch.set_num_threads(learner_threads)
+            self.generator = asynchronous.LocalChannel(self.model, self.experience, self.iteration,
+                                                       config.num_iterations, config.max_staleness, threads)
+        try:
+            yield
+        finally:
+            self.generator.close()
+            self.generator = None
+            torch.set_num_threads(previous_threads)
 
-    def _next_prompts(self):
-        """The iteration's prompts: a seeded permutation per pass over the data, so a resumed run picks the same."""
-        size, n = self.config.batch_size, len(self.prompt_ids)
-        per_pass = n // size
-        epoch, index = divmod(self.iteration, per_pass)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
-        chosen = [self.prompt_ids[i] for i in order[index * size : (index + 1) * size]]
-        length = self.config.max_prompt_length if self.config.pad_prompts_to_max_length else None
-        ids, mask = left_pad(chosen, self.tokenizer.pad_token_id, length)
-        return ids.to(self.device), mask.to(self.device)
+    def _generate_for_learner(self) -> None:
+        """Rank 1 of an async two-process run: make every batch the learner has not trained yet."""
+        channel = asynchronous.DistributedChannel()
+        asynchronous.run_generator_rank(self.model, self.experience, channel, self.iteration,
+                                        self.config.num_iterations, self.config.max_staleness)
+
+    def _receive_experience(self) -> experience.Rollout | None:
+        """The next batch from the generator, with its samples' staleness checked (too stale: dropped, counted)."""
+        waited = time.perf_counter()
+        batch = self.generator.receive_batch()
+        if batch.index != self.iteration:
+            raise asynchronous.GeneratorFailed(f"the generator sent batch {batch.index}, expected {self.iteration}")
+        rollout = asynchronous.to_device(batch.rollout, self.device)
+        staleness = (self.iteration - rollout.policy_version).float().mean()
+        kept, dropped = asynchronous.drop_stale(rollout, self.iteration, self.config.max_staleness)
+        self.fusion_stats = batch.fusion_stats
+        self.async_stats = {"async/batch": batch.index, "async/policy_version": batch.version,
+                            "async/staleness": float(staleness), "async/dropped_samples": dropped,
+                            "async/wait_seconds": time.perf_counter() - waited,
+                            "async/generate_seconds": batch.seconds, "async/load_seconds": batch.load_seconds,
+                            "async/generator_wait_seconds": batch.wait_seconds}
+        return kept
+
+    def _send_adapter(self) -> None:
+        """The new actor adapter to the generator, when a batch still to come is scheduled to use it."""
+        config = self.config
+        if self.iteration + config.max_staleness >= config.num_iterations:
+            self.async_stats.update({"async/sync_bytes": 0, "async/sync_seconds": 0.0})
+            return
+        started = time.perf_counter()
+        vector = asynchronous.adapter_vector(self.model)
+        self.generator.send_adapter(self.iteration, vector)
+        self.async_stats.update({"async/sync_bytes": vector.numel() * vector.element_size(),
+                                 "async/sync_seconds": time.perf_counter() - started})
+
+    def _skip_iteration(self, started: float) -> dict:
+        """An iteration whose whole batch was too stale: nothing to learn; the schedule moves on."""
+        self.iteration += 1
+        self._send_adapter()
+        metrics = {**self.async_stats, "speed/iteration_seconds": time.perf_counter() - started}
+        logger.warning("Iteration %d: every sample was staler than max_staleness %d; dropped.", self.iteration,
+                       self.config.max_staleness)
+        self._log(metrics)
+        return metrics
 
     def _all_ranks(self, flag: torch.Tensor) -> bool:
         flag = flag.float().to(self.device).reshape(1)
-        if self.accelerator.num_processes > 1:
+        if self.data_parallel:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -286,21 +353,22 @@ class PPOTrainer:
             "response/eos_fraction": rollout.has_eos.float().mean(),
         }
         local = {k: float(v) for k, v in local.items()}
-        if self.config.fusion:
+        if self.config.fusion and self.fusion_stats is not None:
             local.update(self.fusion_stats.metrics())
         else:  # the scoring passes compute every row at the batch's full width
             local["score/padded_fraction"] = rollout.padded_fraction()
         local.update(objective_base.group_stats(rollout.raw_scores, rollout.group_size))
         local.update(self.objective.metrics(batch))
         local.update(stats)
-        if self.accelerator.num_processes > 1:
+        local.update(self.async_stats)
+        if self.data_parallel:
             values = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
             local = dict(zip(local, values.tolist()))
-        tokens = float(lengths.sum()) * self.accelerator.num_processes
+        tokens = float(lengths.sum()) * self.world
         local.update({
             "objective/kl_coef": self.kl_controller.value,
-            "response/count": len(lengths) * self.accelerator.num_processes,  # all processes
+            "response/count": len(lengths) * self.world,  # all processes
             "speed/iteration_seconds": seconds,
             "speed/tokens_per_second": tokens / max(seconds, 1e-9),
             **{f"lr/{name}": group["lr"] for name, group in zip(self.group_names, self.optimizer.param_groups)},
@@ -334,7 +402,7 @@ class PPOTrainer:
         for param in self.trainable:
             digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         local = torch.tensor(list(digest.digest()), dtype=torch.uint8, device=self.device)
-        gathered = self.accelerator.gather(local[None]) if self.accelerator.num_processes > 1 else local[None]
+        gathered = self.accelerator.gather(local[None]) if self.data_parallel else local[None]
         return [bytes(row.tolist()).hex() for row in gathered.cpu()]
 
     # -------------------------------------------------------------------------------------- checkpoints
@@ -348,7 +416,8 @@ class PPOTrainer:
                 torch.save(self._state_dict(), staging / STATE_FILE)
 
             write_atomically(target, write)
-        self.accelerator.wait_for_everyone()
+        if self.data_parallel:
+            self.accelerator.wait_for_everyone()
         return target
 
     def _state_dict(self) -> dict:

@@ -232,8 +232,8 @@ def test_gradient_accumulation_weights_tokens_like_one_pass(tiny_model, tokenize
     trainer.profiler.close()
     model, config = trainer.model, trainer.config
     torch.manual_seed(0)
-    ids, mask = trainer._next_prompts()
-    rollout = experience.generate(model, ids, mask, trainer.generation_kwargs, trainer.eos_token_ids,
+    ids, mask = trainer.experience.prompts(0)
+    rollout = experience.generate(model, ids, mask, trainer.experience.generation_kwargs, trainer.eos_token_ids,
                                   samples_per_prompt=config.samples_per_prompt)
     # responses of unequal length: rows end after 1, 6, 2 and 6 ... tokens
     lengths = torch.tensor([1, 6, 2, 6, 3, 6, 1, 5])[: len(rollout.input_ids)]

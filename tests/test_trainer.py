@@ -175,7 +175,7 @@ def test_prompts_padded_to_max_length_give_fixed_shapes(tiny_model, tokenizer, p
                        stop_at_eos=False, max_prompt_length=80, pad_prompts_to_max_length=True, output_dir=str(tmp_path))
     trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
     try:
-        ids, mask = trainer._next_prompts()
+        ids, mask = trainer.experience.prompts(0)
     finally:
         trainer.profiler.close()
     assert ids.shape == (2, 80) and 0 < mask.sum(1).max() < 80

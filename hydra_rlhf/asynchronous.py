@@ -1,0 +1,289 @@
+"""Asynchronous off-policy training (Noukhov et al., "Asynchronous RLHF", arXiv 2410.18252): a generator makes
+batch i+1 with an older actor while the learner trains on batch i.
+
+**Schedule.** Batch ``i`` is sampled by the actor after exactly ``max(start, i - max_staleness)`` learner
+updates (its *policy version*), so its staleness when trained (the learner has made ``i`` updates by then) is
+at most ``max_staleness`` by construction, and a run is as reproducible as a synchronous one: the generator
+waits for that version, never uses a newer one. ``max_staleness: 0`` is the synchronous schedule run through
+the generator (a test holds it equal to the synchronous loop). The learner still checks every sample's version
+and drops (and counts) any group staler than the bound.
+
+**What the generator does.** Stages 1-3 of the iteration for its batch (``ExperienceMaker``): sample; the
+adapters-off pass (reference log-probs and reward); the actor's log-probs of its own samples, which are the
+behaviour policy's log-probs, pi_old of every ratio-based objective. Only the critic's values are left to the
+learner, who owns the critic.
+
+**Two layouts**, one loop (``generate_batches``) behind two channels:
+
+* ``LocalChannel``: one device. The generator is a child process (``torch.multiprocessing``, spawn). The model
+  goes to it through torch's tensor sharing (CPU tensors move into shared memory, CUDA tensors go through CUDA
+  IPC), so the frozen base exists once; the child then clones the actor adapter, its only private weights.
+* ``DistributedChannel``: two processes (``accelerate launch --num_processes 2``, the paper's layout for two
+  GPUs): rank 0 learns, rank 1 generates; batches and adapters go over a gloo group of torch.distributed.
+
+**Adapter-only sync.** After each update the learner sends the actor adapter as one flat vector
+(``parameters_to_vector``: megabytes; never the base), and logs its bytes and seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from .experience import ExperienceMaker
+from .fusion import FusionStats
+from .rollout import Rollout
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5  # how often a waiting side checks that the other is still alive
+
+
+class GeneratorFailed(RuntimeError):
+    """The generator stopped with an error, or died; the message names which and why."""
+
+
+@dataclass
+class GeneratedBatch:
+    """What the generator sends for one batch."""
+
+    index: int  # the batch (= the learner iteration that trains on it)
+    version: int  # learner updates the actor that sampled it had seen
+    rollout: Rollout
+    seconds: float  # sampling and scoring
+    wait_seconds: float  # waiting for the adapter version it needed
+    load_seconds: float  # loading that adapter
+    fusion_stats: FusionStats | None = None  # the fused loop's counts, with fusion
+
+
+@dataclass
+class Failure:
+    """Sent instead of a batch when the generator raises, so the learner stops with the reason."""
+
+    message: str
+
+
+def policy_version_for(index: int, max_staleness: int, start: int = 0) -> int:
+    """The policy version batch ``index`` is sampled with: ``max_staleness`` updates behind, never before the
+    run's (or the resume's) first version."""
+    return max(start, index - max_staleness)
+
+
+def actor_parameters(model) -> list[torch.nn.Parameter]:
+    """The actor adapter: the only weights the generator needs from the learner."""
+    if model.plan["policy"][1] in (None, "<full>"):
+        raise ValueError(f"async_generation sends only the actor adapter to the generator; mode {model.mode!r} has "
+                         "no adapter policy. Use mode hydra, j-hydra or lora.")
+    return model.parameter_groups()["actor"]
+
+
+def drop_stale(rollout: Rollout, learner_version: int, max_staleness: int) -> tuple[Rollout | None, int]:
+    """Drop every group (a prompt's k samples) with a sample staler than ``max_staleness``. Returns the rest (None
+    if nothing is left) and the number of samples dropped."""
+    stale = (learner_version - rollout.policy_version) > max_staleness
+    stale_groups = stale.view(-1, rollout.group_size).any(-1)
+    if not stale_groups.any():
+        return rollout, 0
+    dropped = int(stale_groups.sum()) * rollout.group_size
+    if stale_groups.all():
+        return None, dropped
+    rows = (~stale_groups).repeat_interleave(rollout.group_size).nonzero().squeeze(-1)
+    return rollout.select(rows), dropped
+
+
+# ------------------------------------------------------------------------------------------- the generator
+
+
+def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: int, max_staleness: int) -> None:
+    """Make batches ``start .. end - 1``, each with its scheduled policy version, and send them in order."""
+    actor = actor_parameters(model)
+    version = start  # the weights it was handed: the learner's at ``start``
+    for index in range(start, end):
+        waited = loaded = 0.0
+        while version < policy_version_for(index, max_staleness, start):
+            began = time.perf_counter()
+            version, vector = channel.receive_adapter()
+            received = time.perf_counter()
+            vector_to_parameters(vector.to(actor[0].device), actor)
+            waited, loaded = waited + received - began, loaded + time.perf_counter() - received
+        began = time.perf_counter()
+        stats = FusionStats() if maker.config.fusion else None
+        rollout = maker.make(model, index, values=False, fusion_stats=stats)
+        rollout.policy_version = torch.full((len(rollout.input_ids),), version, device=rollout.input_ids.device)
+        channel.send_batch(GeneratedBatch(index, version, rollout, time.perf_counter() - began, waited, loaded, stats))
+
+
+def _generator_process(model, maker, start, end, max_staleness, channel, threads) -> None:
+    """The child process of ``LocalChannel``: its own copy of the actor adapter, then the loop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's: it stops this process itself
+    if threads:
+        torch.set_num_threads(threads)
+    channel.parent = multiprocessing.parent_process()
+    try:
+        for param in actor_parameters(model):
+            param.data = param.data.clone()  # private: the learner updates its own copy in place
+        generate_batches(model, maker, channel, start, end, max_staleness)
+        while True:  # a tensor sent through a queue lives in this process until read: stay until told to stop
+            channel.wait_for_stop()
+    except _ParentGone:
+        pass
+    except BaseException as error:  # noqa: BLE001 - every failure must reach the learner as one line
+        channel.batches.put(Failure(f"{type(error).__name__}: {error}"))
+
+
+class _ParentGone(Exception):
+    pass
+
+
+class LocalChannel:
+    """One device: the generator in a spawned child process, sharing the model's tensors with the learner."""
+
+    def __init__(self, model, maker: ExperienceMaker, start: int, end: int, max_staleness: int, threads: int = 0):
+        context = torch.multiprocessing.get_context("spawn")
+        self.batches = context.Queue(maxsize=max(1, max_staleness))  # bounded: the generator runs N batches ahead
+        self.adapters = context.Queue()
+        self.stopping = context.Event()
+        self.parent = None  # set in the child
+        self.process = context.Process(target=_generator_process, name="hydra-rlhf-generator", daemon=True,
+                                       args=(model, maker, start, end, max_staleness, self, threads))
+        self.process.start()
+
+    def __getstate__(self):  # what the child gets: the queues and the event, not the process handle
+        return {k: v for k, v in self.__dict__.items() if k != "process"}
+
+    # learner side
+    def receive_batch(self) -> GeneratedBatch:
+        while True:
+            try:
+                item = self.batches.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise GeneratorFailed(f"the generator process died (exit code {self.process.exitcode}) before "
+                                          "sending its next batch") from None
+                continue
+            if isinstance(item, Failure):
+                raise GeneratorFailed(f"the generator process failed: {item.message}")
+            return item
+
+    def send_adapter(self, version: int, vector: torch.Tensor) -> None:
+        self.adapters.put((version, vector))
+
+    def close(self) -> None:
+        """Stop the generator (it may be mid-batch or waiting) and reap it within seconds."""
+        self.stopping.set()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+        for q in (self.batches, self.adapters):
+            q.cancel_join_thread()  # never block the learner's exit on unread items
+            q.close()
+
+    # generator side
+    def receive_adapter(self) -> tuple[int, torch.Tensor]:
+        while True:
+            self._check_parent()
+            try:
+                return self.adapters.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+
+    def send_batch(self, batch: GeneratedBatch) -> None:
+        while True:
+            self._check_parent()
+            try:
+                return self.batches.put(batch, timeout=POLL_SECONDS)
+            except queue.Full:
+                continue
+
+    def wait_for_stop(self) -> None:
+        self.stopping.wait(POLL_SECONDS)
+        self._check_parent()
+
+    def _check_parent(self) -> None:
+        if self.stopping.is_set() or (self.parent is not None and not self.parent.is_alive()):
+            raise _ParentGone
+
+
+class DistributedChannel:
+    """Two processes: rank ``learner`` trains, rank ``generator`` generates. Batches go as objects, adapters as
+    one flat tensor; both over a gloo group, so CUDA and CPU runs take the same path (tensors cross on CPU)."""
+
+    def __init__(self, learner: int = 0, generator: int = 1):
+        import torch.distributed as dist
+
+        self.dist, self.learner, self.generator = dist, learner, generator
+        self.group = dist.new_group(backend="gloo")
+        self.rank = dist.get_rank()
+        self.pending = []  # the learner's in-flight adapter sends (and their buffers), until delivered
+        self.template = None  # the generator's: an adapter vector of the right size and dtype
+
+    def receive_batch(self) -> GeneratedBatch:
+        box = [None]
+        self.dist.recv_object_list(box, src=self.generator, group=self.group)
+        if isinstance(box[0], Failure):
+            raise GeneratorFailed(f"the generator (rank {self.generator}) failed: {box[0].message}")
+        return box[0]
+
+    def send_adapter(self, version: int, vector: torch.Tensor) -> None:
+        # Non-blocking: the generator takes version v only when a batch needs it, while the learner already
+        # waits for that batch; a blocking send would deadlock the two.
+        self.pending = [(work, buffer) for work, buffer in self.pending if not work.is_completed()]
+        for message in (torch.tensor([version]), vector.cpu()):
+            self.pending.append((self.dist.isend(message, dst=self.generator, group=self.group), message))
+
+    def close(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending = []
+
+    def receive_adapter(self) -> tuple[int, torch.Tensor]:
+        version, vector = torch.empty(1, dtype=torch.long), torch.empty_like(self.template)
+        self.dist.recv(version, src=self.learner, group=self.group)
+        self.dist.recv(vector, src=self.learner, group=self.group)
+        return int(version), vector
+
+    def send_batch(self, batch: GeneratedBatch) -> None:
+        batch.rollout = to_device(batch.rollout, "cpu")
+        self.dist.send_object_list([batch], dst=self.learner, group=self.group)
+
+    def send_failure(self, message: str) -> None:
+        self.dist.send_object_list([Failure(message)], dst=self.learner, group=self.group)
+
+
+def run_generator_rank(model, maker: ExperienceMaker, channel: DistributedChannel, start: int, end: int,
+                       max_staleness: int) -> None:
+    """The generator rank of a two-process run: the loop, with any error sent to the learner as one line."""
+    channel.template = adapter_vector(model).cpu()
+    try:
+        generate_batches(model, maker, channel, start, end, max_staleness)
+    except Exception as error:  # noqa: BLE001
+        channel.send_failure(f"{type(error).__name__}: {error}")
+        raise
+
+
+def to_device(rollout: Rollout, device) -> Rollout:
+    return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(rollout).items()})
+
+
+def cpu_threads_split() -> tuple[int, int]:
+    """(learner, generator) CPU threads when both share this machine's cores: half each."""
+    total = torch.get_num_threads()
+    return max(1, total // 2), max(1, total - total // 2)
+
+
+def adapter_vector(model) -> torch.Tensor:
+    """The actor adapter, flattened (a copy: the learner keeps training its own)."""
+    return parameters_to_vector(actor_parameters(model)).detach().clone()
+
+
+__all__ = ["LocalChannel", "DistributedChannel", "GeneratedBatch", "GeneratorFailed", "drop_stale",
+           "generate_batches", "policy_version_for", "run_generator_rank", "adapter_vector", "cpu_threads_split",
+           "to_device"]

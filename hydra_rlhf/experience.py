@@ -1,0 +1,73 @@
+"""Stages 1-3 of an iteration, for any batch index: which prompts, which sampling seed, generate and score.
+
+``ExperienceMaker`` is plain data (prompt token ids, settings), so the same object serves the trainer's own
+loop and a generator process (``hydra_rlhf.asynchronous``): batch ``i`` gets the same prompts and the same
+sampling seed wherever it is made, and a resumed run makes the batches it has not trained yet.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from . import fusion, rollout as stages
+from .data import left_pad
+from .layout import FUSED_STAGE
+
+
+def no_stage(name: str):
+    return nullcontext()
+
+
+@dataclass
+class ExperienceMaker:
+    prompt_ids: list[list[int]]  # this process's prompts, tokenized
+    config: object  # the PPOConfig
+    generation_kwargs: dict
+    eos_token_ids: list[int]  # every token that ends a response
+    eos_token_id: int  # the tokenizer's EOS, where the reward head reads a cut-off response
+    pad_token_id: int
+    rank: int = 0
+    device: str = "cpu"
+
+    def seed(self, iteration: int, purpose: str) -> int:
+        """A function of (seed, iteration, rank): resumes and generator processes reproduce it."""
+        offset = {"sample": 0, "shuffle": 1}[purpose]
+        return (self.config.seed * 1_000_003 + iteration * 7919 + offset) * 131 + self.rank
+
+    def prompts(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``iteration``'s prompts: a seeded permutation per pass over the data."""
+        size, n = self.config.batch_size, len(self.prompt_ids)
+        epoch, index = divmod(iteration, n // size)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
+        chosen = [self.prompt_ids[i] for i in order[index * size : (index + 1) * size]]
+        length = self.config.max_prompt_length if self.config.pad_prompts_to_max_length else None
+        ids, mask = left_pad(chosen, self.pad_token_id, length)
+        return ids.to(self.device), mask.to(self.device)
+
+    def make(self, model, iteration: int, stage=no_stage, values: bool = True,
+             fusion_stats: fusion.FusionStats | None = None) -> stages.Rollout:
+        """Stages 1-3 for batch ``iteration``: sample, score with adapters off, score with the actor (and the
+        critic, unless ``values`` is off). With fusion the three overlap and are one profiler stage."""
+        config = self.config
+        torch.manual_seed(self.seed(iteration, "sample"))
+        prompt_ids, prompt_mask = self.prompts(iteration)
+        model.eval()
+        if config.fusion:  # finished responses are scored while the longest still decode
+            with stage(FUSED_STAGE):
+                return fusion.fused_rollout(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
+                                            config.temperature, self.eos_token_id, config.fusion_tail_fraction,
+                                            config.samples_per_prompt, fusion_stats, values)
+        # step 1. generate: the actor samples k responses for each prompt of a batch
+        with stage("generate"):
+            rollout = stages.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
+                                      samples_per_prompt=config.samples_per_prompt)
+        # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
+        with stage("score_frozen"):
+            stages.score_frozen(model, rollout, config.temperature, self.eos_token_id)
+        # step 3. score_policy: the actor's log-probs at sampling time, and the critic's values (PPO only)
+        with stage("score_policy"):
+            stages.score_policy(model, rollout, config.temperature, values)
+        return rollout
