@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -123,23 +125,26 @@ def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: in
 def _generator_process(model, maker, start, end, max_staleness, channel, threads) -> None:
     """The child process of ``LocalChannel``: its own copy of the actor adapter, then the loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's: it stops this process itself
+    threading.Thread(target=_exit_with_learner, args=(channel.stopping,), daemon=True).start()
     if threads:
         torch.set_num_threads(threads)
-    channel.parent = multiprocessing.parent_process()
     try:
         for param in actor_parameters(model):
             param.data = param.data.clone()  # private: the learner updates its own copy in place
         generate_batches(model, maker, channel, start, end, max_staleness)
-        while True:  # a tensor sent through a queue lives in this process until read: stay until told to stop
-            channel.wait_for_stop()
-    except _ParentGone:
-        pass
     except BaseException as error:  # noqa: BLE001 - every failure must reach the learner as one line
         channel.batches.put(Failure(f"{type(error).__name__}: {error}"))
+    channel.stopping.wait()  # a tensor sent through a queue lives in this process until read: stay until told
 
 
-class _ParentGone(Exception):
-    pass
+def _exit_with_learner(stopping) -> None:
+    """The generator's watchdog: it ends the process within a poll interval of a stop or of the learner's death,
+    whatever the generator is doing (mid-batch too); there is nothing of its own to save."""
+    learner = multiprocessing.parent_process()
+    while not stopping.wait(POLL_SECONDS):
+        if not learner.is_alive():
+            break
+    os._exit(0)
 
 
 class LocalChannel:
@@ -150,7 +155,6 @@ class LocalChannel:
         self.batches = context.Queue(maxsize=max(1, max_staleness))  # bounded: the generator runs N batches ahead
         self.adapters = context.Queue()
         self.stopping = context.Event()
-        self.parent = None  # set in the child
         self.process = context.Process(target=_generator_process, name="hydra-rlhf-generator", daemon=True,
                                        args=(model, maker, start, end, max_staleness, self, threads))
         self.process.start()
@@ -186,30 +190,12 @@ class LocalChannel:
             q.cancel_join_thread()  # never block the learner's exit on unread items
             q.close()
 
-    # generator side
+    # generator side (its watchdog ends it if the learner stops or dies while it waits here)
     def receive_adapter(self) -> tuple[int, torch.Tensor]:
-        while True:
-            self._check_parent()
-            try:
-                return self.adapters.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
+        return self.adapters.get()
 
     def send_batch(self, batch: GeneratedBatch) -> None:
-        while True:
-            self._check_parent()
-            try:
-                return self.batches.put(batch, timeout=POLL_SECONDS)
-            except queue.Full:
-                continue
-
-    def wait_for_stop(self) -> None:
-        self.stopping.wait(POLL_SECONDS)
-        self._check_parent()
-
-    def _check_parent(self) -> None:
-        if self.stopping.is_set() or (self.parent is not None and not self.parent.is_alive()):
-            raise _ParentGone
+        self.batches.put(batch)
 
 
 class DistributedChannel:
@@ -240,8 +226,14 @@ class DistributedChannel:
             self.pending.append((self.dist.isend(message, dst=self.generator, group=self.group), message))
 
     def close(self) -> None:
+        """Let the adapter sends still in flight finish (after a Ctrl-C the generator may never take them)."""
+        from datetime import timedelta
+
         for work, _ in self.pending:
-            work.wait()
+            try:
+                work.wait(timedelta(seconds=5))
+            except RuntimeError:
+                break
         self.pending = []
 
     def receive_adapter(self) -> tuple[int, torch.Tensor]:
@@ -264,9 +256,11 @@ def run_generator_rank(model, maker: ExperienceMaker, channel: DistributedChanne
     channel.template = adapter_vector(model).cpu()
     try:
         generate_batches(model, maker, channel, start, end, max_staleness)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
+        # The learner reports it (one line) and ends the run; this rank ends quietly so the launcher does not
+        # tear the learner down before it has said why.
+        logger.error("generator rank failed: %s: %s", type(error).__name__, error)
         channel.send_failure(f"{type(error).__name__}: {error}")
-        raise
 
 
 def to_device(rollout: Rollout, device) -> Rollout:
@@ -284,6 +278,3 @@ def adapter_vector(model) -> torch.Tensor:
     return parameters_to_vector(actor_parameters(model)).detach().clone()
 
 
-__all__ = ["LocalChannel", "DistributedChannel", "GeneratedBatch", "GeneratorFailed", "drop_stale",
-           "generate_batches", "policy_version_for", "run_generator_rank", "adapter_vector", "cpu_threads_split",
-           "to_device"]
