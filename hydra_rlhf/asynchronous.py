@@ -134,16 +134,17 @@ def _generator_process(model, maker, start, end, max_staleness, channel, threads
         generate_batches(model, maker, channel, start, end, max_staleness)
     except BaseException as error:  # noqa: BLE001 - every failure must reach the learner as one line
         channel.batches.put(Failure(f"{type(error).__name__}: {error}"))
-    channel.stopping.wait()  # a tensor sent through a queue lives in this process until read: stay until told
+    while True:  # a tensor sent through a queue lives in this process until read: the watchdog ends it
+        time.sleep(POLL_SECONDS)
 
 
 def _exit_with_learner(stopping) -> None:
     """The generator's watchdog: it ends the process within a poll interval of a stop or of the learner's death,
-    whatever the generator is doing (mid-batch too); there is nothing of its own to save."""
+    whatever the generator is doing (mid-batch too); there is nothing of its own to save. A plain shared flag,
+    not an Event: an Event's condition deadlocks its setter when a waiter was killed."""
     learner = multiprocessing.parent_process()
-    while not stopping.wait(POLL_SECONDS):
-        if not learner.is_alive():
-            break
+    while not stopping.value and learner.is_alive():
+        time.sleep(POLL_SECONDS)
     os._exit(0)
 
 
@@ -154,7 +155,7 @@ class LocalChannel:
         context = torch.multiprocessing.get_context("spawn")
         self.batches = context.Queue(maxsize=max(1, max_staleness))  # bounded: the generator runs N batches ahead
         self.adapters = context.Queue()
-        self.stopping = context.Event()
+        self.stopping = context.RawValue("b", 0)  # set to 1: the generator ends
         self.process = context.Process(target=_generator_process, name="hydra-rlhf-generator", daemon=True,
                                        args=(model, maker, start, end, max_staleness, self, threads))
         self.process.start()
@@ -181,7 +182,7 @@ class LocalChannel:
 
     def close(self) -> None:
         """Stop the generator (it may be mid-batch or waiting) and reap it within seconds."""
-        self.stopping.set()
+        self.stopping.value = 1
         self.process.join(timeout=5)
         if self.process.is_alive():
             self.process.terminate()

@@ -196,6 +196,37 @@ def persistent_bytes(model, optimizer) -> int:
     return storage_bytes([*model.parameters(), *model.buffers(), *state])
 
 
+def process_tree_pss(pid: int | None = None) -> int:
+    """Proportional set size (Linux) of a process and all its children, summed: memory two processes share (the
+    async generator's base) counts once in the sum, split between them. 0 where PSS is not available."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.Error, AttributeError):  # gone meanwhile, or no PSS on this platform
+            pass
+    return total
+
+
+def torch_shared_bytes(pid: int, other_pid: int) -> int:
+    """Resident bytes, in ``pid``, of torch's shared-memory segments that ``other_pid`` maps too: tensors the two
+    processes hold once between them (CPU tensors sent through ``torch.multiprocessing``)."""
+    import psutil
+
+    def segments(process_id: int) -> dict[str, int]:
+        found: dict[str, int] = defaultdict(int)
+        for mapping in psutil.Process(process_id).memory_maps(grouped=False):
+            if "/torch_" in mapping.path:
+                found[mapping.path] += mapping.rss
+        return found
+
+    mine, theirs = segments(pid), segments(other_pid)
+    return sum(size for path, size in mine.items() if path in theirs)
+
+
 def summarize(history: list[dict[str, dict]]) -> dict[str, dict]:
     stages: dict[str, dict] = defaultdict(lambda: {"peak_bytes": 0, "delta_bytes": [], "seconds": []})
     for record in history:
