@@ -72,7 +72,8 @@ def recipe(config: str, sft: Path, output: Path, flags: list[str]) -> list[str]:
 
 def speed(args, flags: list[str]) -> dict:
     """Sync, async on one device, async on two processes: the same PPO recipe, measured one after another."""
-    base = ["--num_iterations", str(args.speed_iterations), "--eval_prompts_path", "", "--save_every", "0", *flags]
+    iterations = ["--num_iterations", str(args.speed_iterations)] if args.speed_iterations else []
+    base = [*iterations, "--eval_prompts_path", "", "--save_every", "0", *flags]
     layouts = {
         "sync": [sys.executable],
         "async": [sys.executable],
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                         "(made here with --sft_config if absent).")
     parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
     parser.add_argument("--speed_config", default="recipes/configs/ppo_smollm2.yaml")
-    parser.add_argument("--speed_iterations", type=int, default=4)
+    parser.add_argument("--speed_iterations", type=int, help="Iterations of each speed run (default: the recipe's).")
     parser.add_argument("--config_pattern", default="recipes/configs/{objective}_smollm2.yaml")
     parser.add_argument("--objectives", default="ppo,rloo,online_dpo")
     parser.add_argument("--staleness", default="0,1,2,4", help="Comma-separated; 0 is the synchronous loop. Empty: "
