@@ -65,6 +65,8 @@ class PPOTrainer:
                              f"generator ranks), not {processes}: launch with --num_processes 1 or 2.")
         if config.async_generation:
             asynchronous.actor_parameters(model)  # an adapter policy, or a one-line error now
+            if processes == 1:  # the generator child will map these; moved now, before anything records addresses
+                model.share_memory()
         self.data_parallel = processes > 1 and not config.async_generation
         self.world = processes if self.data_parallel else 1
         self.role = "generator" if config.async_generation and self.accelerator.process_index == 1 else "learner"
@@ -185,8 +187,6 @@ class PPOTrainer:
         else:  # async: the generator made this batch with an older actor, while the learner trained on the last
             with stage("receive"):
                 rollout = self._receive_experience()
-            if rollout is None:  # every group was staler than max_staleness (dropped and counted)
-                return self._skip_iteration(started)
             if model.has_critic:
                 with stage("score_policy"):
                     model.eval()
@@ -279,7 +279,7 @@ class PPOTrainer:
             self.generator = asynchronous.DistributedChannel()
         else:
             threads = 0
-            if self.device.type == "cpu":  # the two processes share the cores: half each
+            if self.device.type == "cpu":  # the two processes share the cores (cpu_threads_split says how)
                 learner_threads, threads = asynchronous.cpu_threads_split()
                 torch.set_num_threads(learner_threads)
             self.generator = asynchronous.LocalChannel(self.model, self.experience, self.iteration,
@@ -297,15 +297,17 @@ class PPOTrainer:
         asynchronous.run_generator_rank(self.model, self.experience, channel, self.iteration,
                                         self.config.num_iterations, self.config.max_staleness)
 
-    def _receive_experience(self) -> experience.Rollout | None:
+    def _receive_experience(self) -> experience.Rollout:
         """The next batch from the generator, with its samples' staleness checked (too stale: dropped, counted)."""
         waited = time.perf_counter()
         batch = self.generator.receive_batch()
-        if batch.index != self.iteration:
-            raise asynchronous.GeneratorFailed(f"the generator sent batch {batch.index}, expected {self.iteration}")
         rollout = asynchronous.to_device(batch.rollout, self.device)
         staleness = (self.iteration - rollout.policy_version).float().mean()
         kept, dropped = asynchronous.drop_stale(rollout, self.iteration, self.config.max_staleness)
+        if batch.index != self.iteration or kept is None:  # the schedule rules both out: generator and learner disagree
+            raise asynchronous.GeneratorFailed(
+                f"the generator sent batch {batch.index} made with policy version {batch.version}; the learner, at "
+                f"iteration {self.iteration} with max_staleness {self.config.max_staleness}, cannot train on it")
         self.fusion_stats = batch.fusion_stats
         self.async_stats = {"async/batch": batch.index, "async/policy_version": batch.version,
                             "async/staleness": float(staleness), "async/dropped_samples": dropped,
@@ -325,16 +327,6 @@ class PPOTrainer:
         self.generator.send_adapter(self.iteration, vector)
         self.async_stats.update({"async/sync_bytes": vector.numel() * vector.element_size(),
                                  "async/sync_seconds": time.perf_counter() - started})
-
-    def _skip_iteration(self, started: float) -> dict:
-        """An iteration whose whole batch was too stale: nothing to learn; the schedule moves on."""
-        self.iteration += 1
-        self._send_adapter()
-        metrics = {**self.async_stats, "speed/iteration_seconds": time.perf_counter() - started}
-        logger.warning("Iteration %d: every sample was staler than max_staleness %d; dropped.", self.iteration,
-                       self.config.max_staleness)
-        self._log(metrics)
-        return metrics
 
     def _all_ranks(self, flag: torch.Tensor) -> bool:
         flag = flag.float().to(self.device).reshape(1)

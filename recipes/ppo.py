@@ -3,10 +3,13 @@
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
     python recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --mode lora --num_iterations 2
+    python recipes/ppo.py --config recipes/configs/online_dpo_smollm2.yaml --async_generation true
+    accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --async_generation true
 
 Two processes work on a CPU-only machine too: `--multi_gpu` only selects accelerate's torchrun launcher
 (`--cpu` would force a single process); each process then runs on CPU with gloo, and the trainer averages
-the adapters' gradients across them.
+the adapters' gradients across them. With `--async_generation true`, two processes are a learner (rank 0) and a
+generator (rank 1) instead; on one process the generator is a child process sharing the base.
 
 Every field of HydraModelConfig and PPOConfig is a YAML key and a --flag (flags override the YAML);
 `python recipes/ppo.py --help` lists them with their help.

@@ -115,6 +115,11 @@ def test_async_at_staleness_0_is_the_synchronous_run(tiny_model, tokenizer, tmp_
         for key in COMPARED:
             assert through_generator[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
     assert [m["async/staleness"] for m in async_0] == [0, 0, 0, 0]
+    # the learner's memory in the stages it shares with the synchronous loop: the same (the base counted once)
+    for plain, through_generator in zip(sync, async_0, strict=True):
+        for stage in ("advantages", "train"):
+            key = f"memory/{stage}_peak_bytes"
+            assert through_generator[key] == pytest.approx(plain[key], rel=0.01), key
 
     # At staleness 1 the learner trains batch 1 on samples of the untrained actor, made while it trained on
     # batch 0: the generator's actor is its own copy, untouched by the learner's updates.
@@ -132,6 +137,28 @@ def test_async_at_staleness_0_is_the_synchronous_run(tiny_model, tokenizer, tmp_
     # adapter-only sync: the actor adapter's bytes, sent while a later batch still needs them
     adapter_bytes = sum(p.numel() * p.element_size() for p in asynchronous.actor_parameters(trainer.model))
     assert [m["async/sync_bytes"] for m in async_1] == [adapter_bytes, adapter_bytes, 0, 0]  # batch 3 needs version 2
+
+
+def test_async_runs_with_fusion(tiny_model, tokenizer, tmp_path):
+    # The generator makes its batches with the fused loop (finished rows retire and are scored while the rest
+    # decode); through the synchronous schedule that is the synchronous fused run, counts included.
+    sync = train(make_trainer(tiny_model, tokenizer, tmp_path / "sync", fusion=True, num_iterations=2))
+    async_0 = train(make_trainer(tiny_model, tokenizer, tmp_path / "async", fusion=True, num_iterations=2,
+                                 async_generation=True, max_staleness=0))
+    for plain, through_generator in zip(sync, async_0, strict=True):
+        for key in (*COMPARED, "fusion/decode_rows_computed", "score/padded_fraction"):
+            assert through_generator[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+
+
+def test_async_needs_an_adapter_policy(tiny_model, tokenizer, tmp_path):
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.trainer import PPOTrainer
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="full"))
+    config = PPOConfig(batch_size=4, minibatch_size=4, output_dir=str(tmp_path), async_generation=True)
+    with pytest.raises(ValueError, match="mode 'full' has no adapter policy. Use mode hydra, j-hydra or lora"):
+        PPOTrainer(model, tokenizer, config, [[{"role": "user", "content": "Hi?"}]] * 8)
 
 
 def test_the_generator_maps_the_learners_base(tiny_model, tokenizer, tmp_path):
@@ -153,17 +180,26 @@ def test_the_generator_maps_the_learners_base(tiny_model, tokenizer, tmp_path):
     assert not channel.process.is_alive()
 
 
-def test_two_processes_give_the_one_device_run(tiny_model, prompts_file, tmp_path):
-    # The paper's layout: `accelerate launch --num_processes 2`, rank 1 generates, rank 0 learns; adapters go
-    # over torch.distributed. Same schedule, so the same run as the generator child process on one device.
+def tiny(tiny_model, prompts_file, output) -> list[str]:
+    """Flags that shrink a shipped config to the tiny model, one short run."""
+    return ["--model_name_or_path", tiny_model, "--lora_layers", "1", "--prompts_path", str(prompts_file),
+            "--eval_prompts_path", "", "--num_iterations", "3", "--max_new_tokens", "5", "--save_every", "0",
+            "--output_dir", str(output)]
+
+
+@pytest.mark.parametrize("config", ["ppo_smollm2.yaml", "online_dpo_smollm2.yaml"])
+def test_two_processes_give_the_one_device_run(tiny_model, prompts_file, tmp_path, config):
+    # The README's commands: the generator as a child process, and the paper's layout (`accelerate launch
+    # --num_processes 2`: rank 1 generates, rank 0 learns, adapters over torch.distributed). Same schedule, so
+    # the same run.
     runs = {}
     for name, launcher in (("one", [PYTHON]), ("two", [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2"])):
         output = tmp_path / name
-        config = ppo_config(tmp_path / f"{name}.yaml", tiny_model, prompts_file, output, num_iterations=3,
-                            save_every=0, async_generation=True, max_new_tokens=6)
-        run([*launcher, "recipes/ppo.py", "--config", str(config)], env={"OMP_NUM_THREADS": "1"})
+        run([*launcher, "recipes/ppo.py", "--config", f"recipes/configs/{config}", "--async_generation", "true",
+             "--max_staleness", "1", *tiny(tiny_model, prompts_file, output)], env={"OMP_NUM_THREADS": "1"})
         runs[name] = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
         assert json.loads((output / "summary.json").read_text())["iterations"] == 3
+    assert [m["async/staleness"] for m in runs["one"]] == [0, 1, 1]
     for one, two in zip(runs["one"], runs["two"], strict=True):
         for key in (*COMPARED, "async/policy_version", "async/sync_bytes"):
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
@@ -243,3 +279,26 @@ def test_ctrl_c_then_resume_trains_every_batch_exactly_once(tiny_model, prompts_
     resumed = rows[len(first)]
     assert resumed["async/policy_version"] == len(first)  # the resumed generator starts from the checkpoint
     assert json.loads((output / "summary.json").read_text())["iterations"] == iterations
+
+
+def test_async_benchmark_on_a_tiny_model(tiny_model, prompts_file, pairs_files, tmp_path):
+    out = tmp_path / "async.json"
+    shared = [f"model_name_or_path={tiny_model}", "lora_r=4", "lora_layers=1", "max_new_tokens=5", "num_iterations=2",
+              "batch_size=4", "minibatch_size=4", "num_eval_prompts=4", f"prompts_path={prompts_file}",
+              f"eval_prompts_path={prompts_file}"]
+    sft = [f"model_name_or_path={tiny_model}", "lora_r=4", "lora_layers=1", f"train_path={pairs_files[0]}",
+           f"eval_path={pairs_files[1]}", "max_train_pairs=16"]
+    result = run([PYTHON, "benchmarks/async_rlhf.py", "--sft", str(tmp_path / "sft"), "--output_dir", str(tmp_path),
+                  "--objectives", "online_dpo", "--staleness", "0,1", "--json", str(out),
+                  *[flag for item in shared for flag in ("--set", item)],
+                  *[flag for item in sft for flag in ("--sft_set", item)]], env={"OMP_NUM_THREADS": "1"})
+    assert "Synchronous vs asynchronous" in result.stdout and "by staleness" in result.stdout
+    data = json.loads(out.read_text())
+    speed = data["speed"]
+    assert {row["responses_generated"] for row in speed.values()} == {8}  # equal samples in every layout
+    assert speed["async"]["staleness"] == speed["async_two_processes"]["staleness"] == [0, 1]
+    assert data["speedup"] == pytest.approx(speed["sync"]["train_seconds"] / speed["async"]["train_seconds"])
+    assert speed["async"]["sync_bytes"] > 0 and all(row["peak_pss_bytes"] > 0 for row in speed.values())
+    assert speed["async"]["base_bytes_shared_with_generator"] > 0 == speed["sync"]["base_bytes_shared_with_generator"]
+    assert set(data["robustness"]["online_dpo"]) == {"0", "1"}
+    assert "online_dpo_staleness1_gold_delta" in data
