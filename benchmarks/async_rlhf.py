@@ -54,7 +54,7 @@ def launch(command: list[str], output: Path) -> dict:
         samples = 0
         while process.poll() is None:
             peak[0] = max(peak[0], process_tree_pss(process.pid))
-            if samples % 10 == 0:  # every 2 s: what the learner and its generator child map together
+            if not shared[0] or samples % 10 == 0:  # what the learner and its generator child map together
                 shared[0] = max(shared[0], _learner_generator_shared_bytes(process.pid))
             samples += 1
             time.sleep(0.2)
@@ -89,7 +89,7 @@ def recipe(config: str, sft: Path, output: Path, flags: list[str]) -> list[str]:
 def speed(args, flags: list[str]) -> dict:
     """Sync, async on one device, async on two processes: the same PPO recipe, measured one after another."""
     iterations = ["--num_iterations", str(args.speed_iterations)] if args.speed_iterations else []
-    base = [*iterations, "--eval_prompts_path", "", "--save_every", "0", *flags]
+    base = [*flags, *iterations, "--eval_prompts_path", "", "--save_every", "0"]  # (the speed runs' own win)
     layouts = {
         "sync": [sys.executable],
         "async": [sys.executable],

@@ -289,14 +289,14 @@ def test_async_benchmark_on_a_tiny_model(tiny_model, prompts_file, pairs_files, 
     sft = [f"model_name_or_path={tiny_model}", "lora_r=4", "lora_layers=1", f"train_path={pairs_files[0]}",
            f"eval_path={pairs_files[1]}", "max_train_pairs=16"]
     result = run([PYTHON, "benchmarks/async_rlhf.py", "--sft", str(tmp_path / "sft"), "--output_dir", str(tmp_path),
-                  "--objectives", "online_dpo", "--staleness", "0,1", "--json", str(out),
+                  "--objectives", "online_dpo", "--staleness", "0,1", "--json", str(out), "--speed_iterations", "8",
                   *[flag for item in shared for flag in ("--set", item)],
                   *[flag for item in sft for flag in ("--sft_set", item)]], env={"OMP_NUM_THREADS": "1"})
     assert "Synchronous vs asynchronous" in result.stdout and "by staleness" in result.stdout
     data = json.loads(out.read_text())
     speed = data["speed"]
-    assert {row["responses_generated"] for row in speed.values()} == {8}  # equal samples in every layout
-    assert speed["async"]["staleness"] == speed["async_two_processes"]["staleness"] == [0, 1]
+    assert {row["responses_generated"] for row in speed.values()} == {32}  # equal samples in every layout
+    assert speed["async"]["staleness"] == speed["async_two_processes"]["staleness"] == [0] + [1] * 7
     assert data["speedup"] == pytest.approx(speed["sync"]["train_seconds"] / speed["async"]["train_seconds"])
     assert speed["async"]["sync_bytes"] > 0 and all(row["peak_pss_bytes"] > 0 for row in speed.values())
     assert speed["async"]["base_bytes_shared_with_generator"] > 0 == speed["sync"]["base_bytes_shared_with_generator"]
