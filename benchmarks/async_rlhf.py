@@ -48,14 +48,15 @@ def launch(command: list[str], output: Path) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, shared = [0], [0]
+    peak, shared, private = [0], [0], [0]
 
     def sample() -> None:
         samples = 0
         while process.poll() is None:
             peak[0] = max(peak[0], process_tree_pss(process.pid))
             if not shared[0] or samples % 10 == 0:  # what the learner and its generator child map together
-                shared[0] = max(shared[0], _learner_generator_shared_bytes(process.pid))
+                both, generator_own = _generator_memory(process.pid)
+                shared[0], private[0] = max(shared[0], both), max(private[0], generator_own)
             samples += 1
             time.sleep(0.2)
 
@@ -68,18 +69,22 @@ def launch(command: list[str], output: Path) -> dict:
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return {"summary": json.loads((output / "summary.json").read_text()), "metrics": metrics,
             "wall_seconds": time.perf_counter() - started, "peak_pss_bytes": peak[0], "shared_bytes": shared[0],
+            "generator_private_bytes": private[0],
             "train_seconds": sum(m["speed/iteration_seconds"] for m in metrics)}
 
 
-def _learner_generator_shared_bytes(pid: int) -> int:
-    """Bytes of torch shared memory the process ``pid`` and its generator child both map (0 without a child)."""
+def _generator_memory(pid: int) -> tuple[int, int]:
+    """(bytes of torch shared memory the learner ``pid`` and its generator child both map, the generator's own
+    memory: its USS, what it alone holds); (0, 0) without a child."""
     import psutil
 
     try:
         children = [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
-        return torch_shared_bytes(children[0].pid, pid) if children else 0
+        if not children:
+            return 0, 0
+        return torch_shared_bytes(children[0].pid, pid), children[0].memory_full_info().uss
     except psutil.Error:  # the run ended meanwhile
-        return 0
+        return 0, 0
 
 
 def recipe(config: str, sft: Path, output: Path, flags: list[str]) -> list[str]:
@@ -112,6 +117,7 @@ def speed(args, flags: list[str]) -> dict:
             "wall_seconds": measured["wall_seconds"],
             "peak_pss_bytes": measured["peak_pss_bytes"],
             "base_bytes_shared_with_generator": measured["shared_bytes"],
+            "generator_private_bytes": measured["generator_private_bytes"],
             "learner_peak_bytes": measured["summary"]["peak_bytes"],
             "reward_per_iteration": [m["objective/reward"] for m in metrics],
         }
@@ -216,13 +222,14 @@ def print_tables(results: dict) -> None:
     if results["speed"]:
         table = Table(title="Synchronous vs asynchronous, equal samples and optimizer steps")
         for column in ("layout", "iterations", "responses", "train s", "s / iteration", "x sync", "peak PSS",
-                       "staleness"):
+                       "base shared", "generator's own", "staleness"):
             table.add_column(column, justify="left" if column == "layout" else "right")
         sync = results["speed"]["sync"]["train_seconds"]
         for name, row in results["speed"].items():
             table.add_row(name, str(row["iterations"]), str(row["responses_generated"]), f"{row['train_seconds']:.0f}",
                           f"{row['seconds_per_iteration']:.1f}", f"{sync / row['train_seconds']:.2f}",
-                          format_bytes(row["peak_pss_bytes"]),
+                          format_bytes(row["peak_pss_bytes"]), format_bytes(row["base_bytes_shared_with_generator"]),
+                          format_bytes(row["generator_private_bytes"]),
                           ",".join(f"{s:g}" for s in row.get("staleness", [])) or "0")
         console.print(table)
     if results["robustness"]:

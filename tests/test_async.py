@@ -300,5 +300,6 @@ def test_async_benchmark_on_a_tiny_model(tiny_model, prompts_file, pairs_files, 
     assert data["speedup"] == pytest.approx(speed["sync"]["train_seconds"] / speed["async"]["train_seconds"])
     assert speed["async"]["sync_bytes"] > 0 and all(row["peak_pss_bytes"] > 0 for row in speed.values())
     assert speed["async"]["base_bytes_shared_with_generator"] > 0 == speed["sync"]["base_bytes_shared_with_generator"]
+    assert speed["async"]["generator_private_bytes"] > 0
     assert set(data["robustness"]["online_dpo"]) == {"0", "1"}
     assert "online_dpo_staleness1_gold_delta" in data
