@@ -41,6 +41,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .experience import ExperienceMaker
 from .fusion import FusionStats
+from .layout import FULL
 from .rollout import Rollout
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def policy_version_for(index: int, max_staleness: int, start: int = 0) -> int:
 
 def actor_parameters(model) -> list[torch.nn.Parameter]:
     """The actor adapter: the only weights the generator needs from the learner."""
-    if model.plan["policy"][1] in (None, "<full>"):
+    if model.plan["policy"][1] in (None, FULL):
         raise ValueError(f"async_generation sends only the actor adapter to the generator; mode {model.mode!r} has "
                          "no adapter policy. Use mode hydra, j-hydra or lora.")
     return model.parameter_groups()["actor"]
