@@ -4,13 +4,14 @@ user runs.
     python benchmarks/async_rlhf.py --json runs/async/async.json
 
 **Speed and memory.** The PPO recipe (``recipes/configs/ppo_smollm2.yaml``, 16 prompts x 48 new tokens, 2 epochs
-of minibatch 8), from one shared Hydra-SFT checkpoint, ``--speed_iterations`` iterations, run three ways one
-after another: synchronous; async on one device (the generator a child process sharing the base); async on two
+of minibatch 8), from one shared Hydra-SFT checkpoint, at its own 11 iterations (``--speed_iterations`` to
+change), run three ways one after another: synchronous; async on one device (the generator a child process sharing the base); async on two
 processes (``accelerate launch --multi_gpu --num_processes 2``). Every run generates the same number of samples
 and takes the same optimizer steps. Training seconds are the loop's (the sum of ``speed/iteration_seconds``:
 model loading and evaluation excluded; the generator's start-up is inside); ``speedup`` is sync / async on one
 device. Memory is the peak PSS (proportional set size) of the run's process tree, sampled every 0.2 s: memory
-two processes share counts once.
+two processes share counts once; beside it, the bytes the learner and its generator child both map (the base)
+and the generator's own memory (USS).
 
 **Robustness to staleness** (the paper's curve at our scale): each of ``--objectives`` with its own recipe and
 iteration count, at ``--staleness`` 0 (the synchronous loop), 1, 2 and 4, with the held-out evaluation the
