@@ -161,7 +161,7 @@ class LocalChannel:
                                        args=(model, maker, start, end, max_staleness, self, threads))
         self.process.start()
 
-    def __getstate__(self):  # what the child gets: the queues and the event, not the process handle
+    def __getstate__(self):  # what the child gets: the queues and the stop flag, not the process handle
         return {k: v for k, v in self.__dict__.items() if k != "process"}
 
     # learner side
@@ -209,7 +209,6 @@ class DistributedChannel:
 
         self.dist, self.learner, self.generator = dist, learner, generator
         self.group = dist.new_group(backend="gloo")
-        self.rank = dist.get_rank()
         self.pending = []  # the learner's in-flight adapter sends (and their buffers), until delivered
         self.template = None  # the generator's: an adapter vector of the right size and dtype
 

@@ -319,7 +319,8 @@ class PPOTrainer:
     def _send_adapter(self) -> None:
         """The new actor adapter to the generator, when a batch still to come is scheduled to use it."""
         config = self.config
-        if self.iteration + config.max_staleness >= config.num_iterations:
+        last_needed = asynchronous.policy_version_for(config.num_iterations - 1, config.max_staleness)
+        if self.iteration > last_needed:  # no batch left is scheduled on this version
             self.async_stats.update({"async/sync_bytes": 0, "async/sync_seconds": 0.0})
             return
         started = time.perf_counter()
@@ -345,7 +346,7 @@ class PPOTrainer:
             "response/eos_fraction": rollout.has_eos.float().mean(),
         }
         local = {k: float(v) for k, v in local.items()}
-        if self.config.fusion and self.fusion_stats is not None:
+        if self.config.fusion:
             local.update(self.fusion_stats.metrics())
         else:  # the scoring passes compute every row at the batch's full width
             local["score/padded_fraction"] = rollout.padded_fraction()
