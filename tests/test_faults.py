@@ -254,7 +254,8 @@ def test_recipes_answer_bad_input_in_one_line(tiny_model, prompts_file, tmp_path
     for flag, value, expected in [("--optim", "sgd", "Unknown optim 'sgd'"),  # the memory levers and fusion
                                   ("--adapter_dtype", "int8", "Unknown adapter_dtype 'int8'"),
                                   ("--logprob_chunk_size", "-1", "logprob_chunk_size must be >= 0"),
-                                  ("--fusion_tail_fraction", "2", "fusion_tail_fraction must be in (0, 1]")]:
+                                  ("--fusion_tail_fraction", "2", "fusion_tail_fraction must be in (0, 1]"),
+                                  ("--max_staleness", "-1", "max_staleness must be >= 0")]:
         one_line_error(run([*ppo, "--config", str(config), flag, value], check=False), expected)
     assert not (tmp_path / "never").exists()  # refused before anything was written
     sft = [PYTHON, "recipes/sft.py", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)]
