@@ -76,7 +76,15 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     # --- optimisation
-    num_iterations: int = field(default=20, metadata={"help": "PPO iterations (rollout + learning)."})
+    num_iterations: int = field(default=20, metadata={"help": "PPO iterations (rollout + learning); with stop_at_kl, "
+                                                          "the most it may take."})
+    stop_at_kl: float | None = field(default=None, metadata={
+        "help": "Stop early once the policy has moved this far from the reference: the KL on its own samples "
+                "(objective/kl, nats per response), averaged over the last stop_at_kl_window iterations, reaches "
+                "this. Seeds differ mostly in how fast the policy moves, so a KL budget ends them at a like distance "
+                "where a fixed iteration count does not. The final checkpoint is saved at the stop."})
+    stop_at_kl_window: int = field(default=2, metadata={"help": "stop_at_kl: iterations its KL is averaged over "
+                                                                "(one batch's KL is noisy)."})
     ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
     minibatch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step (after accumulation); "
                                                           "online_dpo: 2 per pair."})
@@ -127,7 +135,7 @@ class PPOConfig:
             raise ValueError(f"objective {self.objective} compares samples of the same prompt: num_samples_per_prompt "
                              f"must be at least {info.min_samples_per_prompt}, got {self.samples_per_prompt}.")
         check_positive(self, "dpo_beta", "actor_lr", "critic_lr", "temperature", "kl_target", "kl_horizon",
-                       "clip_range", "clip_range_value")
+                       "clip_range", "clip_range_value", "stop_at_kl")
         check_positive(self, "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "save_every",
                        "missing_eos_penalty", "reward_clip", allow_zero=True)
         check_choice("kl_controller", self.kl_controller, ("fixed", "adaptive"))
@@ -137,7 +145,7 @@ class PPOConfig:
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
                            "num_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
-                           "eval_max_new_tokens", "max_nonfinite_in_a_row")
+                           "eval_max_new_tokens", "max_nonfinite_in_a_row", "stop_at_kl_window")
         check_positive(self, "max_staleness", allow_zero=True)
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")

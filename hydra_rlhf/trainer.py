@@ -63,6 +63,9 @@ class PPOTrainer:
         if config.async_generation and processes > 2:
             raise ValueError(f"async_generation runs on 1 process (the generator is its child) or 2 (learner and "
                              f"generator ranks), not {processes}: launch with --num_processes 1 or 2.")
+        if config.async_generation and processes == 2 and config.stop_at_kl is not None:
+            raise ValueError("stop_at_kl needs the learner to end the generator early, which the two-process async "
+                             "layout cannot yet do: run async on one process, or drop stop_at_kl.")
         if config.async_generation:
             asynchronous.actor_parameters(model)  # an adapter policy, or a one-line error now
             if processes == 1:  # the generator child will map these; moved now, before anything records addresses
@@ -99,6 +102,8 @@ class PPOTrainer:
         self.moments = ppo_math.RunningMoments()
         self.iteration = 0
         self.nonfinite_in_a_row = 0
+        self.recent_kl: list[float] = []  # stop_at_kl's window
+        self.reached_kl = False  # stop_at_kl: the KL budget is spent, the run is complete
         generation_kwargs = dict(
             max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature, top_p=config.top_p,
             top_k=0, pad_token_id=tokenizer.pad_token_id,
@@ -119,7 +124,8 @@ class PPOTrainer:
     # -------------------------------------------------------------------------------------------- the loop
 
     def train(self) -> list[dict]:
-        """Run (or resume) ``num_iterations`` iterations; checkpoint every ``save_every`` and at the end."""
+        """Run (or resume) ``num_iterations`` iterations, or fewer once ``stop_at_kl`` is reached; checkpoint every
+        ``save_every`` and at the end."""
         from tqdm.auto import tqdm
 
         if self.config.resume:
@@ -131,13 +137,13 @@ class PPOTrainer:
         bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc=self.config.objective.upper(),
                    disable=not self.accelerator.is_local_main_process)
         with self._ctrl_c() as stop, self._generator():
-            while self.iteration < self.config.num_iterations and not stop.is_set():
+            while self.iteration < self.config.num_iterations and not self.reached_kl and not stop.is_set():
                 metrics = self.step()
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         bar.close()
-        if stop.is_set() and self.iteration < self.config.num_iterations:  # (a Ctrl-C in the last one: done anyway)
+        if stop.is_set() and self.iteration < self.config.num_iterations and not self.reached_kl:  # (else done anyway)
             self._stop_after_ctrl_c()
         return history
 
@@ -210,8 +216,9 @@ class PPOTrainer:
             self.kl_controller.update(metrics["objective/kl"], len(rollout.input_ids) * self.world)
             self._log(metrics)
             self._guard_nonfinite(healthy)
+            self.reached_kl = self._kl_budget_spent(metrics["objective/kl"])
             periodic = config.save_every and self.iteration % config.save_every == 0
-            last = config.save_final and self.iteration == config.num_iterations
+            last = config.save_final and (self.iteration == config.num_iterations or self.reached_kl)
             if healthy and (periodic or last):
                 self.save_checkpoint()
         self.profiler.end_iteration(self.iteration)
@@ -263,6 +270,21 @@ class PPOTrainer:
         return True
 
     # ------------------------------------------------------------------------------------------- helpers
+
+    def _kl_budget_spent(self, kl: float) -> bool:
+        """stop_at_kl: has the policy's KL to the reference, averaged over the last window of iterations, reached
+        the budget? (The KL is all-reduced across processes first, so every rank stops at the same iteration.)"""
+        config = self.config
+        if config.stop_at_kl is None:
+            return False
+        self.recent_kl = [*self.recent_kl, kl][-config.stop_at_kl_window:]
+        mean = sum(self.recent_kl) / len(self.recent_kl)
+        if len(self.recent_kl) < config.stop_at_kl_window or mean < config.stop_at_kl:
+            return False
+        if self.iteration < config.num_iterations:
+            logger.info("Iteration %d: KL to the reference %.2f nats (mean of the last %d iterations) reached "
+                        "stop_at_kl %.2f; stopping.", self.iteration, mean, len(self.recent_kl), config.stop_at_kl)
+        return True
 
     # --------------------------------------------------------------------- asynchronous generation (async mode)
 
@@ -421,6 +443,8 @@ class PPOTrainer:
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "moments": self.moments.state_dict(),
+            "recent_kl": self.recent_kl,
+            "reached_kl": self.reached_kl,
             "config": json.dumps(asdict(self.config)),
         }
 
@@ -438,6 +462,7 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["moments"])
         self.iteration, self.nonfinite_in_a_row = state["iteration"], state["nonfinite_in_a_row"]
+        self.recent_kl, self.reached_kl = state.get("recent_kl", []), state.get("reached_kl", False)
         logger.info("Resumed from %s (iteration %d).", checkpoint, self.iteration)
         return True
 

@@ -94,6 +94,35 @@ def test_resume_after_sigkill_is_bit_identical(tiny_model, prompts_file, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def kl_history(run_dir: Path) -> list[float]:
+    return [json.loads(line)["objective/kl"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stop_at_kl_ends_the_run_where_the_kl_budget_is_spent(tiny_model, prompts_file, tmp_path):
+    settings = dict(eval_prompts_path="", save_every=0, actor_lr=3e-3)
+    fixed = tmp_path / "fixed"
+    run([PYTHON, "recipes/ppo.py", "--config",
+         str(write_config(tmp_path / "a.yaml", tiny_model, prompts_file, fixed, num_iterations=4, **settings))])
+    kls = kl_history(fixed)
+    window_means = {i: (kls[i - 2] + kls[i - 1]) / 2 for i in (2, 3, 4)}  # the default window: 2 iterations
+    budget = max(window_means[2], window_means[3]) * (1 - 1e-6)
+    expected = min(i for i, mean in window_means.items() if mean >= budget)
+    assert expected < 4 and budget > 0
+
+    stopped = tmp_path / "stopped"
+    config = write_config(tmp_path / "b.yaml", tiny_model, prompts_file, stopped, num_iterations=6,
+                          stop_at_kl=budget, **settings)
+    result = run([PYTHON, "recipes/ppo.py", "--config", str(config)])
+    assert "reached stop_at_kl" in result.stderr
+    assert kl_history(stopped) == kls[:expected]  # the same run as the fixed one, up to the stop
+    assert json.loads((stopped / "summary.json").read_text())["iterations"] == expected
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == [f"iter-{expected:06d}"]  # saved at the stop
+    # a finished run stays finished: resuming it trains nothing more
+    run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true"])
+    assert len(kl_history(stopped)) == expected
+    assert json.loads((stopped / "summary.json").read_text())["iterations"] == expected
+
+
 def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_path):
     output = tmp_path / "ddp"
     config = write_config(tmp_path / "ddp.yaml", tiny_model, prompts_file, output, eval_prompts_path="")
