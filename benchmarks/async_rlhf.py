@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from objectives import as_flags, ensure_sft  # noqa: E402
+from objectives import as_flags, ensure_sft, quality  # noqa: E402
 
 from hydra_rlhf.memory import format_bytes, process_tree_pss, torch_shared_bytes, wide_console  # noqa: E402
 
@@ -150,12 +150,7 @@ def robustness(args, flags: list[str]) -> dict:
                 measured = launch([sys.executable, *recipe(args.config_pattern.format(objective=objective), args.sft,
                                                             output, [*extra, *flags])], output)
                 summary, seconds = measured["summary"], measured["wall_seconds"]
-            evaluation = summary["eval"]
-            table.setdefault(objective, {})[str(staleness)] = {
-                "gold_gain": evaluation["gold_gain"], "win_rate_vs_sft": evaluation["win_rate_vs_sft"],
-                "distinct2_ratio": evaluation["distinct2_after"] / max(evaluation["distinct2_before"], 1e-9),
-                "kl_to_reference": evaluation["kl_to_reference"], "iterations": summary["iterations"],
-                "wall_seconds": seconds}
+            table.setdefault(objective, {})[str(staleness)] = {**quality(summary), "wall_seconds": seconds}
             print(json.dumps({"objective": objective, "staleness": staleness,
                               **table[objective][str(staleness)]}), flush=True)
     return table

@@ -34,39 +34,53 @@ def run(args: list[str]) -> None:
         sys.exit(f"error: {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
 
 
-def ensure_sft(sft_dir: Path, sft_config: str, overrides: list[str]) -> None:
+def ensure_sft(sft_dir: Path, sft_config: str, overrides: list[str], objective: str = "hydra") -> None:
+    """An SFT checkpoint in ``sft_dir`` (objective hydra: policy and reward head in one; sft or reward: the
+    baselines' two models), made by ``recipes/sft.py`` unless one is there already."""
     if (sft_dir / "sft_summary.json").is_file():
         return
-    print(f"Hydra-SFT into {sft_dir} ...", flush=True)
-    run(["recipes/sft.py", "--config", sft_config, "--output_dir", str(sft_dir), *overrides])
+    print(f"SFT ({objective}) into {sft_dir} ...", flush=True)
+    run(["recipes/sft.py", "--config", sft_config, "--output_dir", str(sft_dir), "--objective", objective, *overrides])
 
 
-def run_objective(name: str, args, overrides: list[str]) -> dict:
-    output = args.output_dir / name
-    config = args.config_pattern.format(objective=name)
-    if args.reuse and (output / "summary.json").is_file():  # a finished run of the same config: read, not rerun
+def run_rl(output: Path, config: str, flags: list[str], reuse: bool) -> tuple[dict, float]:
+    """``recipes/ppo.py --config config --output_dir output *flags``: its summary.json and wall seconds. With
+    ``reuse``, a finished run in ``output`` is read instead (its own wall time)."""
+    if reuse and (output / "summary.json").is_file():  # a finished run of the same config: read, not rerun
         summary = json.loads((output / "summary.json").read_text())
-        seconds = summary["wall_seconds"]
-    else:
-        shutil.rmtree(output, ignore_errors=True)
-        started = time.perf_counter()
-        run(["recipes/ppo.py", "--config", config, "--model_name_or_path", str(args.sft), "--output_dir", str(output),
-             *overrides])
-        seconds = time.perf_counter() - started
-        summary = json.loads((output / "summary.json").read_text())
+        return summary, summary["wall_seconds"]
+    shutil.rmtree(output, ignore_errors=True)
+    started = time.perf_counter()
+    run(["recipes/ppo.py", "--config", config, "--output_dir", str(output), *flags])
+    return json.loads((output / "summary.json").read_text()), time.perf_counter() - started
+
+
+def quality(summary: dict) -> dict:
+    """A run's held-out figures, in the terms of the demo's targets (``TARGETS``)."""
     evaluation = summary["eval"]
-    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     row = {
-        "objective": name,
-        "config": config,
-        "critic": OBJECTIVES[name].critic,
         "iterations": summary["iterations"],
-        "responses_generated": int(sum(m["response/count"] for m in metrics)),
         "gold_before": evaluation["gold_before"],
         "gold_gain": evaluation["gold_gain"],
         "win_rate_vs_sft": evaluation["win_rate_vs_sft"],
         "distinct2_ratio": evaluation["distinct2_after"] / max(evaluation["distinct2_before"], 1e-9),
         "kl_to_reference": evaluation["kl_to_reference"],
+    }
+    row["meets_targets"] = all(row[key] >= bound for key, bound in TARGETS.items())
+    return row
+
+
+def run_objective(name: str, args, overrides: list[str]) -> dict:
+    output = args.output_dir / name
+    config = args.config_pattern.format(objective=name)
+    summary, seconds = run_rl(output, config, ["--model_name_or_path", str(args.sft), *overrides], args.reuse)
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    row = {
+        "objective": name,
+        "config": config,
+        "critic": OBJECTIVES[name].critic,
+        "responses_generated": int(sum(m["response/count"] for m in metrics)),
+        **quality(summary),
         "wall_seconds": seconds,
         "train_seconds_per_iteration": sum(m["speed/iteration_seconds"] for m in metrics) / len(metrics),
         "peak_bytes": summary["peak_bytes"],
@@ -75,7 +89,6 @@ def run_objective(name: str, args, overrides: list[str]) -> dict:
         "base_copies": summary["base_copies"],
         "frozen_base_unchanged": summary["frozen_base_unchanged"],
     }
-    row["meets_targets"] = all(row[key] >= bound for key, bound in TARGETS.items())
     return row
 
 
