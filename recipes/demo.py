@@ -8,7 +8,8 @@
 Writes into --output_dir (default runs/demo): sft/ (the Hydra-SFT checkpoint: merged model + reward head),
 ppo/ (metrics.jsonl, memory.jsonl, checkpoints/, final/ adapters, eval.json, training.png, memory.png) and
 summary.json with gold_before, gold_after, win_rate_vs_sft, distinct2_before, distinct2_after,
-reward_head_accuracy, wall_seconds, objective and the per-stage memory. `--mode lora` (or full) runs the
+ppo_iterations (fewer than the config's cap when its stop_at_kl budget is reached first), reward_head_accuracy,
+wall_seconds, objective and the per-stage memory. `--mode lora` (or full) runs the
 baseline the paper compares against: a plain SFT model and a separate reward model, trained by the same recipe.
 `--objective rloo|grpo|online_dpo` trains with that objective instead of PPO, by default with its own config
 (recipes/configs/<objective>_smollm2.yaml: the same budget of 16 responses per iteration).
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         "distinct2_before": evaluation["distinct2_before"],
         "distinct2_after": evaluation["distinct2_after"],
         "kl_to_reference": evaluation["kl_to_reference"],
+        "ppo_iterations": ppo["iterations"],
         "reward_head_before": evaluation["reward_head_before"],
         "reward_head_after": evaluation["reward_head_after"],
         "reward_head_accuracy": reward_summary["eval"]["reward_accuracy"],
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     console.print(f"gold (VADER compound) {summary['gold_before']:+.3f} -> {summary['gold_after']:+.3f} "
                   f"(gain {summary['gold_gain']:+.3f}); win-rate vs SFT {summary['win_rate_vs_sft']:.1%}")
     console.print(f"distinct-2 {summary['distinct2_before']:.3f} -> {summary['distinct2_after']:.3f}; "
-                  f"KL to reference {summary['kl_to_reference']:.2f} nats; "
+                  f"KL to reference {summary['kl_to_reference']:.2f} nats after {summary['ppo_iterations']} iterations; "
                   f"reward head held-out accuracy {summary['reward_head_accuracy']:.1%}")
     console.print(f"peak memory {format_bytes(summary['peak_bytes'])} with {summary['base_copies']} base copy(ies); "
                   f"total {summary['wall_seconds'] / 60:.1f} min; summary: {output / 'summary.json'}")

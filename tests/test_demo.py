@@ -32,7 +32,7 @@ def test_demo_pipeline(tiny_model, prompts_file, pairs_files, tmp_path, mode, ob
         assert key in summary, key
     assert set(summary["memory"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
     assert summary["mode"] == mode and summary["base_copies"] == (1 if mode == "hydra" else 2)
-    assert summary["objective"] == (objective or "ppo")
+    assert summary["objective"] == (objective or "ppo") and summary["ppo_iterations"] == 2
     # the summary's figures are the paired comparison of the held-out evaluation, prompt by prompt
     paired = json.loads((output / "ppo" / "eval.json").read_text())["gold_per_prompt"]
     assert len(paired["before"]) == len(paired["after"]) == 6
