@@ -4,7 +4,7 @@ user runs.
     python benchmarks/async_rlhf.py --json runs/async/async.json
 
 **Speed and memory.** The PPO recipe (``recipes/configs/ppo_smollm2.yaml``, 16 prompts x 48 new tokens, 2 epochs
-of minibatch 8), from one shared Hydra-SFT checkpoint, at its own 11 iterations (``--speed_iterations`` to
+of minibatch 8), from one shared Hydra-SFT checkpoint, at 11 iterations (``--speed_iterations`` to
 change), run three ways one after another: synchronous; async on one device (the generator a child process sharing the base); async on two
 processes (``accelerate launch --multi_gpu --num_processes 2``). Every run generates the same number of samples
 and takes the same optimizer steps. Training seconds are the loop's (the sum of ``speed/iteration_seconds``:
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from objectives import as_flags, ensure_sft, quality  # noqa: E402
+from objectives import EQUAL_BUDGET, as_flags, ensure_sft, quality  # noqa: E402
 
 from hydra_rlhf.memory import format_bytes, process_tree_pss, torch_shared_bytes, wide_console  # noqa: E402
 
@@ -95,7 +95,7 @@ def recipe(config: str, sft: Path, output: Path, flags: list[str]) -> list[str]:
 def speed(args, flags: list[str]) -> dict:
     """Sync, async on one device, async on two processes: the same PPO recipe, measured one after another."""
     iterations = ["--num_iterations", str(args.speed_iterations)] if args.speed_iterations else []
-    base = [*flags, *iterations, "--eval_prompts_path", "", "--save_every", "0"]  # (the speed runs' own win)
+    base = [*EQUAL_BUDGET, *flags, *iterations, "--eval_prompts_path", "", "--save_every", "0"]  # (the speed runs' own win)
     layouts = {
         "sync": [sys.executable],
         "async": [sys.executable],
@@ -148,7 +148,7 @@ def robustness(args, flags: list[str]) -> dict:
                 seconds = summary["wall_seconds"]
             else:
                 measured = launch([sys.executable, *recipe(args.config_pattern.format(objective=objective), args.sft,
-                                                            output, [*extra, *flags])], output)
+                                                            output, [*EQUAL_BUDGET, *extra, *flags])], output)
                 summary, seconds = measured["summary"], measured["wall_seconds"]
             table.setdefault(objective, {})[str(staleness)] = {**quality(summary), "wall_seconds": seconds}
             print(json.dumps({"objective": objective, "staleness": staleness,

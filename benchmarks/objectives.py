@@ -26,6 +26,9 @@ from hydra_rlhf.layout import OBJECTIVES, STAGES  # noqa: E402
 from hydra_rlhf.memory import format_bytes, wide_console  # noqa: E402
 
 TARGETS = {"gold_gain": 0.30, "win_rate_vs_sft": 0.70, "distinct2_ratio": 0.70}
+# The comparisons at an equal budget: 11 iterations of 16 responses each, whatever KL a run reaches (the PPO
+# recipe's own stop_at_kl would end some runs sooner than others).
+EQUAL_BUDGET = ["--num_iterations", "11", "--stop_at_kl", "None"]
 
 
 def run(args: list[str]) -> None:
@@ -73,7 +76,8 @@ def quality(summary: dict) -> dict:
 def run_objective(name: str, args, overrides: list[str]) -> dict:
     output = args.output_dir / name
     config = args.config_pattern.format(objective=name)
-    summary, seconds = run_rl(output, config, ["--model_name_or_path", str(args.sft), *overrides], args.reuse)
+    summary, seconds = run_rl(output, config, ["--model_name_or_path", str(args.sft), *EQUAL_BUDGET, *overrides],
+                              args.reuse)
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     row = {
         "objective": name,
