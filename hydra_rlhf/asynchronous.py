@@ -47,6 +47,7 @@ from .rollout import Rollout
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a waiting side checks that the other is still alive
+STOP_VERSION = -1  # sent in place of an adapter version: the learner has ended early (stop_at_kl)
 
 
 class GeneratorFailed(RuntimeError):
@@ -105,7 +106,8 @@ def drop_stale(rollout: Rollout, learner_version: int, max_staleness: int) -> tu
 
 
 def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: int, max_staleness: int) -> None:
-    """Make batches ``start .. end - 1``, each with its scheduled policy version, and send them in order."""
+    """Make batches ``start .. end - 1``, each with its scheduled policy version, and send them in order (until
+    the learner sends ``STOP_VERSION``: it ended early)."""
     actor = actor_parameters(model)
     version = start  # the weights it was handed: the learner's at ``start``
     for index in range(start, end):
@@ -113,6 +115,8 @@ def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: in
         while version < policy_version_for(index, max_staleness, start):
             began = time.perf_counter()
             version, vector = channel.receive_adapter()
+            if version == STOP_VERSION:  # the learner reached its KL budget and took every batch in flight
+                return
             received = time.perf_counter()
             vector_to_parameters(vector.to(actor[0].device), actor)
             waited, loaded = waited + received - began, loaded + time.perf_counter() - received
@@ -225,6 +229,16 @@ class DistributedChannel:
         self.pending = [(work, buffer) for work, buffer in self.pending if not work.is_completed()]
         for message in (torch.tensor([version]), vector.cpu()):
             self.pending.append((self.dist.isend(message, dst=self.generator, group=self.group), message))
+
+    def finish_early(self, trained: int, end: int, max_staleness: int, vector: torch.Tensor) -> None:
+        """The learner stopped after ``trained`` batches of ``end`` (stop_at_kl). The generator may still make
+        every batch whose scheduled version it holds (up to ``trained + max_staleness``): take those, unused, so
+        its sends complete, then tell it to stop instead of waiting for a version that will never come."""
+        in_flight = min(end, trained + max_staleness + 1)
+        for _ in range(trained, in_flight):
+            self.receive_batch()
+        if in_flight < end:
+            self.send_adapter(STOP_VERSION, torch.zeros_like(vector))
 
     def close(self) -> None:
         """Let the adapter sends still in flight finish (after a Ctrl-C the generator may never take them)."""

@@ -63,9 +63,6 @@ class PPOTrainer:
         if config.async_generation and processes > 2:
             raise ValueError(f"async_generation runs on 1 process (the generator is its child) or 2 (learner and "
                              f"generator ranks), not {processes}: launch with --num_processes 1 or 2.")
-        if config.async_generation and processes == 2 and config.stop_at_kl is not None:
-            raise ValueError("stop_at_kl needs the learner to end the generator early, which the two-process async "
-                             "layout cannot yet do: run async on one process, or drop stop_at_kl.")
         if config.async_generation:
             asynchronous.actor_parameters(model)  # an adapter policy, or a one-line error now
             if processes == 1:  # the generator child will map these; moved now, before anything records addresses
@@ -308,6 +305,9 @@ class PPOTrainer:
                                                        config.num_iterations, config.max_staleness, threads)
         try:
             yield
+            if self.reached_kl and self.accelerator.num_processes == 2:  # the generator rank is still running
+                self.generator.finish_early(self.iteration, config.num_iterations, config.max_staleness,
+                                            asynchronous.adapter_vector(self.model))
         finally:
             self.generator.close()
             self.generator = None

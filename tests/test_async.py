@@ -205,6 +205,33 @@ def test_two_processes_give_the_one_device_run(tiny_model, prompts_file, tmp_pat
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 
 
+def test_stop_at_kl_ends_both_async_layouts_at_the_same_iteration(tiny_model, prompts_file, tmp_path):
+    # The KL budget in async mode: the learner stops; the generator (child process, or rank 1 that may be
+    # sending a batch or waiting for an adapter) is ended, and the two-process run exits instead of hanging.
+    def metrics(output):
+        return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+    common = ["--config", "recipes/configs/ppo_smollm2.yaml", "--async_generation", "true", "--max_staleness", "1",
+              "--actor_lr", "3e-3"]
+    fixed = tmp_path / "fixed"
+    run([PYTHON, "recipes/ppo.py", *common, "--stop_at_kl", "None", *tiny(tiny_model, prompts_file, fixed)],
+        env={"OMP_NUM_THREADS": "1"})
+    kls = [m["objective/kl"] for m in metrics(fixed)]
+    window_means = {i: (kls[i - 2] + kls[i - 1]) / 2 for i in (2, 3)}
+    budget = max(window_means.values()) * (1 - 1e-6)
+    expected = min(i for i, mean in window_means.items() if mean >= budget)
+    assert budget > 0
+    for name, launcher in (("one", [PYTHON]), ("two", [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2"])):
+        output = tmp_path / name
+        flags = [*tiny(tiny_model, prompts_file, output), "--num_iterations", "6", "--stop_at_kl", str(budget)]
+        run([*launcher, "recipes/ppo.py", *common, *flags], env={"OMP_NUM_THREADS": "1"}, timeout=300)
+        stopped = metrics(output)
+        assert json.loads((output / "summary.json").read_text())["iterations"] == expected == len(stopped), name
+        for before, after in zip(metrics(fixed), stopped):
+            for key in COMPARED:
+                assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (name, key)
+
+
 class FailingMaker(ExperienceMaker):
     """Makes batch ``fail_at`` fail in the generator process: an exception, or a kill."""
 
