@@ -77,9 +77,9 @@ def sweep(args) -> dict:
     first = f"hydra/{args.objectives[0]}"
     if first in runs:
         results["min_gold_gain"] = results["summary"][first]["gold_gain"]["min"]
-        lora = runs.get(f"lora/{args.objectives[0]}")
-        if lora:  # paired: the same seed's prompts order and sampling in both modes
-            differences = [h["gold_gain"] - l["gold_gain"] for h, l in zip(runs[first], lora)]
+        lora = {row["seed"]: row for row in runs.get(f"lora/{args.objectives[0]}", [])}
+        if lora:  # paired: the same seed's prompt order and sampling in both modes
+            differences = [h["gold_gain"] - lora[h["seed"]]["gold_gain"] for h in runs[first] if h["seed"] in lora]
             results["hydra_minus_lora"] = {"gold_gain_mean": statistics.fmean(differences),
                                            "gold_gain_std": statistics.stdev(differences) if len(differences) > 1 else 0.0,
                                            "per_seed": differences}
