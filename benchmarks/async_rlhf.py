@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from objectives import EQUAL_BUDGET, as_flags, ensure_sft, quality  # noqa: E402
+from objectives import EQUAL_BUDGET, as_flags, ensure_sft, quality, write_json  # noqa: E402
 
 from hydra_rlhf.memory import format_bytes, process_tree_pss, torch_shared_bytes, wide_console  # noqa: E402
 
@@ -198,10 +198,7 @@ def main(argv=None) -> int:
             results["online_dpo_staleness1_gold_delta"] = dpo["1"]["gold_gain"] - dpo["0"]["gold_gain"]
             results["online_dpo_target_met"] = abs(results["online_dpo_staleness1_gold_delta"]) <= DPO_TOLERANCE
     print_tables(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"json: {args.json}")
+    write_json(args.json, results)
     return 0
 
 

@@ -101,15 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="Comma-separated objectives to run.")
     parser.add_argument("--sft", type=Path, default=Path("runs/objectives/sft"), help="The shared Hydra-SFT "
                         "checkpoint (made here if absent).")
-    parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
-    parser.add_argument("--config_pattern", default="recipes/configs/{objective}_smollm2.yaml")
-    parser.add_argument("--output_dir", type=Path, default=Path("runs/objectives"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="A flag for every RL run, e.g. --set max_new_tokens=8.")
-    parser.add_argument("--sft_set", action="append", default=[], metavar="KEY=VALUE", help="A flag for the SFT run.")
-    parser.add_argument("--json", type=Path, help="Write the table here.")
-    parser.add_argument("--reuse", action="store_true", help="Read the runs already finished in output_dir (same "
-                        "configs) instead of running them again; their wall time is the run's own.")
+    add_run_arguments(parser, "runs/objectives")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
     unknown = [n for n in names if n not in OBJECTIVES]
@@ -126,12 +118,29 @@ def main(argv=None) -> int:
         if ppo is not None:
             row["train_peak_minus_ppo_bytes"] = row["stages"]["train"] - ppo["stages"]["train"]
     print_table(rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": "cpu" if not _cuda() else "cuda", "targets": TARGETS,
-                                         "objectives": {r["objective"]: r for r in rows}}, indent=2))
-        print(f"json: {args.json}")
+    write_json(args.json, {"device": "cpu" if not _cuda() else "cuda", "targets": TARGETS,
+                           "objectives": {r["objective"]: r for r in rows}})
     return 0
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """The flags every benchmark that runs the recipes shares."""
+    parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
+    parser.add_argument("--config_pattern", default="recipes/configs/{objective}_smollm2.yaml")
+    parser.add_argument("--output_dir", type=Path, default=Path(output_dir))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="A flag for every RL run, e.g. --set max_new_tokens=8.")
+    parser.add_argument("--sft_set", action="append", default=[], metavar="KEY=VALUE", help="A flag for the SFT runs.")
+    parser.add_argument("--json", type=Path, help="Write the results here.")
+    parser.add_argument("--reuse", action="store_true", help="Read the runs already finished in output_dir (same "
+                        "configs) instead of running them again; their wall time is the run's own.")
+
+
+def write_json(path: Path | None, results: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
+        print(f"json: {path}")
 
 
 def as_flags(settings: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hydra_rlhf.layout import MODES, OBJECTIVES  # noqa: E402
 from hydra_rlhf.memory import wide_console  # noqa: E402
-from objectives import TARGETS, as_flags, ensure_sft, quality, run_rl  # noqa: E402
+from objectives import TARGETS, add_run_arguments, as_flags, ensure_sft, quality, run_rl, write_json  # noqa: E402
 
 FIGURES = ("gold_gain", "win_rate_vs_sft", "distinct2_ratio", "kl_to_reference", "iterations")
 
@@ -126,15 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--objectives", default="ppo", help=f"Comma-separated, of {','.join(OBJECTIVES)}.")
     parser.add_argument("--sft_dir", type=Path, help="The shared SFT starts: hydra/, sft/ and rm/ under it (made "
                         "where absent; default: <output_dir>/sft).")
-    parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
-    parser.add_argument("--config_pattern", default="recipes/configs/{objective}_smollm2.yaml")
-    parser.add_argument("--output_dir", type=Path, default=Path("runs/seeds"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="A flag for every RL run, e.g. --set stop_at_kl=6.")
-    parser.add_argument("--sft_set", action="append", default=[], metavar="KEY=VALUE", help="A flag for the SFT runs.")
-    parser.add_argument("--json", type=Path, help="Write the per-seed rows and the summary here.")
-    parser.add_argument("--reuse", action="store_true", help="Read the runs already finished in output_dir (same "
-                        "configs) instead of running them again.")
+    add_run_arguments(parser, "runs/seeds")
     args = parser.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -152,10 +144,7 @@ def main(argv=None) -> int:
     args.sft_dir = args.sft_dir or args.output_dir / "sft"
     results = sweep(args)
     print_tables(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"json: {args.json}")
+    write_json(args.json, results)
     return 0
 
 
