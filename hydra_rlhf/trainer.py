@@ -268,13 +268,14 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------- helpers
 
-    def _kl_budget_spent(self, kl: float) -> bool:
-        """stop_at_kl: has the policy's KL to the reference, averaged over the last window of iterations, reached
-        the budget? (The KL is all-reduced across processes first, so every rank stops at the same iteration.)"""
+    def _kl_budget_spent(self, kl: float | None = None) -> bool:
+        """stop_at_kl: has the policy's KL to the reference (this iteration's ``kl`` added to the window), averaged
+        over the last window of iterations, reached the budget? (The KL is all-reduced across processes first, so
+        every rank stops at the same iteration.)"""
         config = self.config
         if config.stop_at_kl is None:
             return False
-        self.recent_kl = [*self.recent_kl, kl][-config.stop_at_kl_window:]
+        self.recent_kl = [*self.recent_kl, *([] if kl is None else [kl])][-config.stop_at_kl_window:]
         mean = sum(self.recent_kl) / len(self.recent_kl)
         if len(self.recent_kl) < config.stop_at_kl_window or mean < config.stop_at_kl:
             return False
@@ -444,7 +445,6 @@ class PPOTrainer:
             "kl_controller": self.kl_controller.state_dict(),
             "moments": self.moments.state_dict(),
             "recent_kl": self.recent_kl,
-            "reached_kl": self.reached_kl,
             "config": json.dumps(asdict(self.config)),
         }
 
@@ -462,7 +462,8 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["moments"])
         self.iteration, self.nonfinite_in_a_row = state["iteration"], state["nonfinite_in_a_row"]
-        self.recent_kl, self.reached_kl = state.get("recent_kl", []), state.get("reached_kl", False)
+        self.recent_kl = state.get("recent_kl", [])
+        self.reached_kl = self._kl_budget_spent()  # under this run's budget: a raised one lets a stopped run go on
         logger.info("Resumed from %s (iteration %d).", checkpoint, self.iteration)
         return True
 

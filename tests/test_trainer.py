@@ -117,10 +117,12 @@ def test_stop_at_kl_ends_the_run_where_the_kl_budget_is_spent(tiny_model, prompt
     assert kl_history(stopped) == kls[:expected]  # the same run as the fixed one, up to the stop
     assert json.loads((stopped / "summary.json").read_text())["iterations"] == expected
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == [f"iter-{expected:06d}"]  # saved at the stop
-    # a finished run stays finished: resuming it trains nothing more
+    # a finished run stays finished: resuming it trains nothing more; with a raised budget it goes on to the cap
     run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true"])
     assert len(kl_history(stopped)) == expected
     assert json.loads((stopped / "summary.json").read_text())["iterations"] == expected
+    run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true", "--stop_at_kl", str(budget * 1e6)])
+    assert json.loads((stopped / "summary.json").read_text())["iterations"] == 6
 
 
 def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_path):
