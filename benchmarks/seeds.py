@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hydra_rlhf.layout import MODES, OBJECTIVES  # noqa: E402
 from hydra_rlhf.memory import wide_console  # noqa: E402
-from objectives import TARGETS, add_run_arguments, as_flags, ensure_sft, quality, run_rl, write_json  # noqa: E402
+from objectives import TARGETS, _cuda, add_run_arguments, as_flags, ensure_sft, quality, run_rl, write_json  # noqa: E402
 
 FIGURES = ("gold_gain", "win_rate_vs_sft", "distinct2_ratio", "kl_to_reference", "iterations")
 
@@ -72,7 +72,7 @@ def sweep(args) -> dict:
                 group.append({"mode": mode, "objective": objective, "seed": seed, **quality(summary),
                               "wall_seconds": seconds})
                 print(json.dumps(group[-1]), flush=True)
-    results = {"device": _device(), "targets": TARGETS, "seeds": args.seeds, "runs": runs,
+    results = {"device": "cuda" if _cuda() else "cpu", "targets": TARGETS, "seeds": args.seeds, "runs": runs,
                "summary": {name: spread(rows) for name, rows in runs.items()}}
     first = f"hydra/{args.objectives[0]}"
     if first in runs:
@@ -84,12 +84,6 @@ def sweep(args) -> dict:
                                            "gold_gain_std": statistics.stdev(differences) if len(differences) > 1 else 0.0,
                                            "per_seed": differences}
     return results
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def print_tables(results: dict) -> None:
