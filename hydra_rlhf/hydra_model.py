@@ -38,7 +38,11 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
-HEADS_FILE = "hydra_heads.safetensors"  # reward head (and value head) next to a base or a PPO checkpoint
+# The reward head (and value head) of a Hydra-SFT or RL checkpoint. In a subfolder: serving engines (vLLM, TGI)
+# load every top-level *.safetensors of a model directory as its weights, and a Hydra-SFT checkpoint must load
+# there as the plain causal LM it is. Checkpoints written before kept it at the top (LEGACY_HEADS_FILE).
+HEADS_FILE = "hydra/heads.safetensors"
+LEGACY_HEADS_FILE = "hydra_heads.safetensors"
 REWARD_POOLINGS = ("last", "mean", "sum")  # what the reward head reads; stored in the heads file's metadata
 
 
@@ -66,7 +70,7 @@ class ModelConfig:
     model_name_or_path: str = field(
         default="smollm2-135m",
         metadata={"help": "Base model: a bundled short name (smollm2-135m), a local directory or a hub id. For PPO, "
-                  "the Hydra-SFT checkpoint (its reward head is read from hydra_heads.safetensors)."},
+                  "the Hydra-SFT checkpoint (its reward head is read from hydra/heads.safetensors)."},
     )
     quantization: str = field(
         default="none", metadata={"help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."}
@@ -164,7 +168,7 @@ class HydraModel(nn.Module):
     def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0,
                     critic: bool = True) -> "HydraModel":
         """Load the base(s) the mode's role plan names, add its adapters, and read the reward head from the base's
-        ``hydra_heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init,
+        ``hydra/heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init,
         so every process of a multi-process run starts identical. ``critic=False`` (RLOO, GRPO, online DPO)
         builds no critic adapter, no critic base and no value head."""
         device = torch.device(device)
@@ -214,7 +218,7 @@ class HydraModel(nn.Module):
 
     def load_reward_head(self, base_path: str) -> None:
         """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy."""
-        heads = Path(resolve_model(base_path)) / HEADS_FILE
+        heads = heads_path(resolve_model(base_path))
         if heads.is_file():
             state = self._load_heads(heads)
             self.reward_head.load_state_dict(_with_prefix(state, "reward_head."))
@@ -419,8 +423,6 @@ class HydraModel(nn.Module):
         """Adapters in standard peft layout (``<base>/<adapter>/adapter_model.safetensors``, loadable with
         ``PeftModel.from_pretrained(base, path)``), heads as safetensors, full-mode trainable models with
         ``save_pretrained``, and a manifest naming base and mode."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for base_name, adapter in self._trained_parts():
@@ -430,8 +432,7 @@ class HydraModel(nn.Module):
             else:
                 base.save_pretrained(directory / base_name, selected_adapters=[adapter])
         heads = {f"{name}.{k}": v for name, head in self.heads().items() for k, v in head.state_dict().items()}
-        save_file({k: v.contiguous() for k, v in heads.items()}, directory / HEADS_FILE,
-                  metadata={"reward_pooling": self.reward_pooling})
+        save_heads({k: v.contiguous() for k, v in heads.items()}, directory, self.reward_pooling)
         config = asdict(self.config)
         for key in ("model_name_or_path", "reward_model_path"):  # a relative path breaks from another directory
             if config[key] and Path(config[key]).exists():
@@ -462,7 +463,7 @@ class HydraModel(nn.Module):
 
                 state = load_file(directory / base_name / adapter / "adapter_model.safetensors")
                 set_peft_model_state_dict(base, state, adapter_name=adapter)
-        heads = self._load_heads(directory / HEADS_FILE)
+        heads = self._load_heads(heads_path(directory))
         for name, head in self.heads().items():
             head.load_state_dict(_with_prefix(heads, f"{name}."))
         self._restore_trainable()
@@ -490,6 +491,22 @@ class PolicyScores:
     logprobs: torch.Tensor  # (B, R) log pi(a_t | s_t), with grad when grad is on
     entropy: torch.Tensor | None = None  # (B, R) policy entropy per step, no grad (when asked)
     values: torch.Tensor | None = None  # (B, R) V(s_t) from the critic (when asked; PPO only)
+
+
+def heads_path(directory: str | Path) -> Path:
+    """Where a checkpoint's heads are: ``HEADS_FILE``, or ``LEGACY_HEADS_FILE`` in one written before the move."""
+    directory = Path(directory)
+    legacy = directory / LEGACY_HEADS_FILE
+    return legacy if legacy.is_file() and not (directory / HEADS_FILE).is_file() else directory / HEADS_FILE
+
+
+def save_heads(tensors: dict[str, torch.Tensor], directory: str | Path, reward_pooling: str) -> None:
+    """The heads as safetensors at ``directory / HEADS_FILE``, the reward pooling in its metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / HEADS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata={"reward_pooling": reward_pooling})
 
 
 def _frozen(model: nn.Module) -> nn.Module:

@@ -7,7 +7,7 @@ Objectives (one flag):
 * ``sft``    - the LM loss alone (the SFT model of the ``lora``/``full`` baselines).
 * ``reward`` - the Bradley-Terry loss alone (their separate reward model).
 
-The saved checkpoint is an ordinary transformers model directory plus ``hydra_heads.safetensors``; PPO loads it
+The saved checkpoint is an ordinary transformers model directory plus ``hydra/heads.safetensors``; PPO loads it
 as its frozen base. LoRA is merged into the weights. A quantized (4-/8-bit) base cannot take an exact merge,
 so we reload the base unquantized, merge the trained LoRA into it and save that; PPO quantizes it again at
 load time with ``quantization: 4bit``. Sequences have the layout PPO scores: chat-templated prompt, response
@@ -30,10 +30,10 @@ from torch import nn
 
 from .errors import check_at_least_one, check_positive
 from .hydra_model import (
-    HEADS_FILE,
     REWARD_POOLINGS,
     ModelConfig,
     pool_response,
+    save_heads,
     with_lora_adapters,
 )
 
@@ -360,8 +360,6 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
 
 def save_sft_checkpoint(model: HydraSFTModel, model_config: ModelConfig, tokenizer, output_dir, summary, history) -> Path:
     """A plain model directory (LoRA merged) + reward head + summary, written atomically (``checkpoints.py``)."""
-    from safetensors.torch import save_file
-
     from .checkpoints import write_atomically
 
     def write(staging: Path) -> None:
@@ -369,7 +367,7 @@ def save_sft_checkpoint(model: HydraSFTModel, model_config: ModelConfig, tokeniz
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         heads = {f"reward_head.{k}": v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()}
-        save_file(heads, staging / HEADS_FILE, metadata={"reward_pooling": model.reward_pooling})
+        save_heads(heads, staging, model.reward_pooling)
         (staging / "sft_summary.json").write_text(json.dumps(summary, indent=2))
         (staging / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 

@@ -91,7 +91,7 @@ def test_quickstart_runs_sft_ppo_and_saves_adapters(tmp_path, monkeypatch):
     summary = json.loads((ppo / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["base_copies"] == 1 and summary["frozen_base_unchanged"]
     assert set(summary["memory"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
-    for name in ("training.png", "memory.png", "final/hydra_manifest.json", "final/hydra_heads.safetensors",
+    for name in ("training.png", "memory.png", "final/hydra_manifest.json", "final/hydra/heads.safetensors",
                  "final/shared/actor/adapter_model.safetensors", "final/shared/critic/adapter_model.safetensors"):
         assert (ppo / name).is_file(), name
     assert re.search(r"policy\s+\(gold [+-]\d\.\d\d\):", text)  # the reloaded adapters answered

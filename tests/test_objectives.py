@@ -13,6 +13,7 @@ import yaml
 from conftest import PYTHON, run
 from hydra_rlhf import ppo_math
 from hydra_rlhf.config import PPOConfig
+from hydra_rlhf.hydra_model import HEADS_FILE
 from hydra_rlhf.layout import MODES, OBJECTIVES, counts, role_plan
 from hydra_rlhf.objectives.base import group_stats
 from hydra_rlhf.objectives.grpo import group_normalized_advantages, k3_kl
@@ -171,7 +172,7 @@ def test_critic_free_means_critic_free(tiny_model, tokenizer, tmp_path, mode):
     saved = next((tmp_path / "checkpoints").iterdir())
     from safetensors import safe_open
 
-    with safe_open(str(saved / "hydra_heads.safetensors"), framework="pt") as heads:
+    with safe_open(str(saved / HEADS_FILE), framework="pt") as heads:
         assert sorted(heads.keys()) == ["reward_head.bias", "reward_head.weight"]
 
 

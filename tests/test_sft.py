@@ -57,6 +57,27 @@ def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
     enc = tokenizer(["Tell me about item 3."], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(plain(**enc).logits, model.bases["shared"].get_base_model()(**enc).logits)
+    # A serving engine loads every top-level *.safetensors as the LM's weights: none of them may hold a head.
+    from safetensors import safe_open
+
+    for weights in output.glob("*.safetensors"):
+        with safe_open(str(weights), framework="pt") as f:
+            assert not [k for k in f.keys() if "head" in k and not k.startswith("lm_head")], weights
+
+
+def test_checkpoints_with_the_heads_at_the_top_still_load(hydra_checkpoint, tmp_path):
+    """Checkpoints written before the heads moved to hydra/heads.safetensors keep loading."""
+    import shutil
+
+    from hydra_rlhf.hydra_model import HEADS_FILE, LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
+
+    output, _ = hydra_checkpoint
+    legacy = tmp_path / "legacy"
+    shutil.copytree(output, legacy)
+    shutil.move(legacy / HEADS_FILE, legacy / LEGACY_HEADS_FILE)
+    current = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output)))
+    old = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(legacy)))
+    assert torch.equal(old.reward_head.weight, current.reward_head.weight) and old.reward_pooling == "sum"
 
 
 def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenizer):
