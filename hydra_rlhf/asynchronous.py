@@ -109,6 +109,7 @@ def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: in
     """Make batches ``start .. end - 1``, each with its scheduled policy version, and send them in order (until
     the learner sends ``STOP_VERSION``: it ended early)."""
     actor = actor_parameters(model)
+    maker.start_engine(model)  # generation_backend vllm: the generator's own engine
     version = start  # the weights it was handed: the learner's at ``start``
     for index in range(start, end):
         waited = loaded = 0.0
@@ -122,7 +123,7 @@ def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: in
             waited, loaded = waited + received - began, loaded + time.perf_counter() - received
         began = time.perf_counter()
         stats = FusionStats() if maker.config.fusion else None
-        rollout = maker.make(model, index, values=False, fusion_stats=stats)
+        rollout = maker.make(model, index, values=False, fusion_stats=stats, policy_version=version)
         rollout.policy_version = torch.full((len(rollout.input_ids),), version, device=rollout.input_ids.device)
         channel.send_batch(GeneratedBatch(index, version, rollout, time.perf_counter() - began, waited, loaded, stats))
 
@@ -161,7 +162,10 @@ class LocalChannel:
         self.batches = context.Queue(maxsize=max(1, max_staleness))  # bounded: the generator runs N batches ahead
         self.adapters = context.Queue()
         self.stopping = context.RawValue("b", 0)  # set to 1: the generator ends
-        self.process = context.Process(target=_generator_process, name="hydra-rlhf-generator", daemon=True,
+        # A vLLM engine starts processes of its own, which a daemonic process may not; the watchdog ends the
+        # generator with the learner either way.
+        daemon = maker.config.generation_backend != "vllm"
+        self.process = context.Process(target=_generator_process, name="hydra-rlhf-generator", daemon=daemon,
                                        args=(model, maker, start, end, max_staleness, self, threads))
         self.process.start()
 

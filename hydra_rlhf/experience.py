@@ -7,6 +7,7 @@ sampling seed wherever it is made, and a resumed run makes the batches it has no
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -31,6 +32,22 @@ class ExperienceMaker:
     pad_token_id: int
     rank: int = 0
     device: str = "cpu"
+    engine: object = None  # generation_backend vllm: this process's VLLMEngine (``start_engine``)
+
+    def __getstate__(self):  # a generator process starts its own engine: an engine does not cross processes
+        return {**self.__dict__, "engine": None}
+
+    def start_engine(self, model) -> None:
+        """generation_backend vllm: start this process's engine on the model's policy base (once)."""
+        if self.config.generation_backend == "vllm" and self.engine is None:
+            from .vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine.for_model(model, self.config, self.eos_token_ids, self.pad_token_id)
+
+    def close_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def seed(self, iteration: int, purpose: str) -> int:
         """A function of (seed, iteration, rank): resumes and generator processes reproduce it."""
@@ -48,9 +65,10 @@ class ExperienceMaker:
         return ids.to(self.device), mask.to(self.device)
 
     def make(self, model, iteration: int, stage=no_stage, values: bool = True,
-             fusion_stats: fusion.FusionStats | None = None) -> stages.Rollout:
+             fusion_stats: fusion.FusionStats | None = None, policy_version: int | None = None) -> stages.Rollout:
         """Stages 1-3 for batch ``iteration``: sample, score with adapters off, score with the actor (and the
-        critic, unless ``values`` is off). With fusion the three overlap and are one profiler stage."""
+        critic, unless ``values`` is off). With fusion the three overlap and are one profiler stage. With a vLLM
+        engine, the actor adapter (learner update ``policy_version``, default ``iteration``) goes to it first."""
         config = self.config
         torch.manual_seed(self.seed(iteration, "sample"))
         prompt_ids, prompt_mask = self.prompts(iteration)
@@ -60,10 +78,20 @@ class ExperienceMaker:
                 return fusion.fused_rollout(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
                                             config.temperature, self.eos_token_id, config.fusion_tail_fraction,
                                             config.samples_per_prompt, fusion_stats, values)
-        # step 1. generate: the actor samples k responses for each prompt of a batch
+        # step 1. generate: the actor samples k responses for each prompt of a batch (in vLLM: once the engine
+        # has the actor adapter of this version)
+        if self.engine is not None:
+            with stage("sync"):
+                self.engine.load_actor(model, iteration if policy_version is None else policy_version)
+        started = time.perf_counter()
         with stage("generate"):
-            rollout = stages.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
-                                      samples_per_prompt=config.samples_per_prompt)
+            if self.engine is not None:
+                rollout = self.engine.generate(prompt_ids, prompt_mask, config.samples_per_prompt,
+                                               self.seed(iteration, "sample"))
+            else:
+                rollout = stages.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
+                                          samples_per_prompt=config.samples_per_prompt)
+        self.generate_seconds = time.perf_counter() - started  # either backend, profiled or not
         # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
         with stage("score_frozen"):
             stages.score_frozen(model, rollout, config.temperature, self.eos_token_id)

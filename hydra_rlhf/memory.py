@@ -114,6 +114,7 @@ class MemoryProfiler:
         self.iteration_record: dict[str, dict] = {}
         self.history: list[dict[str, dict]] = []
         self._tracker = None
+        self.engine_bytes = None  # () -> bytes a generation engine holds outside these tensors (vLLM), when set
         if not enabled:
             self.measure = "disabled"
         elif self.device.type == "cuda":
@@ -142,6 +143,8 @@ class MemoryProfiler:
         finally:
             record = self._finish(start)
             record["seconds"] = round(time.perf_counter() - began, 4)
+            if self.engine_bytes is not None:
+                record["engine_bytes"] = self.engine_bytes()
             self.iteration_record[name] = record
 
     def _start(self) -> int:
@@ -235,11 +238,14 @@ def summarize(history: list[dict[str, dict]]) -> dict[str, dict]:
             entry["peak_bytes"] = max(entry["peak_bytes"], values["peak_bytes"])
             entry["delta_bytes"].append(values["delta_bytes"])
             entry["seconds"].append(values.get("seconds", 0.0))
+            if "engine_bytes" in values:  # a vLLM engine's own memory, outside these tensors
+                entry["engine_bytes"] = max(entry.get("engine_bytes", 0), values["engine_bytes"])
     ordered = sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
     return {
         name: {"peak_bytes": stages[name]["peak_bytes"],
                "delta_bytes": round(sum(stages[name]["delta_bytes"]) / len(stages[name]["delta_bytes"])),
-               "seconds": round(sum(stages[name]["seconds"]) / len(stages[name]["seconds"]), 3)}
+               "seconds": round(sum(stages[name]["seconds"]) / len(stages[name]["seconds"]), 3),
+               **({"engine_bytes": stages[name]["engine_bytes"]} if "engine_bytes" in stages[name] else {})}
         for name in ordered
     }
 
@@ -277,7 +283,8 @@ def wide_console():
 
 
 def stage_table(columns: dict[str, dict[str, dict]], title: str = "Memory per stage"):
-    """A rich Table: one row per stage, one column per mode (or run), each cell ``peak (change)``."""
+    """A rich Table: one row per stage, one column per mode (or run), each cell ``peak (change)``, and what a vLLM
+    engine held beside them (``+ engine``) where one sampled."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -291,7 +298,10 @@ def stage_table(columns: dict[str, dict[str, dict]], title: str = "Memory per st
         cells = []
         for summary in columns.values():
             values = summary.get(stage)
-            cells.append(f"{format_bytes(values['peak_bytes'])} ({_signed(values['delta_bytes'])})" if values else "-")
+            cell = f"{format_bytes(values['peak_bytes'])} ({_signed(values['delta_bytes'])})" if values else "-"
+            if values and "engine_bytes" in values:
+                cell += f" + engine {format_bytes(values['engine_bytes'])}"
+            cells.append(cell)
         table.add_row(stage, *cells)
     overall = [max(v["peak_bytes"] for v in summary.values()) if summary else 0 for summary in columns.values()]
     table.add_row("[bold]overall peak[/bold]", *[f"[bold]{format_bytes(o)}[/bold]" for o in overall])

@@ -52,6 +52,10 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     check_context(model_config.model_name_or_path, config.max_prompt_length + config.max_new_tokens + 1,
                   "max_prompt_length + max_new_tokens (+1 for the EOS the reward is read at)",
                   model_config.trust_remote_code)
+    if config.generation_backend == "vllm":  # a missing extra is one line now, not after the weights load
+        from .vllm_engine import import_vllm
+
+        import_vllm()
     prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
     if accelerator.is_main_process:  # the fingerprint reads the bases' files: once, not once per process
         record_or_check_run_settings(output, run_settings(model_config, config), config.resume)

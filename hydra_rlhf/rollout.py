@@ -33,6 +33,7 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, R) per-token advantages (PPO: GAE; RLOO/GRPO: per sequence)
     returns: torch.Tensor | None = None  # (B, R) PPO: advantages + values, the critic's targets
     policy_version: torch.Tensor | None = None  # (B,) learner updates the sampling actor had seen (async mode)
+    engine_logprobs: torch.Tensor | None = None  # (B, R) the vLLM engine's log-probs of its samples (a check)
 
     @property
     def kl(self) -> torch.Tensor:

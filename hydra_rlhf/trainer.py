@@ -108,6 +108,8 @@ class PPOTrainer:
         )
         self.experience = ExperienceMaker(prompt_ids, config, generation_kwargs, self.eos_token_ids,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, rank, str(self.device))
+        if not config.async_generation:  # (an async generator starts its own)
+            self.experience.start_engine(model)
         self.generator = None  # async: the channel to the generator, while training
         self.async_stats: dict[str, float] = {}
         if self.accelerator.is_main_process:
@@ -117,6 +119,8 @@ class PPOTrainer:
             log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
             enabled=config.profile_memory,
         )
+        if self.experience.engine is not None:
+            self.profiler.engine_bytes = self.experience.engine.memory_bytes
 
     # -------------------------------------------------------------------------------------------- the loop
 
@@ -133,13 +137,16 @@ class PPOTrainer:
         history = []
         bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc=self.config.objective.upper(),
                    disable=not self.accelerator.is_local_main_process)
-        with self._ctrl_c() as stop, self._generator():
-            while self.iteration < self.config.num_iterations and not self.reached_kl and not stop.is_set():
-                metrics = self.step()
-                history.append(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
-        bar.close()
+        try:
+            with self._ctrl_c() as stop, self._generator():
+                while self.iteration < self.config.num_iterations and not self.reached_kl and not stop.is_set():
+                    metrics = self.step()
+                    history.append(metrics)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        finally:
+            bar.close()
+            self.experience.close_engine()  # the vLLM engine's processes and memory, once sampling is over
         if stop.is_set() and self.iteration < self.config.num_iterations and not self.reached_kl:  # (else done anyway)
             self._stop_after_ctrl_c()
         return history
@@ -369,6 +376,14 @@ class PPOTrainer:
             "response/eos_fraction": rollout.has_eos.float().mean(),
         }
         local = {k: float(v) for k, v in local.items()}
+        if rollout.engine_logprobs is not None:  # vLLM sampled: its log-probs against the learner's pi_old
+            local["engine/logprob_abs_diff"] = float(
+                ((rollout.engine_logprobs - rollout.logprobs).abs() * rollout.response_mask).sum()
+                / rollout.response_mask.sum().clamp(min=1))
+        if self.generator is None and not self.config.fusion:  # sampling alone (fusion scores as it samples)
+            local["speed/generate_seconds"] = self.experience.generate_seconds
+        if self.experience.engine is not None:
+            local.update(self.experience.engine.stats)
         if self.config.fusion:
             local.update(self.fusion_stats.metrics())
         else:  # the scoring passes compute every row at the batch's full width

