@@ -131,7 +131,7 @@ def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: in
 def _generator_process(model, maker, start, end, max_staleness, channel, threads) -> None:
     """The child process of ``LocalChannel``: its own copy of the actor adapter, then the loop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's: it stops this process itself
-    threading.Thread(target=_exit_with_learner, args=(channel.stopping,), daemon=True).start()
+    threading.Thread(target=_exit_with_learner, args=(channel.stopping, maker), daemon=True).start()
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -144,14 +144,18 @@ def _generator_process(model, maker, start, end, max_staleness, channel, threads
         time.sleep(POLL_SECONDS)
 
 
-def _exit_with_learner(stopping) -> None:
+def _exit_with_learner(stopping, maker: ExperienceMaker) -> None:
     """The generator's watchdog: it ends the process within a poll interval of a stop or of the learner's death,
-    whatever the generator is doing (mid-batch too); there is nothing of its own to save. A plain shared flag,
-    not an Event: an Event's condition deadlocks its setter when a waiter was killed."""
+    whatever the generator is doing (mid-batch too); there is nothing of its own to save, but a vLLM engine's
+    processes are stopped first (they would outlive it). A plain shared flag, not an Event: an Event's condition
+    deadlocks its setter when a waiter was killed."""
     learner = multiprocessing.parent_process()
     while not stopping.value and learner.is_alive():
         time.sleep(POLL_SECONDS)
-    os._exit(0)
+    try:
+        maker.close_engine()
+    finally:
+        os._exit(0)
 
 
 class LocalChannel:
@@ -192,7 +196,7 @@ class LocalChannel:
     def close(self) -> None:
         """Stop the generator (it may be mid-batch or waiting) and reap it within seconds."""
         self.stopping.value = 1
-        self.process.join(timeout=5)
+        self.process.join(timeout=5 if self.process.daemon else 30)  # a vLLM engine takes seconds to shut down
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=5)

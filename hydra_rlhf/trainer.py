@@ -132,7 +132,10 @@ class PPOTrainer:
         if self.config.resume:
             self.resume()
         if self.role == "generator":  # rank 1 of an async two-process run: it makes the batches, the learner logs
-            self._generate_for_learner()
+            try:
+                self._generate_for_learner()
+            finally:
+                self.experience.close_engine()
             return []
         history = []
         bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc=self.config.objective.upper(),

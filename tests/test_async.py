@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,7 +17,7 @@ from hydra_rlhf import asynchronous
 from hydra_rlhf.experience import ExperienceMaker
 from test_faults import ppo_config
 
-ACCELERATE = str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists() else "accelerate"
+ACCELERATE = str(Path(PYTHON).parent / "accelerate")  # the launcher of the environment running the tests
 
 
 def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", **overrides):

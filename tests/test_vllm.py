@@ -143,10 +143,23 @@ def test_every_objective_trains_with_vllm_sampling(sft_checkpoint, prompts_file,
 
 @pytest.mark.vllm
 def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint, prompts_file, tmp_path):
-    output = tmp_path / "async"
-    run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend", "vllm",
-         "--async_generation", "true", "--max_staleness", "1", "--actor_lr", "3e-3",
-         *tiny(str(sft_checkpoint), prompts_file, output)])
-    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [m["async/policy_version"] for m in metrics] == [0, 0, 1]
-    assert all(m["engine/logprob_abs_diff"] < 1e-4 for m in metrics)
+    # The generator (a child process, or rank 1 of two) starts its own engine and gives it each adapter version
+    # it samples with; both layouts make the same run, and no engine process outlives it.
+    import psutil
+
+    from test_async import ACCELERATE
+
+    runs = {}
+    for name, launcher in (("one", [PYTHON]), ("two", [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2"])):
+        output = tmp_path / name
+        run([*launcher, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend",
+             "vllm", "--async_generation", "true", "--max_staleness", "1", "--actor_lr", "3e-3",
+             *tiny(str(sft_checkpoint), prompts_file, output)], env={"OMP_NUM_THREADS": "1"}, timeout=300)
+        runs[name] = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        assert [m["async/policy_version"] for m in runs[name]] == [0, 0, 1]
+        assert all(m["engine/logprob_abs_diff"] < 1e-4 for m in runs[name])
+        assert abs(runs[name][-1]["objective/kl"]) > 1e-3  # sampled by the updated actor
+        assert not [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM")]
+    for one, two in zip(runs["one"], runs["two"], strict=True):
+        for key in ("objective/reward", "objective/kl", "engine/logprob_abs_diff"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
