@@ -57,7 +57,8 @@ from .levers import Levers, add_lever_arguments, levers_from_args
 QUANTS = ("none", "8bit", "4bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEVICES = ("cuda", "cpu")
-CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations")
+CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations", "engine")
+ENGINES = ("hf", "vllm")
 PRESET_DIR = Path(__file__).parent / "presets"
 GiB = 1 << 30
 MiB = 1 << 20
@@ -255,6 +256,9 @@ class EstimateSettings(Levers):
     padded_prompts: bool = True  # prompts of unequal length -> an attention mask -> k, v repeated to all heads
     fusion: bool = False  # generation and scoring as one stage, retired rows scored in chunks (fusion.py)
     fusion_tail_fraction: float = 0.2  # the chunk: this share of the batch
+    engine: str = "hf"  # who samples: hf (generate on the shared base) | vllm (an engine beside the learner)
+    engine_sleep: bool = False  # vllm sleep mode: weights to host memory, KV cache freed outside generate
+    engine_kv_cache_gib: float | None = None  # vllm's KV cache; None: what the batch needs (B x T tokens)
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
@@ -273,6 +277,12 @@ class EstimateSettings(Levers):
         self.check_levers()
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}")
+        _check_choice("engine", self.engine, ENGINES)
+        if self.engine == "vllm" and (self.fusion or self.mode == "full"):
+            raise ValueError("the vllm engine serves an actor adapter and schedules its own batches: use it "
+                             "without --fusion, with mode lora, j-hydra or hydra")
+        if self.engine_kv_cache_gib is not None and self.engine_kv_cache_gib <= 0:
+            raise ValueError(f"engine_kv_cache_gib must be > 0, got {self.engine_kv_cache_gib}")
         if self.adapter_dtype == "compute" and self.dtype == "fp16":
             raise ValueError("adapter_dtype compute with an fp16 base would train fp16 weights without loss scaling; "
                              "use --adapter-dtype float32 with --dtype fp16")
@@ -580,13 +590,16 @@ def optimizer_step_temporary(shape: ModelShape, s: EstimateSettings) -> int:
 
 
 def stage_activations(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
-    """Bytes above the persistent state at each stage's peak (the rollout included from generate on)."""
+    """Bytes above the persistent state at each stage's peak (the rollout included from generate on). With the
+    vllm engine the learner does not decode: its generate stage holds the rollout only (the engine's memory is
+    its own category, ``engine_bytes``)."""
     rollout = experience_bytes(s)
     small = 8 * 4 * s.batch_size * s.gen_len  # a few (B, G) fp32 temporaries: GAE, whitening, metrics
+    decoding = generate_bytes(shape, s) if s.engine == "hf" else 0
     if s.fusion:
         experience = {FUSED_STAGE: fused_experience_bytes(shape, s) + rollout}
     else:
-        experience = {"generate": generate_bytes(shape, s) + rollout, "score_frozen": scoring_bytes(shape, s) + rollout,
+        experience = {"generate": decoding + rollout, "score_frozen": scoring_bytes(shape, s) + rollout,
                       "score_policy": scoring_bytes(shape, s) + rollout}
     return {
         **experience,
@@ -594,6 +607,28 @@ def stage_activations(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
         "train": max(train_phases(shape, s).values()) + rollout,
         "log": rollout + small,
     }
+
+
+def engine_weight_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """The vllm engine's own copy of the base (quantized as the learner's is) and its one LoRA slot, at vLLM's
+    smallest rank slot that holds lora_r, in the compute dtype."""
+    slot = next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512, s.lora_r) if r >= s.lora_r)
+    return base_weight_bytes(shape, s) + shape.lora_params(slot) * s.dtype_bytes
+
+
+def engine_kv_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """The engine's KV cache: ``engine_kv_cache_gib``, or what one batch of B x T tokens needs."""
+    if s.engine_kv_cache_gib is not None:
+        return int(s.engine_kv_cache_gib * GiB)
+    return kv_cache_bytes(shape, s, s.batch_size, s.seq_len)
+
+
+def engine_bytes(shape: ModelShape, s: EstimateSettings, stage: str) -> int:
+    """What the vllm engine holds on the device in ``stage``: its weights and KV cache, or, in sleep mode,
+    nothing outside generate (weights in host memory, KV cache freed); 0 with hf."""
+    if s.engine != "vllm" or (s.engine_sleep and stage != "generate"):
+        return 0
+    return engine_weight_bytes(shape, s) + engine_kv_bytes(shape, s)
 
 
 # ------------------------------------------------------------------------------------------------ estimate
@@ -607,7 +642,7 @@ class Estimate:
     settings: EstimateSettings
     stage_breakdown: dict[str, dict[str, int]]  # stage -> category -> bytes at that stage's peak
     train_phases: dict[str, int]
-    host_bytes: int = 0  # pinned host memory holding the offloaded activations (activation_offload on CUDA)
+    host_bytes: int = 0  # host memory holding offloaded activations (CUDA) and a sleeping vllm engine's weights
 
     @property
     def stages(self) -> dict[str, int]:
@@ -651,12 +686,13 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
     phases = train_phases(shape, settings)
     breakdown = {}
     for stage, activations in stage_activations(shape, settings).items():
-        parts = dict(persistent, activations=activations)
+        parts = dict(persistent, activations=activations, engine=engine_bytes(shape, settings, stage))
         if stage == "train":  # file the gradients of the dominant phase under their own category
             grads = phase_gradients(shape, settings)[max(phases, key=phases.get)]
             parts.update(gradients=grads, activations=activations - grads)
         breakdown[stage] = parts
-    return Estimate(shape, settings, breakdown, phases, offloaded_bytes(shape, settings))
+    asleep = engine_weight_bytes(shape, settings) if settings.engine == "vllm" and settings.engine_sleep else 0
+    return Estimate(shape, settings, breakdown, phases, offloaded_bytes(shape, settings) + asleep)
 
 
 def offloaded_bytes(shape: ModelShape, s: EstimateSettings) -> int:
@@ -720,6 +756,12 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="Write the estimate here.")
     parser.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
                         help="Sample-level fusion: generation and scoring as one stage (generate+score).")
+    parser.add_argument("--generation-backend", default="hf", choices=ENGINES,
+                        help="Who samples: hf, or a vllm engine beside the learner (its own base copy and KV cache).")
+    parser.add_argument("--vllm-sleep-mode", action=argparse.BooleanOptionalAction, default=False,
+                        help="vllm: the engine's weights go to host memory and its KV cache is freed outside generate.")
+    parser.add_argument("--vllm-kv-cache-gib", type=float, default=None,
+                        help="vllm: the engine's KV cache (default: what one batch needs).")
     add_lever_arguments(parser)
 
 
@@ -777,7 +819,8 @@ def settings_from_args(args: argparse.Namespace, mode: str, objective: str = "pp
         mode=mode, objective=objective, quant=args.quant, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
         prompt_len=args.prompt_len, gen_len=args.gen_len, lora_r=args.lora_r,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
-        fusion=args.fusion, **levers_from_args(args),
+        fusion=args.fusion, engine=args.generation_backend, engine_sleep=args.vllm_sleep_mode,
+        engine_kv_cache_gib=args.vllm_kv_cache_gib, **levers_from_args(args),
     )
 
 
@@ -826,7 +869,8 @@ def _describe_levers(s: EstimateSettings) -> str:
     on = [f"log-prob chunks of {s.logprob_chunk_size}" if s.logprob_chunk_size else "",
           "8-bit AdamW" if s.optim == "adamw_bnb_8bit" else "",
           ("activation offload" + ("" if s.offload else " (no effect on cpu)")) if s.activation_offload else "",
-          f"{s.dtype} adapters" if s.adapter_dtype == "compute" else ""]
+          f"{s.dtype} adapters" if s.adapter_dtype == "compute" else "",
+          f"vllm engine{' in sleep mode' if s.engine_sleep else ''}" if s.engine == "vllm" else ""]
     return ", ".join(filter(None, on)) or "none"
 
 
@@ -858,6 +902,8 @@ def _breakdown_table(estimates: dict):
     for mode, est in estimates.items():
         table.add_column(f"{mode} ({est.peak_stage})", justify="right")
     for category in CATEGORIES:
+        if category == "engine" and not any(est.breakdown[category] for est in estimates.values()):
+            continue  # no engine beside the learner: no row for it
         table.add_row(category.replace("_", " + ") if category == "adapters_heads" else category,
                       *[gib(est.breakdown[category]) for est in estimates.values()])
     table.add_row("[bold]total[/bold]", *[f"[bold]{gib(est.peak_bytes)}[/bold]" for est in estimates.values()])

@@ -345,3 +345,35 @@ def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_fi
         assert stage["measured_bytes"] > 0 and stage["relative_error"] == pytest.approx(
             stage["estimated_bytes"] / stage["measured_bytes"] - 1)
     assert "worst stage error" in result.stdout
+
+
+def test_a_vllm_engine_beside_the_learner_is_its_own_category_per_stage(capsys):
+    from hydra_rlhf.estimate import engine_kv_bytes, engine_weight_bytes, kv_cache_bytes
+
+    shape = load_preset("llama-3.1-8b")
+    hf = estimate(shape, EstimateSettings(quant="4bit"))
+    vllm = estimate(shape, EstimateSettings(quant="4bit", engine="vllm"))
+    asleep = estimate(shape, EstimateSettings(quant="4bit", engine="vllm", engine_sleep=True))
+    settings = vllm.settings
+    held = engine_weight_bytes(shape, settings) + engine_kv_bytes(shape, settings)
+    # a second (4-bit) copy of the base plus a rank-16 LoRA slot, and the batch's KV cache
+    assert engine_weight_bytes(shape, settings) - base_weight_bytes(shape, settings) == shape.lora_params(16) * 2
+    assert engine_kv_bytes(shape, settings) == kv_cache_bytes(shape, settings, 8, 512)
+    for stage in hf.stages:
+        assert vllm.stage_breakdown[stage]["engine"] == held
+        assert asleep.stage_breakdown[stage]["engine"] == (held if stage == "generate" else 0)
+        if stage != "generate":  # the learner's own memory is unchanged
+            assert vllm.stages[stage] - held == hf.stages[stage]
+    # the learner no longer decodes: its generate stage holds the rollout, not a KV cache
+    assert vllm.stage_breakdown["generate"]["activations"] < hf.stage_breakdown["generate"]["activations"]
+    assert asleep.peak_bytes < vllm.peak_bytes and asleep.host_bytes == engine_weight_bytes(shape, settings)
+    sized = estimate(shape, EstimateSettings(engine="vllm", engine_kv_cache_gib=2.0))
+    assert engine_kv_bytes(shape, sized.settings) == 2 << 30
+    with pytest.raises(ValueError, match="without --fusion"):
+        EstimateSettings(engine="vllm", fusion=True)
+    assert run_estimate(parse("--quant", "4bit", "--generation-backend", "vllm")) == 0
+    report = capsys.readouterr().out
+    assert "Levers: vllm engine." in " ".join(report.split()) and "│ engine" in report.split("At the peak stage")[1]
+    assert run_estimate(parse("--quant", "4bit", "--generation-backend", "vllm", "--vllm-sleep-mode")) == 0
+    report = " ".join(capsys.readouterr().out.split())
+    assert "vllm engine in sleep mode" in report
