@@ -8,7 +8,8 @@ Both runs are the recipe a user runs (``recipes/ppo.py --config recipes/configs/
 machine to itself, in the same environment. Memory profiling is off in both: on CPU it counts every tensor op of
 the learner process, which would slow transformers' sampling and not vLLM's (another process).
 
-Reported per run: seconds of sampling per iteration (``speed/generate_seconds``), of the whole iteration, and
+Reported per run (timings: the median over iterations): seconds of sampling per iteration
+(``speed/generate_seconds``), of the whole iteration, and
 for vllm the engine's start, the adapter sync (seconds and bytes per update), what the engine's processes hold
 (PSS on CPU), and its log-probs against the learner's; then the held-out evaluation the recipe runs itself
 (gold gain, win-rate against the SFT start, distinct-2, KL). JSON keys: ``runs/{hf,vllm}``,
@@ -42,6 +43,14 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def median(values: list[float]) -> float:
+    """Per-iteration timings: the median, so one iteration slowed by something else on the machine does not
+    move the figure."""
+    import statistics
+
+    return statistics.median(values)
+
+
 def run_backend(backend: str, args, overrides: list[str]) -> dict:
     output = args.output_dir / backend
     config = args.config_pattern.format(objective="ppo")
@@ -53,15 +62,15 @@ def run_backend(backend: str, args, overrides: list[str]) -> dict:
         "backend": backend,
         **quality(summary),
         "wall_seconds": seconds,
-        "generate_seconds_per_iteration": mean([m["speed/generate_seconds"] for m in metrics]),
-        "iteration_seconds": mean([m["speed/iteration_seconds"] for m in metrics]),
+        "generate_seconds_per_iteration": median([m["speed/generate_seconds"] for m in metrics]),
+        "iteration_seconds": median([m["speed/iteration_seconds"] for m in metrics]),
         "response_length_mean": mean([m["response/length_mean"] for m in metrics]),
     }
     if backend == "vllm":
         row.update({
             "engine_start_seconds": metrics[0]["engine/start_seconds"],
             # iteration 1 loads the untrained adapter; every later one a trained update
-            "sync_seconds": mean([m["engine/sync_seconds"] for m in metrics[1:]] or [metrics[0]["engine/sync_seconds"]]),
+            "sync_seconds": median([m["engine/sync_seconds"] for m in metrics[1:]] or [metrics[0]["engine/sync_seconds"]]),
             "sync_bytes": metrics[-1]["engine/sync_bytes"],
             "engine_memory_bytes": max(m["engine/memory_bytes"] for m in metrics),
             "logprob_abs_diff": mean([m["engine/logprob_abs_diff"] for m in metrics]),

