@@ -75,6 +75,8 @@ class VLLMEngine:
             raise ValueError("vllm_sleep_mode offloads the engine's GPU memory while the learner trains; it needs "
                              "a CUDA device. Set it to false on CPU.")
         kv_cache_gib = config.vllm_kv_cache_gib or (None if self.on_cuda else CPU_KV_CACHE_GIB)
+        self.adapter_dir = Path(tempfile.mkdtemp(prefix="hydra-rlhf-vllm-", dir=_ram_backed_dir()))
+        self.llm = None
         started = time.perf_counter()
         try:
             self.llm = vllm.LLM(
@@ -92,10 +94,13 @@ class VLLMEngine:
                 skip_tokenizer_init=True,  # token ids in, token ids out
                 seed=config.seed,
             )
-        except Exception as error:  # the engine's own message says what it could not do
-            raise ValueError(f"vLLM could not serve {model_path}: {type(error).__name__}: {error}") from None
+            self.llm.generate([{"prompt_token_ids": [pad_token_id]}], vllm.SamplingParams(max_tokens=1, detokenize=False),
+                              use_tqdm=False)  # one token: a model it cannot run fails here, before training starts
+        except Exception as error:  # the engine's own message (and its log above) says what it could not do
+            self.close()
+            raise ValueError(f"vLLM could not serve {model_path} (its log above says why): "
+                             f"{type(error).__name__}: {error}") from None
         self.start_seconds = time.perf_counter() - started
-        self.adapter_dir = Path(tempfile.mkdtemp(prefix="hydra-rlhf-vllm-", dir=_ram_backed_dir()))
         self.version: int | None = None
         self.lora_request = None
         self.stats: dict[str, float] = {"engine/start_seconds": self.start_seconds}

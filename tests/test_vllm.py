@@ -124,6 +124,22 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
 
 
 @pytest.mark.vllm
+def test_a_model_vllm_cannot_run_is_one_line_before_training(tiny_model, prompts_file, tmp_path):
+    # The default tiny model's attention heads (size 16) have no kernel in vLLM's CPU backend.
+    import psutil
+
+    result = run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend",
+                  "vllm", *tiny(tiny_model, prompts_file, tmp_path / "run")], check=False)
+    # One line of ours (the engine's processes print their own traceback above it: that log says why).
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"vLLM could not serve {tiny_model}" in lines[0], lines
+    assert "head_dim=16" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM")]
+
+
+@pytest.mark.vllm
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_every_objective_trains_with_vllm_sampling(sft_checkpoint, prompts_file, tmp_path, objective):
     output = tmp_path / objective
