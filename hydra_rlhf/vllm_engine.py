@@ -94,8 +94,9 @@ class VLLMEngine:
                 skip_tokenizer_init=True,  # token ids in, token ids out
                 seed=config.seed,
             )
-            self.llm.generate([{"prompt_token_ids": [pad_token_id]}], vllm.SamplingParams(max_tokens=1, detokenize=False),
-                              use_tqdm=False)  # one token: a model it cannot run fails here, before training starts
+            # one token: a model the engine cannot run fails here, before any training
+            self.llm.generate([{"prompt_token_ids": [pad_token_id]}],
+                              vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
         except Exception as error:  # the engine's own message (and its log above) says what it could not do
             self.close()
             raise ValueError(f"vLLM could not serve {model_path} (its log above says why): "
