@@ -67,7 +67,7 @@ class VLLMEngine:
     """A vLLM engine on the policy's base that serves the actor adapter. Build it with ``for_model``."""
 
     def __init__(self, model_path: str, config, lora_rank: int, dtype: torch.dtype, quantization: str,
-                 eos_token_ids: list[int], pad_token_id: int, device: torch.device):
+                 eos_token_ids: list[int], pad_token_id: int, device: torch.device, trust_remote_code: bool = False):
         vllm = import_vllm()
         self.config, self.eos_token_ids, self.pad_token_id = config, eos_token_ids, pad_token_id
         self.on_cuda = device.type == "cuda"
@@ -82,7 +82,9 @@ class VLLMEngine:
             self.llm = vllm.LLM(
                 model=model_path,
                 dtype=str(dtype).removeprefix("torch."),
+                # vLLM quantizes in flight to 4-bit only: an 8-bit base is served unquantized
                 quantization="bitsandbytes" if quantization == "4bit" else None,
+                trust_remote_code=trust_remote_code,  # off unless the user turned it on for the HydraModel
                 enable_lora=True, max_lora_rank=_engine_lora_rank(lora_rank), max_loras=1,
                 max_model_len=config.max_prompt_length + config.max_new_tokens,
                 max_num_seqs=max(config.batch_size * config.samples_per_prompt, 1),
@@ -112,9 +114,8 @@ class VLLMEngine:
     @classmethod
     def for_model(cls, model, config, eos_token_ids: list[int], pad_token_id: int) -> "VLLMEngine":
         """The engine for a HydraModel: its policy base, its LoRA rank, dtype and quantization."""
-        from .models import resolve_model
-
         from .hydra_model import HEADS_FILE, LEGACY_HEADS_FILE
+        from .models import resolve_model
 
         base_name, _ = policy_adapter(model)
         model_config = model.config
@@ -126,7 +127,7 @@ class VLLMEngine:
         dtype = model.bases[base_name].get_input_embeddings().weight.dtype
         device = next(model.bases[base_name].parameters()).device
         return cls(resolve_model(model_config.model_name_or_path), config, model_config.lora_r, dtype,
-                   model_config.quantization, eos_token_ids, pad_token_id, device)
+                   model_config.quantization, eos_token_ids, pad_token_id, device, model_config.trust_remote_code)
 
     # ------------------------------------------------------------------------------------------- adapter sync
 
