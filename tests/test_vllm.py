@@ -48,6 +48,24 @@ def test_a_policy_without_an_adapter_cannot_be_served(tiny_model):
         policy_adapter(full)
 
 
+def test_a_checkpoint_with_its_heads_at_the_top_is_named_with_the_move_that_fixes_it(tiny_model, tmp_path):
+    # Written before the heads moved to hydra/heads.safetensors: vLLM would read them as LM weights.
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.hydra_model import LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.vllm_engine import VLLMEngine
+
+    old = tmp_path / "old-sft"
+    shutil.copytree(tiny_model, old)
+    save_file({"reward_head.weight": torch.zeros(1, 64), "reward_head.bias": torch.zeros(1)}, old / LEGACY_HEADS_FILE)
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(old)))
+    with pytest.raises(ValueError, match=r"written before the heads moved to hydra/heads.safetensors.*mkdir .* && mv"):
+        VLLMEngine.for_model(model, PPOConfig(generation_backend="vllm"), [2], 2)
+
+
 # ---------------------------------------------------------------------------------------------- with vLLM
 
 
