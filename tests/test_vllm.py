@@ -152,7 +152,7 @@ def test_a_model_vllm_cannot_run_is_one_line_before_training(tiny_model, prompts
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"vLLM could not serve {tiny_model}" in lines[0], lines
-    assert "head_dim=16" in result.stderr
+    assert "head_dim=16" in result.stdout + result.stderr  # vLLM logs to stdout, its processes' tracebacks to stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert not [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM")]
 
