@@ -69,6 +69,26 @@ def test_a_checkpoint_with_its_heads_at_the_top_is_named_with_the_move_that_fixe
 # ---------------------------------------------------------------------------------------------- with vLLM
 
 
+def live_engine_processes(grace_seconds: float = 10.0) -> list:
+    """vLLM engine processes still running (an exited one may stay a zombie until its parent reaps it; that is not
+    running), after waiting up to ``grace_seconds`` for them to end."""
+    import time
+
+    import psutil
+
+    def live():
+        found = []
+        for process in psutil.process_iter(["name", "status"]):
+            if (process.info["name"] or "").startswith("VLLM") and process.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        return found
+
+    deadline = time.monotonic() + grace_seconds
+    while live() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return live()
+
+
 @pytest.fixture(scope="module")
 def sft_checkpoint(pairs_files, tmp_path_factory):
     """A Hydra-SFT checkpoint of a tiny model vLLM's CPU attention serves (head size 32: it has no kernel for
@@ -144,8 +164,6 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
 @pytest.mark.vllm
 def test_a_model_vllm_cannot_run_is_one_line_before_training(tiny_model, prompts_file, tmp_path):
     # The default tiny model's attention heads (size 16) have no kernel in vLLM's CPU backend.
-    import psutil
-
     result = run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend",
                   "vllm", *tiny(tiny_model, prompts_file, tmp_path / "run")], check=False)
     # One line of ours (the engine's processes print their own traceback above it: that log says why).
@@ -154,7 +172,7 @@ def test_a_model_vllm_cannot_run_is_one_line_before_training(tiny_model, prompts
     assert len(lines) == 1 and f"vLLM could not serve {tiny_model}" in lines[0], lines
     assert "head_dim=16" in result.stdout + result.stderr  # vLLM logs to stdout, its processes' tracebacks to stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    assert not [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM")]
+    assert not live_engine_processes()
 
 
 @pytest.mark.vllm
@@ -180,7 +198,6 @@ def test_every_objective_trains_with_vllm_sampling(sft_checkpoint, prompts_file,
 def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint, prompts_file, tmp_path):
     # The generator (a child process, or rank 1 of two) starts its own engine and gives it each adapter version
     # it samples with; both layouts make the same run, and no engine process outlives it.
-    import psutil
     from test_async import ACCELERATE
 
     runs = {}
@@ -193,7 +210,7 @@ def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint,
         assert [m["async/policy_version"] for m in runs[name]] == [0, 0, 1]
         assert all(m["engine/logprob_abs_diff"] < 1e-4 for m in runs[name])
         assert abs(runs[name][-1]["objective/kl"]) > 1e-3  # sampled by the updated actor
-        assert not [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM")]
+        assert not live_engine_processes()
     for one, two in zip(runs["one"], runs["two"], strict=True):
         for key in ("objective/reward", "objective/kl", "engine/logprob_abs_diff"):
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
