@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from .errors import check_at_least_one, check_choice, check_positive
 from .hydra_model import HydraModelConfig
-from .layout import OBJECTIVES, objective_info
+from .layout import GENERATION_BACKENDS, OBJECTIVES, objective_info
 from .levers import OPTIMIZERS
 
 
@@ -157,7 +157,7 @@ class PPOConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
-        check_choice("generation_backend", self.generation_backend, ("hf", "vllm"))
+        check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
         if self.fusion and self.generation_backend == "vllm":
             raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
                              "leave at once, new ones join), so our fused decode loop has nothing to add there. "

