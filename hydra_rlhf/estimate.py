@@ -61,6 +61,7 @@ DEVICES = ("cuda", "cpu")
 CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations", "engine")
 PRESET_DIR = Path(__file__).parent / "presets"
 GiB = 1 << 30
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRA slots (vllm.config.lora.MaxLoRARanks)
 MiB = 1 << 20
 
 # ---------------------------------------------------------------------------------------- layout of the modes
@@ -612,7 +613,7 @@ def stage_activations(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
 def engine_weight_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     """The vllm engine's own copy of the base (quantized as the learner's is) and its one LoRA slot, at vLLM's
     smallest rank slot that holds lora_r, in the compute dtype."""
-    slot = next(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512, s.lora_r) if r >= s.lora_r)
+    slot = next(r for r in (*VLLM_LORA_RANKS, s.lora_r) if r >= s.lora_r)
     return base_weight_bytes(shape, s) + shape.lora_params(slot) * s.dtype_bytes
 
 

@@ -224,9 +224,8 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop the engine's processes and remove the adapter copies."""
         shutil.rmtree(self.adapter_dir, ignore_errors=True)
-        engine = getattr(self, "llm", None)
-        if engine is not None:
-            engine.llm_engine.engine_core.shutdown()
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
 

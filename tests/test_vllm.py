@@ -120,6 +120,13 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
     config = PPOConfig(objective="rloo", batch_size=2, num_samples_per_prompt=2, minibatch_size=4, max_new_tokens=6,
                        seed=3)
     eos = eos_token_ids(tokenizer, model)
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    from hydra_rlhf.estimate import VLLM_LORA_RANKS
+
+    assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)  # the estimator's copy of vLLM's LoRA slots
     engine = VLLMEngine.for_model(model, config, eos, tokenizer.pad_token_id)
     try:
         encoded, _ = encode_prompts(tokenizer, [[{"role": "user", "content": f"Tell me about item {i}."}]
