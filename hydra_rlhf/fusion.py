@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .layout import fusion_chunk_rows
-from .rollout import Rollout, response_mask_until_eos, score_frozen, score_policy
+from .rollout import Rollout, sampled_rollout, score_frozen, score_policy
 
 
 @dataclass
@@ -141,8 +141,8 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         if not pending_rows:
             return
         rows = torch.cat(pending_rows)
-        chunk = chunk_rollout(prompt_ids[rows], prompt_mask[rows], _right_pad(pending_responses, pad), eos_token_ids,
-                              prompt_len, samples_per_prompt)
+        chunk = sampled_rollout(prompt_ids[rows], prompt_mask[rows], _right_pad(pending_responses, pad),
+                                eos_token_ids, samples_per_prompt)
         scoring = chunk.trimmed()  # nor the left padding that every prompt of the chunk has
         model.eval()
         score_frozen(model, scoring, temperature, score_eos_token_id)
@@ -174,14 +174,6 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
             causal_lm.train(was_training)
     score_pending()
     return assemble(scored, batch, prompt_len, pad, samples_per_prompt)
-
-
-def chunk_rollout(prompt_ids, prompt_mask, responses, eos_token_ids, prompt_len, group_size) -> Rollout:
-    """A Rollout of some retired rows: their prompts, and their responses right-padded to the chunk's longest."""
-    response_mask, has_eos = response_mask_until_eos(responses, eos_token_ids)
-    return Rollout(input_ids=torch.cat([prompt_ids, responses], dim=1),
-                   attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1),
-                   response_mask=response_mask, has_eos=has_eos, prompt_len=prompt_len, group_size=group_size)
 
 
 def assemble(scored: list[tuple[torch.Tensor, Rollout]], batch: int, prompt_len: int, pad: int,

@@ -96,16 +96,18 @@ def generate(model, prompt_ids, prompt_mask, generation_kwargs: dict, eos_token_
     prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
     sequences = model.generate(prompt_ids, prompt_mask, role=role, **generation_kwargs)
-    prompt_len = prompt_ids.shape[1]
-    response_mask, has_eos = response_mask_until_eos(sequences[:, prompt_len:], eos_token_ids)
-    return Rollout(
-        input_ids=sequences,
-        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
-        response_mask=response_mask,
-        has_eos=has_eos,
-        prompt_len=prompt_len,
-        group_size=samples_per_prompt,
-    )
+    return sampled_rollout(prompt_ids, prompt_mask, sequences[:, prompt_ids.shape[1]:], eos_token_ids,
+                           samples_per_prompt)
+
+
+def sampled_rollout(prompt_ids, prompt_mask, responses, eos_token_ids: list[int], group_size: int) -> Rollout:
+    """A Rollout of sampled rows: left-padded prompts, then responses right-padded to the longest, masked after
+    their first EOS. Every sampler builds its rollout here (``generate``, the fused loop's chunks, vLLM)."""
+    response_mask, has_eos = response_mask_until_eos(responses, eos_token_ids)
+    return Rollout(input_ids=torch.cat([prompt_ids, responses], dim=1),
+                   attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1),
+                   response_mask=response_mask, has_eos=has_eos, prompt_len=prompt_ids.shape[1],
+                   group_size=group_size)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .layout import FULL
-from .rollout import Rollout, response_mask_until_eos
+from .rollout import Rollout, sampled_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +118,15 @@ class VLLMEngine:
 
         base_name, _ = policy_adapter(model)
         model_config = model.config
-        legacy = Path(resolve_model(model_config.model_name_or_path)) / LEGACY_HEADS_FILE
+        model_path = resolve_model(model_config.model_name_or_path)
+        legacy = Path(model_path) / LEGACY_HEADS_FILE
         if legacy.is_file():  # vLLM would read the heads as LM weights and refuse the model
             raise ValueError(f"{legacy} was written before the heads moved to {HEADS_FILE}, and vLLM would load it "
                              f"as model weights: move it there (mkdir {legacy.parent / 'hydra'} && mv {legacy} "
                              f"{legacy.parent / HEADS_FILE}).")
         dtype = model.bases[base_name].get_input_embeddings().weight.dtype
         device = next(model.bases[base_name].parameters()).device
-        return cls(resolve_model(model_config.model_name_or_path), config, model_config.lora_r, dtype,
+        return cls(model_path, config, model_config.lora_r, dtype,
                    model_config.quantization, eos_token_ids, pad_token_id, device, model_config.trust_remote_code)
 
     # ------------------------------------------------------------------------------------------- adapter sync
@@ -183,18 +184,11 @@ class VLLMEngine:
             responses[row, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
             engine_logprobs[row, : len(tokens)] = torch.tensor([step[token].logprob
                                                                 for step, token in zip(sample.logprobs, tokens)])
-        responses = responses.to(prompt_ids.device)
-        response_mask, has_eos = response_mask_until_eos(responses, self.eos_token_ids if config.stop_at_eos else [])
+        rollout = sampled_rollout(prompt_ids, prompt_mask, responses.to(prompt_ids.device),
+                                  self.eos_token_ids if config.stop_at_eos else [], samples_per_prompt)
+        rollout.engine_logprobs = engine_logprobs.to(prompt_ids.device) * rollout.response_mask
         self.stats["engine/memory_bytes"] = self.memory_bytes()
-        return Rollout(
-            input_ids=torch.cat([prompt_ids, responses], 1),
-            attention_mask=torch.cat([prompt_mask, response_mask], 1),
-            response_mask=response_mask,
-            has_eos=has_eos,
-            prompt_len=prompt_ids.shape[1],
-            group_size=samples_per_prompt,
-            engine_logprobs=engine_logprobs.to(prompt_ids.device) * response_mask,
-        )
+        return rollout
 
     # ----------------------------------------------------------------------------------- memory and sleep
 
