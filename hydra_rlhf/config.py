@@ -43,7 +43,8 @@ class PPOConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "Response length cap (tokens)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used in log-probs)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling. 1.0 keeps PPO's ratios on-policy."})
-    stop_at_eos: bool = field(default=True, metadata={"help": "End a response at the EOS token."})
+    stop_at_eos: bool = field(default=True, metadata={"help": "End a response at the EOS token. Off: every "
+                                                              "response runs to max_new_tokens, every token counts."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the reward of "
                                                                       "responses cut off before EOS."})
     fusion: bool = field(default=False, metadata={
@@ -162,6 +163,9 @@ class PPOConfig:
             raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
                              "leave at once, new ones join), so our fused decode loop has nothing to add there. "
                              "Set one of them.")
+        if self.missing_eos_penalty and not self.stop_at_eos:
+            raise ValueError("missing_eos_penalty needs stop_at_eos: with stop_at_eos false no response ends at EOS, "
+                             "so every one would be penalised. Set one of them.")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}.")
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",

@@ -55,7 +55,8 @@ class PPOTrainer:
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
-        self.eos_token_ids = experience.eos_token_ids(tokenizer, model)
+        # With stop_at_eos off no token ends a response: every sampler keeps it whole, to the length cap.
+        self.eos_token_ids = experience.eos_token_ids(tokenizer, model) if config.stop_at_eos else []
 
         # Data-parallel processes each take their own slice of the prompts; async ranks (learner, generator) share
         # one stream of batches.
@@ -104,7 +105,7 @@ class PPOTrainer:
         generation_kwargs = dict(
             max_new_tokens=config.max_new_tokens, do_sample=True, temperature=config.temperature, top_p=config.top_p,
             top_k=0, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=self.eos_token_ids if config.stop_at_eos else None,
+            eos_token_id=self.eos_token_ids or None,
         )
         self.experience = ExperienceMaker(prompt_ids, config, generation_kwargs, self.eos_token_ids,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, rank, str(self.device))

@@ -170,7 +170,7 @@ class VLLMEngine:
                     for ids, mask in zip(prompt_ids, prompt_mask)]
         params = [SamplingParams(
             n=1, temperature=config.temperature, top_p=config.top_p, top_k=0, max_tokens=config.max_new_tokens,
-            stop_token_ids=self.eos_token_ids if config.stop_at_eos else None, ignore_eos=not config.stop_at_eos,
+            stop_token_ids=self.eos_token_ids or None, ignore_eos=not self.eos_token_ids,
             seed=int(row_seed), logprobs=0, detokenize=False) for row_seed in seeds]
         self._wake_up()
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
@@ -184,8 +184,8 @@ class VLLMEngine:
             responses[row, : len(tokens)] = torch.tensor(tokens, dtype=prompt_ids.dtype)
             engine_logprobs[row, : len(tokens)] = torch.tensor([step[token].logprob
                                                                 for step, token in zip(sample.logprobs, tokens)])
-        rollout = sampled_rollout(prompt_ids, prompt_mask, responses.to(prompt_ids.device),
-                                  self.eos_token_ids if config.stop_at_eos else [], samples_per_prompt)
+        rollout = sampled_rollout(prompt_ids, prompt_mask, responses.to(prompt_ids.device), self.eos_token_ids,
+                                  samples_per_prompt)
         rollout.engine_logprobs = engine_logprobs.to(prompt_ids.device) * rollout.response_mask
         self.stats["engine/memory_bytes"] = self.memory_bytes()
         return rollout

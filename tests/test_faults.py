@@ -42,6 +42,8 @@ def one_line_error(result, *expected: str, code: int = 2) -> str:
     (lambda: __import__("hydra_rlhf.config").config.PPOConfig(reward_normalization="whiten"),
      "Unknown reward_normalization 'whiten'"),
     (lambda: __import__("hydra_rlhf.config").config.PPOConfig(minibatch_size=32), "must be a multiple of minibatch_size"),
+    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(missing_eos_penalty=1.0, stop_at_eos=False),
+     "missing_eos_penalty needs stop_at_eos"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(learning_rate=-1e-4), "learning_rate must be > 0"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(head_learning_rate=0), "head_learning_rate must be > 0"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(batch_size=0), "batch_size must be at least 1"),

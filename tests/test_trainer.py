@@ -224,3 +224,41 @@ def test_every_shipped_rl_config_runs(tiny_model, prompts_file, tmp_path, config
     summary = json.loads((output / "summary.json").read_text())
     assert summary["objective"] == yaml.safe_load((ROOT / "recipes" / "configs" / config).read_text())["objective"]
     assert summary["final_metrics"]["response/count"] == 16  # every shipped config: 16 responses per iteration
+
+
+@pytest.mark.parametrize("stop_at_eos", [True, False])
+def test_stop_at_eos_decides_where_a_response_ends(tiny_model, tokenizer, prompts_file, tmp_path, stop_at_eos):
+    # An EOS logit boosted so that EOS is sampled early in most rows. With stop_at_eos a response ends at its first
+    # EOS; without it no token ends a response: it runs to the cap and every token counts (as the vLLM engine
+    # gives it, which is told of no EOS then).
+    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.data import load_prompts
+    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.trainer import PPOTrainer
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
+    eos = tokenizer.eos_token_id
+
+    def boost_eos(module, inputs, logits):
+        logits[..., eos] += 12.0  # e^12 against ~49k uniform-ish logits: EOS ~75% a step
+        return logits
+
+    for base in model.bases.values():
+        base.get_output_embeddings().register_forward_hook(boost_eos)
+    config = PPOConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=6,
+                       stop_at_eos=stop_at_eos, output_dir=str(tmp_path))
+    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    try:
+        rollout = trainer.experience.make(trainer.model, 0)
+    finally:
+        trainer.profiler.close()
+    responses = rollout.input_ids[:, rollout.prompt_len:]
+    sampled_eos = responses == eos
+    if stop_at_eos:
+        assert rollout.has_eos.all()
+        first = sampled_eos.long().argmax(1)
+        assert rollout.response_mask.sum(1).tolist() == (first + 1).tolist()
+    else:
+        assert sampled_eos[:, :-1].any(), "the boosted EOS should be sampled before the cap"
+        assert responses.shape[1] == 6 and not rollout.has_eos.any()
+        assert rollout.response_mask.bool().all()
