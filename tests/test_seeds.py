@@ -35,13 +35,20 @@ def test_seed_sweep_on_a_tiny_model(tiny_model, prompts_file, pairs_files, tmp_p
     lora = data["runs"]["lora/ppo"]
     assert data["hydra_minus_lora"]["per_seed"] == pytest.approx([h["gold_gain"] - l["gold_gain"]
                                                                   for h, l in zip(hydra, lora)])
-    # --reuse reads the finished runs back instead of training again
-    again = run([PYTHON, "benchmarks/seeds.py", "--seeds", "0,1", "--modes", "hydra", "--output_dir", str(tmp_path),
-                 "--reuse", "--json", str(tmp_path / "again.json")])
+    # --reuse reads the finished runs back instead of training again; a second objective (the docstring's
+    # --objectives sweep) trains beside them from the same shared start
+    again = run([PYTHON, "benchmarks/seeds.py", "--seeds", "0,1", "--modes", "hydra", "--objectives", "ppo,rloo",
+                 "--output_dir", str(tmp_path), "--reuse", "--json", str(tmp_path / "again.json"),
+                 *[f for k, v in rl.items() for f in ("--set", f"{k}={v}")]])
     assert "SFT (" not in again.stdout
-    reread = json.loads((tmp_path / "again.json").read_text())["runs"]["hydra/ppo"]
+    reread = json.loads((tmp_path / "again.json").read_text())
     without_time = lambda rows: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]  # noqa: E731
-    assert without_time(reread) == without_time(hydra)
+    assert without_time(reread["runs"]["hydra/ppo"]) == without_time(hydra)
+    rloo = reread["runs"]["hydra/rloo"]
+    assert [(r["objective"], r["seed"]) for r in rloo] == [("rloo", 0), ("rloo", 1)]
+    assert (tmp_path / "hydra" / "rloo" / "seed1" / "summary.json").exists()
+    assert reread["summary"]["hydra/rloo"]["gold_gain"]["min"] == min(r["gold_gain"] for r in rloo)
+    assert reread["min_gold_gain"] == data["min_gold_gain"]  # still the first objective's worst seed
 
 
 def test_seed_sweep_rejects_unknown_names():
