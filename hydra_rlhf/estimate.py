@@ -61,8 +61,8 @@ DEVICES = ("cuda", "cpu")
 CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations", "engine")
 PRESET_DIR = Path(__file__).parent / "presets"
 GiB = 1 << 30
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRA slots (vllm.config.lora.MaxLoRARanks)
 MiB = 1 << 20
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRA slots (vllm.config.lora.MaxLoRARanks)
 
 # ---------------------------------------------------------------------------------------- layout of the modes
 

@@ -10,8 +10,9 @@ on the HydraModel as before.
   engine's own log-probs of its samples travel with the rollout (``Rollout.engine_logprobs``) and are logged
   beside them as a check: ``engine/logprob_abs_diff``, the mean absolute difference per response token.
 * **Sampling** maps from the config: temperature, top_p, max_new_tokens; and the EOS ids it is given (the trainer
-  gives none with ``stop_at_eos: false``: responses run to the cap). The k samples of a prompt are k adjacent requests, each with its own seed drawn from
-  the batch's sampling seed, so a batch is reproducible and independent of the engine's scheduling.
+  gives none with ``stop_at_eos: false``: responses run to the cap). The k samples of a prompt are k adjacent
+  requests, each with its own seed drawn from the batch's sampling seed, so a batch is reproducible and
+  independent of the engine's scheduling.
 * **Memory.** The engine runs in its own processes (vLLM's engine core and worker) with its own copy of the
   base and a KV cache of ``vllm_kv_cache_gib``. ``memory_bytes`` is what they hold (GPU: device memory in use
   outside this process; CPU: their proportional set size), recorded per stage by the profiler as
