@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from objectives import EQUAL_BUDGET, as_flags, ensure_sft, quality, write_json  # noqa: E402
 
-from hydra_rlhf.memory import format_bytes, process_tree_pss, torch_shared_bytes, wide_console  # noqa: E402
+from hydra_rlhf.memory.profiler import format_bytes, process_tree_pss, torch_shared_bytes, wide_console  # noqa: E402
 
 SPEED_TARGET = 1 / 0.75  # async takes at least 25% less time
 DPO_TOLERANCE = 0.05  # online DPO at staleness 1 within this much gold of its synchronous run

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from hydra_rlhf.data import load_prompts
-from hydra_rlhf.estimate import ModelShape, estimate
-from hydra_rlhf.levers import add_lever_arguments, levers_from_args
-from hydra_rlhf.memory import format_bytes
-from hydra_rlhf.models import load_tokenizer, resolve_model
-from hydra_rlhf.ppo import make_accelerator
-from hydra_rlhf.profile import ProfileSettings, matching_estimate, profile_mode
+from hydra_rlhf.memory.estimate import ModelShape, estimate
+from hydra_rlhf.memory.levers import add_lever_arguments, levers_from_args
+from hydra_rlhf.memory.profiler import format_bytes
+from hydra_rlhf.model.loading import load_tokenizer, resolve_model
+from hydra_rlhf.run import make_accelerator
+from hydra_rlhf.memory.profile import ProfileSettings, matching_estimate, profile_mode
 
 DEFAULT_RUNS = "hydra:1:64:32,hydra:4:64:32,lora:2:64:32,j-hydra:4:32:32"
 

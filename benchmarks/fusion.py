@@ -25,13 +25,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hydra_rlhf import rollout as experience  # noqa: E402
+from hydra_rlhf.experience import rollout as experience  # noqa: E402
 from hydra_rlhf.data import encode_prompts, left_pad, load_prompts  # noqa: E402
-from hydra_rlhf.fusion import FusionStats, fused_rollout  # noqa: E402
-from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig  # noqa: E402
-from hydra_rlhf.memory import LiveTensorBytes, format_bytes  # noqa: E402
-from hydra_rlhf.models import load_tokenizer  # noqa: E402
-from hydra_rlhf.rollout import eos_token_ids  # noqa: E402
+from hydra_rlhf.experience.fusion import FusionStats, fused_rollout  # noqa: E402
+from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig  # noqa: E402
+from hydra_rlhf.memory.profiler import LiveTensorBytes, format_bytes  # noqa: E402
+from hydra_rlhf.model.loading import load_tokenizer  # noqa: E402
+from hydra_rlhf.experience.rollout import eos_token_ids  # noqa: E402
 
 TARGET = 0.25  # at least 25% less time for generation plus scoring at the longest setting
 

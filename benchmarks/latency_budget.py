@@ -2,7 +2,7 @@
 
     python benchmarks/latency_budget.py --budget-gib 1.5 --modes lora,hydra
 
-For each mode: the largest batch whose estimated peak (hydra_rlhf.estimate, the same stage model the
+For each mode: the largest batch whose estimated peak (hydra_rlhf.memory.estimate, the same stage model the
 `estimate` command uses) fits the budget, capped by --max-batch; then real PPO iterations at that batch on the
 bundled model: the measured peak (checked against the budget) and the seconds per sample. The paper's claim
 (-65% latency per sample for Hydra-PPO against LoRA-PPO) comes from the larger batch the freed memory buys on a
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from hydra_rlhf.data import load_prompts
-from hydra_rlhf.estimate import ModelShape, estimate, largest_batch
-from hydra_rlhf.memory import format_bytes
-from hydra_rlhf.models import load_tokenizer, resolve_model
-from hydra_rlhf.ppo import make_accelerator
-from hydra_rlhf.profile import ProfileSettings, matching_estimate, profile_mode
+from hydra_rlhf.memory.estimate import ModelShape, estimate, largest_batch
+from hydra_rlhf.memory.profiler import format_bytes
+from hydra_rlhf.model.loading import load_tokenizer, resolve_model
+from hydra_rlhf.run import make_accelerator
+from hydra_rlhf.memory.profile import ProfileSettings, matching_estimate, profile_mode
 
 
 def main() -> None:

@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from estimate_accuracy import compare  # noqa: E402
 
 from hydra_rlhf.data import load_prompts  # noqa: E402
-from hydra_rlhf.estimate import ModelShape  # noqa: E402
-from hydra_rlhf.levers import ALL_ON  # noqa: E402
-from hydra_rlhf.memory import format_bytes  # noqa: E402
-from hydra_rlhf.models import load_tokenizer, resolve_model  # noqa: E402
-from hydra_rlhf.ppo import make_accelerator  # noqa: E402
-from hydra_rlhf.profile import ProfileSettings, profile_mode  # noqa: E402
+from hydra_rlhf.memory.estimate import ModelShape  # noqa: E402
+from hydra_rlhf.memory.levers import ALL_ON  # noqa: E402
+from hydra_rlhf.memory.profiler import format_bytes  # noqa: E402
+from hydra_rlhf.model.loading import load_tokenizer, resolve_model  # noqa: E402
+from hydra_rlhf.run import make_accelerator  # noqa: E402
+from hydra_rlhf.memory.profile import ProfileSettings, profile_mode  # noqa: E402
 
 def lever_settings(chunk_size: int) -> dict[str, dict]:
     """Configuration name -> the one key it turns on (as ``--all-levers`` sets it)."""

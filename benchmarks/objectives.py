@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hydra_rlhf.layout import OBJECTIVES, STAGES  # noqa: E402
-from hydra_rlhf.memory import format_bytes, wide_console  # noqa: E402
+from hydra_rlhf.memory.profiler import format_bytes, wide_console  # noqa: E402
 
 TARGETS = {"gold_gain": 0.30, "win_rate_vs_sft": 0.70, "distinct2_ratio": 0.70}
 # The comparisons at an equal budget: 11 iterations of 16 responses each, whatever KL a run reaches (the PPO

@@ -1,4 +1,4 @@
-"""The Hydra-RLHF paper's memory comparison, re-derived with ``hydra_rlhf.estimate`` (no weights, no GPU).
+"""The Hydra-RLHF paper's memory comparison, re-derived with ``hydra_rlhf.memory.estimate`` (no weights, no GPU).
 
     python benchmarks/paper_memory.py --json runs/paper_memory.json
 
@@ -7,11 +7,11 @@ precision weights. Full PPO 220 GB (estimated), LoRA-PPO 68.0 GB, J-Hydra-PPO 67
 modes use about the same memory because each spends what it frees on a larger batch. So this prints (1) every
 mode at one equal setting, with the ratios, (2) the largest batch per mode under the same 80 GB card, the
 paper's method, (3) the issue's targets for Llama-3.1 at 4 bit, and (4) the same shapes with the memory levers
-off and on (``hydra_rlhf/levers.py``): the peak, and the largest batch each common card fits. The JSON's keys
+off and on (``hydra_rlhf/memory/levers.py``): the peak, and the largest batch each common card fits. The JSON's keys
 ``llama-3.1-8b_bs8_gib`` and ``llama-3.1-70b_bs4_gib`` hold the levers-on peaks.
 
 Our numbers are live-tensor bytes (what ``torch.cuda.max_memory_allocated`` reports) in GiB; the card's budget
-is its usable memory (``hydra_rlhf.estimate.GPUS``). Full PPO here keeps AdamW states in the weights' dtype, as
+is its usable memory (``hydra_rlhf.memory.estimate.GPUS``). Full PPO here keeps AdamW states in the weights' dtype, as
 this toolkit does; the paper's 220 GB estimate also counts fp32 master weights and fp32 optimizer states.
 """
 
@@ -22,8 +22,8 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from hydra_rlhf.estimate import GPUS, MODES, EstimateSettings, GiB, estimate, gpu_table, largest_batch, load_preset
-from hydra_rlhf.levers import ALL_ON
+from hydra_rlhf.memory.estimate import GPUS, MODES, EstimateSettings, GiB, estimate, gpu_table, largest_batch, load_preset
+from hydra_rlhf.memory.levers import ALL_ON
 
 PAPER_GB = {"full": 220.0, "lora": 68.0, "j-hydra": 67.9, "hydra": 71.1}
 PAPER_SETTING = EstimateSettings(batch_size=4, prompt_len=256, gen_len=128, lora_r=128, dtype="bf16")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hydra_rlhf.layout import MODES, OBJECTIVES  # noqa: E402
-from hydra_rlhf.memory import wide_console  # noqa: E402
+from hydra_rlhf.memory.profiler import wide_console  # noqa: E402
 from objectives import TARGETS, _cuda, add_run_arguments, as_flags, ensure_sft, quality, run_rl, write_json  # noqa: E402
 
 FIGURES = ("gold_gain", "win_rate_vs_sft", "distinct2_ratio", "kl_to_reference", "iterations")

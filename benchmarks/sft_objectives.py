@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from hydra_rlhf.hydra_model import ModelConfig
+from hydra_rlhf.model.hydra import ModelConfig
 from hydra_rlhf.sft import SFTConfig, run_sft
 
 

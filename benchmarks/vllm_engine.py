@@ -34,7 +34,7 @@ from benchmarks.objectives import (  # noqa: E402
     run_rl,
     write_json,
 )
-from hydra_rlhf.memory import format_bytes, wide_console  # noqa: E402
+from hydra_rlhf.memory.profiler import format_bytes, wide_console  # noqa: E402
 
 BACKENDS = ("hf", "vllm")
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                         help="The shared Hydra-SFT checkpoint (made here if absent).")
     add_run_arguments(parser, "runs/vllm")
     args = parser.parse_args(argv)
-    from hydra_rlhf.vllm_engine import import_vllm
+    from hydra_rlhf.experience.vllm_engine import import_vllm
 
     try:
         import_vllm()

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from .models import file_sha256, resolve_model
+from .model.loading import file_sha256, resolve_model
 
 logger = logging.getLogger(__name__)
 

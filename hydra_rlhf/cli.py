@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from .levers import add_lever_arguments
+    from .memory.levers import add_lever_arguments
 
     profile = commands.add_parser("profile", help="Run a few PPO iterations per mode and compare memory per stage.")
     profile.add_argument("--model", default="smollm2-135m", help="Short name, local path or hub id.")
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     profile.set_defaults(handler=run_profile)
 
     estimate = commands.add_parser("estimate", help="Predict per-stage memory for a model you cannot load here.")
-    from .estimate import add_estimate_arguments, run_estimate
+    from .memory.estimate import add_estimate_arguments, run_estimate
 
     add_estimate_arguments(estimate)
     estimate.set_defaults(handler=run_estimate)
@@ -85,10 +85,10 @@ def positive_int(text: str) -> int:
 
 
 def run_profile(args) -> int:
-    from .memory import format_bytes, stage_table, wide_console
+    from .memory.profiler import format_bytes, stage_table, wide_console
     from .plots import plot_memory
-    from .levers import levers_from_args
-    from .profile import ProfileSettings, profile
+    from .memory.levers import levers_from_args
+    from .memory.profile import ProfileSettings, profile
 
     console = wide_console()
     settings = ProfileSettings(model=args.model, modes=[m.strip() for m in args.modes.split(",") if m.strip()],
@@ -118,7 +118,7 @@ def run_profile(args) -> int:
 
 
 def run_report(args) -> int:
-    from .memory import read_memory_log, stage_table, summarize, wide_console
+    from .memory.profiler import read_memory_log, stage_table, summarize, wide_console
 
     log = args.run_dir / "memory.jsonl"
     if not log.is_file():
@@ -141,7 +141,7 @@ def run_evaluate(args) -> int:
 
     from .data import load_prompts
     from .evaluate import checkpoint_dirs, evaluate_checkpoints
-    from .memory import wide_console
+    from .memory.profiler import wide_console
 
     console = wide_console()
     table = Table(title="Held-out evaluation per checkpoint (greedy; start = the SFT policy, adapters off)")

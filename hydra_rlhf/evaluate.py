@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import rollout as experience
+from .experience import rollout as experience
 from .data import encode_prompts, left_pad
 
 
@@ -94,7 +94,7 @@ def checkpoint_dirs(paths) -> list[Path]:
     """Checkpoint directories as given; a run's output_dir stands for all its checkpoints, oldest first."""
     from .checkpoints import saved_checkpoints
 
-    from .hydra_model import read_manifest
+    from .model.hydra import read_manifest
 
     found = []
     for path in map(Path, paths):
@@ -114,8 +114,8 @@ def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_le
 
     from .checkpoints import CHECKSUMS_FILE, verify
     from .errors import one_line
-    from .hydra_model import HydraModel, read_manifest
-    from .models import load_tokenizer
+    from .model.hydra import HydraModel, read_manifest
+    from .model.loading import load_tokenizer
 
     model = tokenizer = start = loaded = None
     for path in map(Path, paths):

@@ -31,7 +31,7 @@ STAGES = ("generate", "score_frozen", "score_policy", "advantages", "train", "lo
 # They are profiled as one stage, this one, in their place.
 FUSED_STAGE = "generate+score"
 # Who samples the responses (``generation_backend``): transformers' generate on the HydraModel, or a vLLM engine on
-# the same base serving the actor adapter (``hydra_rlhf/vllm_engine.py``).
+# the same base serving the actor adapter (``hydra_rlhf/experience/vllm_engine.py``).
 GENERATION_BACKENDS = ("hf", "vllm")
 # With asynchronous generation the learner's iteration is: receive (wait for the generator's batch), score_policy
 # (the critic's values, PPO only), advantages, train, sync (the actor adapter to the generator), log.

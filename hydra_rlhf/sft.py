@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import check_at_least_one, check_positive
-from .hydra_model import (
+from .model.hydra import (
     REWARD_POOLINGS,
     ModelConfig,
     pool_response,
@@ -252,8 +252,8 @@ def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size
 
 
 def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> HydraSFTModel:
-    from .hydra_model import resolve_dtype
-    from .models import enable_activation_checkpointing, load_causal_lm
+    from .model.hydra import resolve_dtype
+    from .model.loading import enable_activation_checkpointing, load_causal_lm
 
     device = torch.device(device)
     torch.manual_seed(config.seed)
@@ -282,8 +282,8 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     from transformers import get_scheduler
 
     from .data import load_preferences
-    from .memory import wide_console
-    from .models import check_context, load_tokenizer
+    from .memory.profiler import wide_console
+    from .model.loading import check_context, load_tokenizer
 
     console = console or wide_console()
     started = time.perf_counter()
@@ -382,7 +382,7 @@ def _merged_lm(lm: nn.Module, model_config: ModelConfig) -> nn.Module:
         return lm.merge_and_unload()
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from .models import load_causal_lm
+    from .model.loading import load_causal_lm
 
     adapter_state = get_peft_model_state_dict(lm)
     plain = load_causal_lm(model_config.model_name_or_path, dtype=torch.float32)

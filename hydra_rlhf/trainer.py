@@ -6,7 +6,7 @@ checkpoints.
 Multi-process (``accelerate launch --num_processes N``): every process samples its own prompts; gradients of
 the (small) trainable set are averaged across processes before each optimiser step, so adapters stay
 identical on every rank without wrapping the multi-role model in DDP. With ``async_generation`` the stages 1-3
-of each batch run in a generator instead (``hydra_rlhf.asynchronous``): a child process sharing the base on one
+of each batch run in a generator instead (``hydra_rlhf.experience.asynchronous``): a child process sharing the base on one
 device, or rank 1 of two processes.
 """
 
@@ -26,14 +26,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import asynchronous, fusion, ppo_math
-from . import rollout as experience
+from .experience import asynchronous, fusion
+from .objectives import functional as ppo_math
+from .experience import rollout as experience
 from .checkpoints import CHECKPOINT_PREFIX, clean_staging, latest_intact_checkpoint, write_atomically
 from .data import encode_prompts
 from .errors import Interrupted, NonFiniteError
-from .experience import ExperienceMaker
-from .levers import make_optimizer
-from .memory import MemoryProfiler
+from .experience.maker import ExperienceMaker
+from .memory.levers import make_optimizer
+from .memory.profiler import MemoryProfiler
 from .objectives import base as objective_base, make_objective
 
 if TYPE_CHECKING:

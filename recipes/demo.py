@@ -14,7 +14,7 @@ wall_seconds, objective and the per-stage memory. `--mode lora` (or full) runs t
 baseline the paper compares against: a plain SFT model and a separate reward model, trained by the same recipe.
 `--objective rloo|grpo|online_dpo` trains with that objective instead of PPO, by default with its own config
 (recipes/configs/<objective>_smollm2.yaml: the same budget of 16 responses per iteration).
-`--generation_backend vllm` samples with a vLLM engine serving the actor adapter (hydra_rlhf/vllm_engine.py).
+`--generation_backend vllm` samples with a vLLM engine serving the actor adapter (hydra_rlhf/experience/vllm_engine.py).
 """
 
 import argparse
@@ -29,10 +29,10 @@ from pathlib import Path
 from trl import TrlParser
 
 from hydra_rlhf.config import PPOConfig
-from hydra_rlhf.hydra_model import HydraModelConfig, ModelConfig
+from hydra_rlhf.model.hydra import HydraModelConfig, ModelConfig
 from hydra_rlhf.layout import GENERATION_BACKENDS, MODES, OBJECTIVES
-from hydra_rlhf.memory import format_bytes, wide_console
-from hydra_rlhf.ppo import run_ppo
+from hydra_rlhf.memory.profiler import format_bytes, wide_console
+from hydra_rlhf.run import run_ppo
 from hydra_rlhf.sft import SFTConfig, run_sft
 
 

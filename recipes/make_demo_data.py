@@ -384,7 +384,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from hydra_rlhf.models import load_causal_lm, load_tokenizer
+    from hydra_rlhf.model.loading import load_causal_lm, load_tokenizer
 
     train, evals = build_prompts(args.num_train, args.num_eval, args.seed)
     if args.limit is not None:

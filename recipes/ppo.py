@@ -18,8 +18,8 @@ Every field of HydraModelConfig and PPOConfig is a YAML key and a --flag (flags 
 import sys
 
 from hydra_rlhf.config import PPOConfig, run_recipe
-from hydra_rlhf.hydra_model import HydraModelConfig
-from hydra_rlhf.ppo import run_ppo
+from hydra_rlhf.model.hydra import HydraModelConfig
+from hydra_rlhf.run import run_ppo
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    from hydra_rlhf.models import tiny_model_dir
+    from hydra_rlhf.model.loading import tiny_model_dir
 
     return str(tiny_model_dir(seed=0))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from hydra_rlhf.models import load_tokenizer
+    from hydra_rlhf.model.loading import load_tokenizer
 
     return load_tokenizer(tiny_model)
 

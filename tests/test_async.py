@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import PYTHON, ROOT, run
-from hydra_rlhf import asynchronous
-from hydra_rlhf.experience import ExperienceMaker
+from hydra_rlhf.experience import asynchronous
+from hydra_rlhf.experience.maker import ExperienceMaker
 from test_faults import ppo_config
 
 ACCELERATE = str(Path(PYTHON).parent / "accelerate")  # the launcher of the environment running the tests
@@ -22,7 +22,7 @@ ACCELERATE = str(Path(PYTHON).parent / "accelerate")  # the launcher of the envi
 
 def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", **overrides):
     from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.layout import objective_info
     from hydra_rlhf.trainer import PPOTrainer
 
@@ -53,7 +53,7 @@ def test_the_schedule_bounds_staleness():
 
 
 def test_stale_groups_are_dropped_whole_and_counted():
-    from hydra_rlhf.rollout import Rollout
+    from hydra_rlhf.experience.rollout import Rollout
 
     rows = 6  # 3 prompts x k=2
     rollout = Rollout(input_ids=torch.arange(rows)[:, None], attention_mask=torch.ones(rows, 1, dtype=torch.long),
@@ -83,7 +83,7 @@ class ListChannel:
 def test_the_generator_records_the_behaviour_policy_of_each_batch(tiny_model, tokenizer, tmp_path):
     # Off-policy correctness: a batch's log-probs (pi_old of every ratio) are those of the actor version that
     # sampled it, and that version is the scheduled one, not the newest.
-    from hydra_rlhf.rollout import score_policy
+    from hydra_rlhf.experience.rollout import score_policy
 
     trainer = make_trainer(tiny_model, tokenizer, tmp_path, objective="rloo", max_staleness=1)
     trainer.profiler.close()
@@ -153,7 +153,7 @@ def test_async_runs_with_fusion(tiny_model, tokenizer, tmp_path):
 
 def test_async_needs_an_adapter_policy(tiny_model, tokenizer, tmp_path):
     from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.trainer import PPOTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="full"))
@@ -165,7 +165,7 @@ def test_async_needs_an_adapter_policy(tiny_model, tokenizer, tmp_path):
 def test_the_generator_maps_the_learners_base(tiny_model, tokenizer, tmp_path):
     # One base in memory: the generator process reads the frozen base from the shared-memory segments the
     # learner's tensors live in (it holds no copy), and it is reaped when the channel closes.
-    from hydra_rlhf.memory import torch_shared_bytes
+    from hydra_rlhf.memory.profiler import torch_shared_bytes
 
     trainer = make_trainer(tiny_model, tokenizer, tmp_path, async_generation=True)
     trainer.profiler.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_rlhf.estimate import (
+from hydra_rlhf.memory.estimate import (
     BASE_COPIES,
     GPUS,
     MODES,
@@ -95,9 +95,9 @@ def profiled_and_estimated(model: str, prompts: str, runs: list[tuple], **levers
     """Profile each (mode, objective, batch, prompt_len, gen_len, checkpointing) with the toolkit's own profiler,
     live, and estimate the same iteration from the model's config: [(measured stages, estimated stages)]."""
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.models import load_tokenizer, resolve_model
-    from hydra_rlhf.ppo import make_accelerator
-    from hydra_rlhf.profile import ProfileSettings, matching_estimate, profile_mode
+    from hydra_rlhf.model.loading import load_tokenizer, resolve_model
+    from hydra_rlhf.run import make_accelerator
+    from hydra_rlhf.memory.profile import ProfileSettings, matching_estimate, profile_mode
 
     accelerator, tokenizer = make_accelerator(), load_tokenizer(model)
     shape = ModelShape.from_config(Path(resolve_model(model)) / "config.json")
@@ -165,7 +165,7 @@ def test_matches_the_profiler_live_on_smollm2():
 
 
 def test_each_memory_lever_cuts_what_it_claims():
-    from hydra_rlhf.estimate import logits_bytes, optimizer_state_bytes, trainable_bytes
+    from hydra_rlhf.memory.estimate import logits_bytes, optimizer_state_bytes, trainable_bytes
 
     shape = load_preset("llama-3.1-8b")
     base = EstimateSettings(quant="4bit", batch_size=8, gradient_checkpointing=True)
@@ -194,7 +194,7 @@ def test_each_memory_lever_cuts_what_it_claims():
 
 
 def test_every_lever_on_fits_70b_on_a_48gb_card_and_8b_in_8_gib():
-    from hydra_rlhf.levers import ALL_ON
+    from hydra_rlhf.memory.levers import ALL_ON
 
     setting = EstimateSettings(quant="4bit", prompt_len=256, gen_len=256, lora_r=16, gradient_checkpointing=True,
                                **ALL_ON.levers())
@@ -311,7 +311,7 @@ def test_cli_says_when_nothing_fits_and_by_how_much(capsys):
 
 
 def test_importing_the_estimator_does_not_import_torch():
-    code = "import sys, hydra_rlhf.estimate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, hydra_rlhf.memory.estimate; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -348,7 +348,7 @@ def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_fi
 
 
 def test_a_vllm_engine_beside_the_learner_is_its_own_category_per_stage(capsys):
-    from hydra_rlhf.estimate import engine_kv_bytes, engine_weight_bytes, kv_cache_bytes
+    from hydra_rlhf.memory.estimate import engine_kv_bytes, engine_weight_bytes, kv_cache_bytes
 
     shape = load_preset("llama-3.1-8b")
     hf = estimate(shape, EstimateSettings(quant="4bit"))

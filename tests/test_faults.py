@@ -48,10 +48,10 @@ def one_line_error(result, *expected: str, code: int = 2) -> str:
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(head_learning_rate=0), "head_learning_rate must be > 0"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(batch_size=0), "batch_size must be at least 1"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(max_length=0), "max_length must be at least 1"),
-    (lambda: __import__("hydra_rlhf.hydra_model").hydra_model.ModelConfig(lora_r=0), "lora_r must be > 0"),
-    (lambda: __import__("hydra_rlhf.hydra_model").hydra_model.ModelConfig(dtype="fp8"), "Unknown dtype 'fp8'"),
-    (lambda: __import__("hydra_rlhf.profile").profile.ProfileSettings(batch_size=0), "batch_size"),
-    (lambda: __import__("hydra_rlhf.estimate").estimate.EstimateSettings(batch_size=4, minibatch_size=8),
+    (lambda: __import__("hydra_rlhf.model.hydra").hydra_model.ModelConfig(lora_r=0), "lora_r must be > 0"),
+    (lambda: __import__("hydra_rlhf.model.hydra").hydra_model.ModelConfig(dtype="fp8"), "Unknown dtype 'fp8'"),
+    (lambda: __import__("hydra_rlhf.memory.profile").profile.ProfileSettings(batch_size=0), "batch_size"),
+    (lambda: __import__("hydra_rlhf.memory.estimate").estimate.EstimateSettings(batch_size=4, minibatch_size=8),
      "minibatch_size (8) must not exceed batch_size (4)"),
 ])
 def test_impossible_settings_are_refused_before_anything_loads(make, message):
@@ -102,7 +102,7 @@ def test_prompts_that_are_not_text_are_counted_as_such(tmp_path):
 
 
 def test_model_paths_that_are_not_models(tiny_model, tmp_path, monkeypatch):
-    from hydra_rlhf.models import check_context, resolve_model
+    from hydra_rlhf.model.loading import check_context, resolve_model
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -112,7 +112,7 @@ def test_model_paths_that_are_not_models(tiny_model, tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "missing" / "model"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    from hydra_rlhf.models import load_causal_lm
+    from hydra_rlhf.model.loading import load_causal_lm
 
     with pytest.raises(FileNotFoundError, match="empty is not a directory transformers can load"):
         load_causal_lm(str(empty))
@@ -165,7 +165,7 @@ def test_resume_refuses_other_settings(tiny_model, tmp_path):
 
     from hydra_rlhf.checkpoints import record_or_check_run_settings, run_settings
     from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.hydra_model import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModelConfig
 
     base = tmp_path / "base"
     base.mkdir()
@@ -335,7 +335,7 @@ def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(tiny_model, 
 def test_save_on_interrupt_decides_whether_ctrl_c_saves(tiny_model, tokenizer, tmp_path, save):
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.errors import Interrupted
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.trainer import PPOTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))

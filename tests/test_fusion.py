@@ -1,19 +1,19 @@
-"""Sample-level fusion (hydra_rlhf/fusion.py): the same tokens and scores as generate + the scoring stages, with
+"""Sample-level fusion (hydra_rlhf/experience/fusion.py): the same tokens and scores as generate + the scoring stages, with
 finished rows retired from the decode batch and scored in chunks."""
 
 import pytest
 import torch
 
-from hydra_rlhf import rollout as experience
-from hydra_rlhf.fusion import FusionStats, decode, fused_rollout, sample_next
-from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+from hydra_rlhf.experience import rollout as experience
+from hydra_rlhf.experience.fusion import FusionStats, decode, fused_rollout, sample_next
+from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
 
 
 @pytest.fixture(scope="module")
 def varied_model() -> str:
     """A tiny random model whose greedy continuations change token every step (the default tiny model repeats
     one token), so that rows end at different steps."""
-    from hydra_rlhf.models import tiny_model_dir
+    from hydra_rlhf.model.loading import tiny_model_dir
 
     return str(tiny_model_dir(seed=1, initializer_range=0.5))
 
@@ -115,7 +115,7 @@ def test_sampling_draws_from_generates_distribution():
 def test_a_trimmed_micro_batch_gives_the_same_loss_and_gradients(varied_model, tokenizer):
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.objectives import make_objective
-    from hydra_rlhf.ppo_math import RunningMoments
+    from hydra_rlhf.objectives.functional import RunningMoments
 
     model = make(varied_model)
     ids, mask = prompts(tokenizer)

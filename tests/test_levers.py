@@ -1,13 +1,13 @@
-"""Memory levers (hydra_rlhf/levers.py): each gives the results of the path without it, and cuts what it claims."""
+"""Memory levers (hydra_rlhf/memory/levers.py): each gives the results of the path without it, and cuts what it claims."""
 
 from contextlib import nullcontext
 
 import pytest
 import torch
 
-from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
-from hydra_rlhf.levers import make_optimizer, response_logprobs
-from hydra_rlhf.memory import LiveTensorBytes
+from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+from hydra_rlhf.memory.levers import make_optimizer, response_logprobs
+from hydra_rlhf.memory.profiler import LiveTensorBytes
 
 
 def make(tiny_model, mode="hydra", **kwargs):
@@ -129,7 +129,7 @@ def test_adapters_in_the_compute_dtype(tiny_model, tokenizer):
 
 def test_activation_offload_moves_the_checkpointed_inputs_and_keeps_gradients(tiny_model, tokenizer, monkeypatch):
     """On CPU the lever is a no-op; force its hooks on to check what it packs and that backward is unchanged."""
-    import hydra_rlhf.hydra_model as hydra_model
+    import hydra_rlhf.model.hydra as hydra_model
 
     packed = []
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from hydra_rlhf.memory import LiveTensorBytes, MemoryProfiler, format_bytes, read_memory_log, summarize
+from hydra_rlhf.memory.profiler import LiveTensorBytes, MemoryProfiler, format_bytes, read_memory_log, summarize
 
 MB = 1_000_000
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from hydra_rlhf import models
+from hydra_rlhf.model import loading as models
 
 
 def test_unknown_short_name_lists_the_known_ones():

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from conftest import PYTHON, run
-from hydra_rlhf import ppo_math
+from hydra_rlhf.objectives import functional as ppo_math
 from hydra_rlhf.config import PPOConfig
-from hydra_rlhf.hydra_model import HEADS_FILE
+from hydra_rlhf.model.hydra import HEADS_FILE
 from hydra_rlhf.layout import MODES, OBJECTIVES, counts, role_plan
 from hydra_rlhf.objectives.base import group_stats
 from hydra_rlhf.objectives.grpo import group_normalized_advantages, k3_kl
@@ -117,7 +117,7 @@ def test_config_checks_per_objective():
 
 
 def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", mode="hydra", **overrides):
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.trainer import PPOTrainer
 
     settings = dict(objective=objective, prompts_path="unused", batch_size=4, minibatch_size=4, max_new_tokens=6,
@@ -227,7 +227,7 @@ def test_k_samples_of_a_prompt_come_from_one_generate_call(tiny_model, tokenizer
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_gradient_accumulation_weights_tokens_like_one_pass(tiny_model, tokenizer, tmp_path, objective):
-    from hydra_rlhf import rollout as experience
+    from hydra_rlhf.experience import rollout as experience
 
     trainer = make_trainer(tiny_model, tokenizer, tmp_path, objective=objective)
     trainer.profiler.close()

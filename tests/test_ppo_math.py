@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from hydra_rlhf import ppo_math
-from hydra_rlhf.rollout import response_mask_until_eos
+from hydra_rlhf.objectives import functional as ppo_math
+from hydra_rlhf.experience.rollout import response_mask_until_eos
 
 
 def test_kl_shaped_rewards_put_score_on_last_real_token():

@@ -45,7 +45,7 @@ def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hydra_rlhf.hydra_model import HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel, HydraModelConfig
 
     output, _ = hydra_checkpoint
     assert not (output / "adapter_config.json").exists()  # LoRA merged: a plain model directory
@@ -69,7 +69,7 @@ def test_checkpoints_with_the_heads_at_the_top_still_load(hydra_checkpoint, tmp_
     """Checkpoints written before the heads moved to hydra/heads.safetensors keep loading."""
     import shutil
 
-    from hydra_rlhf.hydra_model import HEADS_FILE, LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HEADS_FILE, LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
 
     output, _ = hydra_checkpoint
     legacy = tmp_path / "legacy"
@@ -84,7 +84,7 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hydra_rlhf.hydra_model import HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel, HydraModelConfig
     from hydra_rlhf.sft import HydraSFTModel, SFTConfig, collate, encode_pairs
 
     output, _ = hydra_checkpoint
@@ -105,7 +105,7 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_gradient_checkpointing_gives_the_same_sft_gradients(tiny_model, tokenizer, finetune):
-    from hydra_rlhf.hydra_model import ModelConfig
+    from hydra_rlhf.model.hydra import ModelConfig
     from hydra_rlhf.sft import SFTConfig, build_sft_model, collate, encode_pairs, sft_loss
 
     pair = one_pair()

@@ -144,7 +144,7 @@ def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_pat
 def test_nonfinite_rewards_skip_updates_then_stop(tiny_model, tokenizer, prompts_file, tmp_path):
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.checkpoints import latest_intact_checkpoint as latest_checkpoint
     from hydra_rlhf.trainer import NonFiniteError, PPOTrainer
 
@@ -198,7 +198,7 @@ def test_prompts_padded_to_max_length_give_fixed_shapes(tiny_model, tokenizer, p
     # What `hydra-rlhf profile` relies on: every rollout is exactly max_prompt_length + max_new_tokens wide.
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.trainer import PPOTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
@@ -233,7 +233,7 @@ def test_stop_at_eos_decides_where_a_response_ends(tiny_model, tokenizer, prompt
     # gives it, which is told of no EOS then).
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
     from hydra_rlhf.trainer import PPOTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))

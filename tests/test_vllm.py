@@ -38,8 +38,8 @@ def test_settings_vllm_cannot_serve_are_refused_with_one_line():
 
 
 def test_a_policy_without_an_adapter_cannot_be_served(tiny_model):
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
-    from hydra_rlhf.vllm_engine import policy_adapter
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+    from hydra_rlhf.experience.vllm_engine import policy_adapter
 
     hydra = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model))
     assert policy_adapter(hydra) == ("shared", "actor")
@@ -55,8 +55,8 @@ def test_a_checkpoint_with_its_heads_at_the_top_is_named_with_the_move_that_fixe
     from safetensors.torch import save_file
 
     from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.hydra_model import LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
-    from hydra_rlhf.vllm_engine import VLLMEngine
+    from hydra_rlhf.model.hydra import LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.experience.vllm_engine import VLLMEngine
 
     old = tmp_path / "old-sft"
     shutil.copytree(tiny_model, old)
@@ -93,7 +93,7 @@ def live_engine_processes(grace_seconds: float = 10.0) -> list:
 def sft_checkpoint(pairs_files, tmp_path_factory):
     """A Hydra-SFT checkpoint of a tiny model vLLM's CPU attention serves (head size 32: it has no kernel for
     the default tiny model's 16)."""
-    from hydra_rlhf.models import tiny_model_dir
+    from hydra_rlhf.model.loading import tiny_model_dir
 
     output = tmp_path_factory.mktemp("vllm") / "sft"
     run(sft_args(str(tiny_model_dir(seed=0, hidden_size=128)), pairs_files, output, "--num_epochs", "1"))
@@ -110,10 +110,10 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
 
     from hydra_rlhf.config import PPOConfig
     from hydra_rlhf.data import encode_prompts
-    from hydra_rlhf.hydra_model import HydraModel, HydraModelConfig
-    from hydra_rlhf.models import load_tokenizer
-    from hydra_rlhf.rollout import eos_token_ids
-    from hydra_rlhf.vllm_engine import VLLMEngine
+    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+    from hydra_rlhf.model.loading import load_tokenizer
+    from hydra_rlhf.experience.rollout import eos_token_ids
+    from hydra_rlhf.experience.vllm_engine import VLLMEngine
 
     tokenizer = load_tokenizer(str(sft_checkpoint))
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(sft_checkpoint), lora_r=4), critic=False)
@@ -124,7 +124,7 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
 
     from vllm.config.lora import MaxLoRARanks
 
-    from hydra_rlhf.estimate import VLLM_LORA_RANKS
+    from hydra_rlhf.memory.estimate import VLLM_LORA_RANKS
 
     assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)  # the estimator's copy of vLLM's LoRA slots
     engine = VLLMEngine.for_model(model, config, eos, tokenizer.pad_token_id)
@@ -248,7 +248,7 @@ def test_the_benchmark_compares_the_two_samplers_on_one_checkpoint(sft_checkpoin
 def test_the_demo_samples_with_vllm(prompts_file, pairs_files, tmp_path):
     import yaml
 
-    from hydra_rlhf.models import tiny_model_dir
+    from hydra_rlhf.model.loading import tiny_model_dir
 
     sft = tmp_path / "sft.yaml"
     sft.write_text(yaml.safe_dump({

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ppo_math
+from . import functional as ppo_math
 from ..layout import objective_info
-from ..rollout import Rollout
+from ..experience.rollout import Rollout
 
 
 class Objective:

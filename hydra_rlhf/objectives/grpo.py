@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ppo_math
+from . import functional as ppo_math
 from .base import Objective, broadcast, record
 
 

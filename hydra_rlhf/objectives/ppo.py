@@ -1,9 +1,9 @@
 """PPO (Schulman et al., 2017) with a critic, as in the Hydra paper: KL-shaped per-token rewards, GAE, clipped
-policy and value losses. The math is in ``hydra_rlhf.ppo_math``."""
+policy and value losses. The math is in ``hydra_rlhf.objectives.functional``."""
 
 from __future__ import annotations
 
-from .. import ppo_math
+from . import functional as ppo_math
 from .base import Objective, record
 
 

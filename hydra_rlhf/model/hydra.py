@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import check_choice, check_positive
-from .levers import ADAPTER_DTYPES, activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
-from .layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
-from .memory import storage_bytes
-from .models import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
+from ..errors import check_choice, check_positive
+from ..memory.levers import ADAPTER_DTYPES, activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
+from ..layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
+from ..memory.profiler import storage_bytes
+from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     adapter_dtype: str = field(default="float32", metadata={
         "help": "LoRA weights in float32, or in the base's compute dtype ('compute': bf16 on a GPU): half the "
-                "adapter, gradient and optimizer bytes. Refused with a float16 base (see hydra_rlhf/levers.py)."})
+                "adapter, gradient and optimizer bytes. Refused with a float16 base (see hydra_rlhf/memory/levers.py)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
 
     def __post_init__(self):

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .layout import STAGE_ORDER
+from ..layout import STAGE_ORDER
 
 CPU_MEASURE = "live tensor-storage bytes (TorchDispatchMode accounting); peak RSS alongside"
 CUDA_MEASURE = "torch.cuda max_memory_allocated, peak reset per stage"

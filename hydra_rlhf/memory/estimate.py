@@ -51,7 +51,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .layout import (FUSED_STAGE, GENERATION_BACKENDS, MODES, OBJECTIVES, counts, fusion_chunk_rows, objective_info,
+from ..layout import (FUSED_STAGE, GENERATION_BACKENDS, MODES, OBJECTIVES, counts, fusion_chunk_rows, objective_info,
                      role_plan)
 from .levers import Levers, add_lever_arguments, levers_from_args
 
@@ -59,7 +59,7 @@ QUANTS = ("none", "8bit", "4bit")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEVICES = ("cuda", "cpu")
 CATEGORIES = ("weights", "adapters_heads", "gradients", "optimizer", "activations", "engine")
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 GiB = 1 << 30
 MiB = 1 << 20
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRA slots (vllm.config.lora.MaxLoRARanks)

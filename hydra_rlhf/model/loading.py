@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HubUnreachable
+from ..errors import HubUnreachable
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from .config import PPOConfig
-from .hydra_model import HydraModel, HydraModelConfig
+from .model.hydra import HydraModel, HydraModelConfig
 from .layout import objective_info
-from .memory import stage_table, wide_console
+from .memory.profiler import stage_table, wide_console
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     from .checkpoints import record_or_check_run_settings, run_settings, write_atomically
     from .data import load_prompts
     from .evaluate import evaluate
-    from .memory import summarize
-    from .models import check_context, load_tokenizer, resolve_model
+    from .memory.profiler import summarize
+    from .model.loading import check_context, load_tokenizer, resolve_model
     from .plots import plot_memory, plot_training
     from .trainer import PPOTrainer
 
@@ -53,7 +53,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
                   "max_prompt_length + max_new_tokens (+1 for the EOS the reward is read at)",
                   model_config.trust_remote_code)
     if config.generation_backend == "vllm":  # a missing extra is one line now, not after the weights load
-        from .vllm_engine import import_vllm
+        from .experience.vllm_engine import import_vllm
 
         import_vllm()
     prompts, _ = load_prompts(config.prompts_path, config.prompt_column)

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from .experience import ExperienceMaker
+from .maker import ExperienceMaker
 from .fusion import FusionStats
-from .layout import FULL
+from ..layout import FULL
 from .rollout import Rollout
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ class Levers:
     adapter_dtype: str = "float32"
 
     def check_levers(self) -> None:
-        from .errors import check_choice, check_positive
+        from ..errors import check_choice, check_positive
 
         check_positive(self, "logprob_chunk_size", allow_zero=True)
         check_choice("optim", self.optim, OPTIMIZERS)
@@ -121,7 +121,7 @@ def make_optimizer(param_groups: list[dict], name: str, weight_decay: float) -> 
     """AdamW over ``param_groups``: torch's, or bitsandbytes' 8-bit one (a clear error where it cannot run)."""
     import torch
 
-    from .errors import check_choice
+    from ..errors import check_choice
 
     check_choice("optim", name, OPTIMIZERS)
     if name == "adamw_torch":
@@ -154,7 +154,7 @@ def adapter_torch_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
     """The dtype LoRA weights are kept in: fp32, or the compute dtype (refused for fp16: no loss scaling here)."""
     import torch
 
-    from .errors import check_choice
+    from ..errors import check_choice
 
     check_choice("adapter_dtype", name, ADAPTER_DTYPES)
     if name == "float32" or compute_dtype == torch.float32:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .layout import fusion_chunk_rows
+from ..layout import fusion_chunk_rows
 from .rollout import Rollout, sampled_rollout, score_frozen, score_policy
 
 

@@ -1,7 +1,7 @@
 """Stages 1-3 of an iteration, for any batch index: which prompts, which sampling seed, generate and score.
 
 ``ExperienceMaker`` is plain data (prompt token ids, settings), so the same object serves the trainer's own
-loop and a generator process (``hydra_rlhf.asynchronous``): batch ``i`` gets the same prompts and the same
+loop and a generator process (``hydra_rlhf.experience.asynchronous``): batch ``i`` gets the same prompts and the same
 sampling seed wherever it is made, and a resumed run makes the batches it has not trained yet.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from . import fusion, rollout as stages
-from .data import left_pad
-from .layout import FUSED_STAGE
+from ..data import left_pad
+from ..layout import FUSED_STAGE
 
 
 def no_stage(name: str):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import FULL
+from ..layout import FULL
 from .rollout import Rollout, sampled_rollout
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ class VLLMEngine:
     @classmethod
     def for_model(cls, model, config, eos_token_ids: list[int], pad_token_id: int) -> "VLLMEngine":
         """The engine for a HydraModel: its policy base, its LoRA rank, dtype and quantization."""
-        from .hydra_model import HEADS_FILE, LEGACY_HEADS_FILE
-        from .models import resolve_model
+        from ..model.hydra import HEADS_FILE, LEGACY_HEADS_FILE
+        from ..model.loading import resolve_model
 
         base_name, _ = policy_adapter(model)
         model_config = model.config
@@ -201,7 +201,7 @@ class VLLMEngine:
             return max(total - free - torch.cuda.memory_reserved(), 0)
         import psutil
 
-        from .memory import process_tree_pss
+        from ..memory.profiler import process_tree_pss
 
         engine = [child for child in psutil.Process().children() if child.name().startswith("VLLM")]
         return sum(process_tree_pss(child.pid) for child in engine)  # its core, and the worker under it

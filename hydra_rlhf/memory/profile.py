@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .hydra_model import HydraModel, HydraModelConfig
-from .errors import check_at_least_one
-from .layout import MODES, objective_info
+from ..model.hydra import HydraModel, HydraModelConfig
+from ..errors import check_at_least_one
+from ..layout import MODES, objective_info
 from .levers import Levers
-from .memory import persistent_bytes, summarize
+from .profiler import persistent_bytes, summarize
 
 
 @dataclass
@@ -57,8 +57,8 @@ class ProfileSettings(Levers):
 
 def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accelerator, objective: str = "ppo") -> dict:
     """Run ``settings.iterations`` iterations of ``objective`` in ``mode``; return its memory and invariants."""
-    from .config import PPOConfig
-    from .trainer import PPOTrainer
+    from ..config import PPOConfig
+    from ..trainer import PPOTrainer
 
     model_config = HydraModelConfig(model_name_or_path=settings.model, mode=mode, quantization=settings.quantization,
                                     gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r,
@@ -105,7 +105,7 @@ def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, 
     """The ``hydra-rlhf estimate`` settings for the iteration :func:`profile_mode` runs, to compare the two: the
     same shape and precision (bf16 on CUDA, fp32 on CPU), and an attention mask exactly when some prompt is
     shorter than ``prompt_len`` (the profiler left-pads every prompt to it)."""
-    from .data import encode_prompts
+    from ..data import encode_prompts
     from .estimate import EstimateSettings
 
     shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
@@ -121,9 +121,9 @@ def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, 
 def profile(settings: ProfileSettings, progress=None) -> dict:
     """Profile every mode in ``settings.modes`` for every objective in ``settings.objectives``; the dict is what
     ``--json`` writes. Its "modes" are keyed by mode, or by ``mode/objective`` when several objectives run."""
-    from .data import load_prompts
-    from .models import load_tokenizer, resolve_model
-    from .ppo import make_accelerator
+    from ..data import load_prompts
+    from ..model.loading import load_tokenizer, resolve_model
+    from ..run import make_accelerator
 
     accelerator = make_accelerator()
     resolve_model(settings.model)
@@ -138,7 +138,7 @@ def profile(settings: ProfileSettings, progress=None) -> dict:
             modes[label] = profile_mode(mode, settings, tokenizer, prompts, accelerator, objective)
             modes[label]["objective"] = objective
     measure_device = accelerator.device
-    from .memory import CPU_MEASURE, CUDA_MEASURE
+    from .profiler import CPU_MEASURE, CUDA_MEASURE
 
     return {
         "settings": asdict(settings),

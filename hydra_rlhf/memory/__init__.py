@@ -1,0 +1,1 @@
+"""Memory: the per-stage profiler, `hydra-rlhf profile`, the estimator and the levers."""
