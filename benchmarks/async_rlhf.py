@@ -94,7 +94,7 @@ def recipe(config: str, sft: Path, output: Path, flags: list[str]) -> list[str]:
 
 def speed(args, flags: list[str]) -> dict:
     """Sync, async on one device, async on two processes: the same PPO recipe, measured one after another."""
-    iterations = ["--num_iterations", str(args.speed_iterations)] if args.speed_iterations else []
+    iterations = ["--max_iterations", str(args.speed_iterations)] if args.speed_iterations else []
     base = [*EQUAL_BUDGET, *flags, *iterations, "--eval_prompts_path", "", "--save_every", "0"]  # (the speed runs' own win)
     layouts = {
         "sync": [sys.executable],

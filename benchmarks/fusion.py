@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 from hydra_rlhf.experience import rollout as experience  # noqa: E402
 from hydra_rlhf.data import encode_prompts, left_pad, load_prompts  # noqa: E402
 from hydra_rlhf.experience.fusion import FusionStats, fused_rollout  # noqa: E402
-from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig  # noqa: E402
+from hydra_rlhf.config import HydraModelConfig  # noqa: E402
+from hydra_rlhf.model.hydra import HydraModel  # noqa: E402
 from hydra_rlhf.memory.profiler import LiveTensorBytes, format_bytes  # noqa: E402
 from hydra_rlhf.model.loading import load_tokenizer  # noqa: E402
 from hydra_rlhf.experience.rollout import eos_token_ids  # noqa: E402

@@ -28,7 +28,7 @@ from hydra_rlhf.memory.profiler import format_bytes, wide_console  # noqa: E402
 TARGETS = {"gold_gain": 0.30, "win_rate_vs_sft": 0.70, "distinct2_ratio": 0.70}
 # The comparisons at an equal budget: 11 iterations of 16 responses each, whatever KL a run reaches (the PPO
 # recipe's own stop_at_kl would end some runs sooner than others).
-EQUAL_BUDGET = ["--num_iterations", "11", "--stop_at_kl", "None"]
+EQUAL_BUDGET = ["--max_iterations", "11", "--stop_at_kl", "None"]
 
 
 def run(args: list[str]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from hydra_rlhf.model.hydra import ModelConfig
+from hydra_rlhf.config import ModelConfig
 from hydra_rlhf.sft import SFTConfig, run_sft
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     model_config, sft_config = TrlParser((ModelConfig, SFTConfig)).parse_yaml_file(args.config)
     results = {}
     for objective in args.objectives.split(","):
-        config = dataclasses.replace(sft_config, objective=objective, output_dir=f"{args.output_dir}/{objective}")
+        config = dataclasses.replace(sft_config, sft_objective=objective, output_dir=f"{args.output_dir}/{objective}")
         summary = run_sft(model_config, config)
         results[objective] = {**summary["eval"], "wall_seconds": summary["wall_seconds"]}
     print(f"\n{'objective':10s} {'reward acc':>10s} {'perplexity':>11s} {'seconds':>8s}")

@@ -1,19 +1,195 @@
-"""Typed configs with help on every field. ``TrlParser`` turns them into ``--config recipe.yaml`` plus flags."""
+"""Typed configs with help on every field, and the one description of a run's shape. ``TrlParser`` turns the
+configs into ``--config recipe.yaml`` plus flags. Plain data: importing this module loads no torch.
+
+* ``ModelConfig`` / ``HydraModelConfig``: which base, how it is quantized and wrapped, the mode (model layout).
+* ``RLConfig``: one RL run (PPO, RLOO, GRPO or online DPO): data, sampling, objective, optimisation, logging.
+* ``RunShape``: what sets one iteration's memory, in the same words as the two configs (``RunShape.of(model_config,
+  config)`` reads their fields by name); ``hydra-rlhf profile`` and ``hydra-rlhf estimate`` build from it too.
+* The rules that tie settings together (``check_*`` below) are written once and called by all three.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
 
 from .errors import check_at_least_one, check_choice, check_positive
-from .model.hydra import HydraModelConfig
-from .layout import GENERATION_BACKENDS, OBJECTIVES, objective_info
-from .memory.levers import OPTIMIZERS
+from .layout import GENERATION_BACKENDS, MODES, OBJECTIVES, check_mode, objective_info
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "8bit", "4bit")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
+OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # the names transformers' TrainingArguments.optim uses
+ADAPTER_DTYPES = ("float32", "compute")
+ALL_ON_CHUNK_SIZE = 256  # tokens per log-prob chunk when every lever is on: 256 x a 128k vocabulary is 128 MiB of fp32 logits
+
+
+# ---------------------------------------------------------------------------- rules that tie settings together
+
+
+def check_quantized_full(mode: str, quantization: str) -> None:
+    if mode == "full" and quantization != "none":
+        raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {quantization} "
+                         "bitsandbytes base cannot (its weights are frozen); use quantization none, or mode lora, "
+                         "j-hydra or hydra.")
+
+
+def check_adapter_dtype(adapter_dtype: str, dtype: str) -> None:
+    """``dtype`` as resolved (a config's ``auto`` is checked again once the device is known)."""
+    if adapter_dtype == "compute" and DTYPES.get(dtype) == "float16":
+        raise ValueError("adapter_dtype compute with a float16 base (a T4) would train fp16 weights without loss "
+                         "scaling; keep adapter_dtype float32 there.")
+
+
+def check_engine(generation_backend: str, fusion: bool, mode: str | None = None) -> None:
+    check_choice("generation_backend", generation_backend, GENERATION_BACKENDS)
+    if generation_backend != "vllm":
+        return
+    if fusion:
+        raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
+                         "leave at once, new ones join), so our fused decode loop has nothing to add there. "
+                         "Set one of them.")
+    if mode == "full":
+        raise ValueError("generation_backend vllm serves the actor adapter, and mode full has none: use mode lora, "
+                         "j-hydra or hydra.")
+
+
+def check_batch(objective: str, batch_size: int, samples_per_prompt: int, minibatch_size: int,
+                gradient_accumulation_steps: int) -> None:
+    """k samples per prompt where the objective compares them; minibatches that tile the iteration's rows;
+    micro-batches that tile a minibatch (and keep online DPO's pairs whole)."""
+    info = objective_info(objective)
+    if samples_per_prompt < info.min_samples_per_prompt:
+        raise ValueError(f"objective {objective} compares samples of the same prompt: num_samples_per_prompt "
+                         f"must be at least {info.min_samples_per_prompt}, got {samples_per_prompt}.")
+    rows = info.train_rows(batch_size, samples_per_prompt)
+    micro = minibatch_size // gradient_accumulation_steps
+    if rows % minibatch_size or micro * gradient_accumulation_steps != minibatch_size:
+        raise ValueError(
+            f"the {rows} sequences an iteration trains on (batch_size {batch_size} x {rows // batch_size} per "
+            f"prompt) must be a multiple of minibatch_size ({minibatch_size}), which must be a multiple of "
+            f"gradient_accumulation_steps ({gradient_accumulation_steps}).")
+    if micro % info.rows_per_unit:
+        raise ValueError(f"objective {objective} keeps each chosen/rejected pair together: minibatch_size / "
+                         f"gradient_accumulation_steps ({micro}) must be even.")
+
+
+def renamed(owner, old: str, new: str) -> None:
+    """A key renamed this release: still read, with one warning, into ``new`` (set both: an error)."""
+    value = getattr(owner, old)
+    if value is None:
+        return
+    default = next(f.default for f in fields(owner) if f.name == new)
+    if getattr(owner, new) != default and getattr(owner, new) != value:
+        raise ValueError(f"{old} is the old name of {new}: set only {new}.")
+    logger.warning("%s is deprecated and will be removed in the next release: use %s (same meaning).", old, new)
+    setattr(owner, new, value)
+    setattr(owner, old, None)
+
+
+# ----------------------------------------------------------------------------------------------- the levers
 
 
 @dataclass
-class PPOConfig:
+class Levers:
+    """The memory levers (``hydra_rlhf/memory/levers.py``), all off by default."""
+
+    logprob_chunk_size: int = field(default=0, metadata={
+        "help": "Compute log-probs over chunks of this many response tokens, recomputed in backward, so the "
+                "(batch, tokens, vocabulary) logits never exist whole (0: whole logits). Same results."})
+    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, or adamw_bnb_8bit: bitsandbytes' "
+                                                              "8-bit AdamW states (1 byte per element instead of 4)."})
+    activation_offload: bool = field(default=False, metadata={
+        "help": "CUDA: keep what the training forward saves for backward (with gradient checkpointing, each "
+                "layer's input) in pinned host memory until backward needs it. No effect on CPU."})
+    adapter_dtype: str = field(default="float32", metadata={
+        "help": "LoRA weights in float32, or in the base's compute dtype ('compute': bf16 on a GPU): half the "
+                "adapter, gradient and optimizer bytes. Refused with a float16 base."})
+
+    def check_levers(self) -> None:
+        check_positive(self, "logprob_chunk_size", allow_zero=True)
+        check_choice("optim", self.optim, OPTIMIZERS)
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+
+    def levers(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(Levers)}
+
+
+ALL_ON = Levers(ALL_ON_CHUNK_SIZE, "adamw_bnb_8bit", True, "compute")
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ModelConfig:
+    """How to load a base model and its adapters. Shared by the SFT and RL recipes."""
+
+    model_name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Base model: a bundled short name (smollm2-135m), a local directory or a hub id. For RL, "
+                  "the Hydra-SFT checkpoint (its reward head is read from hydra/heads.safetensors)."},
+    )
+    quantization: str = field(
+        default="none", metadata={"help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout. 0 keeps PPO's ratios exact."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a comma-separated list."}
+    )
+    lora_layers: int | None = field(
+        default=None, metadata={"help": "LoRA on the top N decoder layers only (default: all). Backward then stops "
+                                "N layers down, which makes every training step cheaper."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    adapter_dtype: str = field(default="float32", metadata={"help": Levers.__dataclass_fields__["adapter_dtype"]
+                                                            .metadata["help"]})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+
+    def __post_init__(self):
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("dtype", self.dtype, ("auto", *DTYPES))
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        check_adapter_dtype(self.adapter_dtype, self.dtype)
+        check_positive(self, "lora_r", "lora_alpha", "lora_layers")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+@dataclass
+class HydraModelConfig(ModelConfig):
+    """A ModelConfig plus the RL layout: which mode, the separate reward model of the baselines, and the model's
+    memory levers."""
+
+    mode: str = field(default="hydra", metadata={"help": f"Model layout, one of {MODES}: how many base copies serve "
+                                                        "policy, reference, reward and critic (docs/design.md)."})
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
+    )
+    logprob_chunk_size: int = field(default=0, metadata={"help": Levers.__dataclass_fields__["logprob_chunk_size"]
+                                                         .metadata["help"]})
+    activation_offload: bool = field(default=False, metadata={"help": Levers.__dataclass_fields__["activation_offload"]
+                                                              .metadata["help"]})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_mode(self.mode)
+        check_positive(self, "logprob_chunk_size", allow_zero=True)
+        check_quantized_full(self.mode, self.quantization)
+
+
+# -------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RLConfig:
     """One RL run (PPO, RLOO, GRPO or online DPO): data, rollout, objective, optimisation, logging. Model layout
-    lives in ``HydraModelConfig``."""
+    lives in ``HydraModelConfig``. Key names follow TRL's where the meaning is the same."""
 
     # --- objective
     objective: str = field(default="ppo", metadata={
@@ -91,8 +267,9 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     # --- optimisation
-    num_iterations: int = field(default=20, metadata={"help": "PPO iterations (rollout + learning); with stop_at_kl, "
-                                                          "the most it may take."})
+    max_iterations: int = field(default=20, metadata={"help": "Iterations of the run (each: one batch sampled, "
+                                                          "scored and learned from); with stop_at_kl, the most it "
+                                                          "may take."})
     stop_at_kl: float | None = field(default=None, metadata={
         "help": "Stop early once the policy has moved this far from the reference: the KL on its own samples "
                 "(objective/kl, nats per response), averaged over the last stop_at_kl_window iterations, reaches "
@@ -100,7 +277,8 @@ class PPOConfig:
                 "where a fixed iteration count does not. The final checkpoint is saved at the stop."})
     stop_at_kl_window: int = field(default=2, metadata={"help": "stop_at_kl: iterations its KL is averaged over "
                                                                 "(one batch's KL is noisy)."})
-    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
+    num_epochs: int = field(default=2, metadata={"help": "Passes over each iteration's samples (TRL's GRPOConfig "
+                                                      "calls this num_iterations)."})
     minibatch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step (after accumulation); "
                                                           "online_dpo: 2 per pair."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -132,6 +310,11 @@ class PPOConfig:
     profile_memory: bool = field(default=True, metadata={"help": "Record memory per stage (memory.jsonl)."})
     eval_max_new_tokens: int | None = field(default=None, metadata={"help": "Response cap at evaluation "
                                                                     "(default: max_new_tokens)."})
+    # --- renamed keys: read for one release (ppo_epochs) or refused with the new name (num_iterations)
+    ppo_epochs: int | None = field(default=None, metadata={"help": "Deprecated: num_epochs."})
+    num_iterations: int | None = field(default=None, metadata={
+        "help": "Removed: the run's length is max_iterations (num_iterations means passes over each batch in TRL: "
+                "num_epochs here)."})
 
     @property
     def samples_per_prompt(self) -> int:
@@ -144,11 +327,12 @@ class PPOConfig:
         return objective_info(self.objective).train_rows(self.batch_size, self.samples_per_prompt)
 
     def __post_init__(self):
-        info = objective_info(self.objective)
+        if self.num_iterations is not None:
+            raise ValueError(f"num_iterations is no longer a key: for the run's length set max_iterations "
+                             f"{self.num_iterations}; passes over each batch (TRL's num_iterations) are num_epochs.")
+        renamed(self, "ppo_epochs", "num_epochs")
+        objective_info(self.objective)
         check_at_least_one(self, "num_samples_per_prompt")
-        if self.samples_per_prompt < info.min_samples_per_prompt:
-            raise ValueError(f"objective {self.objective} compares samples of the same prompt: num_samples_per_prompt "
-                             f"must be at least {info.min_samples_per_prompt}, got {self.samples_per_prompt}.")
         check_positive(self, "dpo_beta", "actor_lr", "critic_lr", "temperature", "kl_target", "kl_horizon",
                        "clip_range", "clip_range_value", "stop_at_kl", "vllm_kv_cache_gib")
         check_positive(self, "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "save_every",
@@ -158,18 +342,14 @@ class PPOConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
-        check_choice("generation_backend", self.generation_backend, GENERATION_BACKENDS)
-        if self.fusion and self.generation_backend == "vllm":
-            raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
-                             "leave at once, new ones join), so our fused decode loop has nothing to add there. "
-                             "Set one of them.")
+        check_engine(self.generation_backend, self.fusion)
         if self.missing_eos_penalty and not self.stop_at_eos:
             raise ValueError("missing_eos_penalty needs stop_at_eos: with stop_at_eos false no response ends at EOS, "
                              "so every one would be penalised. Set one of them.")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}.")
-        check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
-                           "num_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
+        check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "num_epochs",
+                           "max_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
                            "eval_max_new_tokens", "max_nonfinite_in_a_row", "stop_at_kl_window")
         check_positive(self, "max_staleness", allow_zero=True)
         if not 0 < self.fusion_tail_fraction <= 1:
@@ -178,18 +358,83 @@ class PPOConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma} and {self.lam}.")
-        micro = self.minibatch_size // self.gradient_accumulation_steps
-        if self.train_rows % self.minibatch_size or micro * self.gradient_accumulation_steps != self.minibatch_size:
-            raise ValueError(
-                f"the {self.train_rows} sequences an iteration trains on (batch_size {self.batch_size} x "
-                f"{self.train_rows // self.batch_size} per prompt) must be a multiple of minibatch_size "
-                f"({self.minibatch_size}), which must be a multiple of gradient_accumulation_steps "
-                f"({self.gradient_accumulation_steps})."
-            )
-        if micro % info.rows_per_unit:
-            raise ValueError(f"objective {self.objective} keeps each chosen/rejected pair together: minibatch_size / "
-                             f"gradient_accumulation_steps ({micro}) must be even.")
+        check_batch(self.objective, self.batch_size, self.samples_per_prompt, self.minibatch_size,
+                    self.gradient_accumulation_steps)
 
+
+# ---------------------------------------------------------------------------------------- the run's shape
+
+
+@dataclass
+class RunShape(Levers):
+    """What sets one iteration's memory, in the recipes' words: ``batch_size`` counts prompts, each sampled
+    ``num_samples_per_prompt`` times (default: the objective's k); ``minibatch_size`` counts sequences per
+    optimizer step, split into ``gradient_accumulation_steps`` micro-batches. Build it from a run's configs with
+    ``RunShape.of(model_config, config)``; ``hydra-rlhf estimate`` and ``profile`` take the same keys as flags."""
+
+    mode: str = "hydra"
+    objective: str = "ppo"
+    quantization: str = "none"
+    dtype: str = "auto"  # auto: bf16 on a GPU (fp16 where bf16 is missing), fp32 on a CPU
+    lora_r: int = 16
+    gradient_checkpointing: bool = False
+    batch_size: int = 8  # prompts per iteration (per process)
+    num_samples_per_prompt: int | None = None
+    minibatch_size: int | None = None  # sequences per optimizer step; None: every row of the iteration
+    gradient_accumulation_steps: int = 1
+    max_prompt_length: int = 64
+    max_new_tokens: int = 48
+    fusion: bool = False
+    fusion_tail_fraction: float = 0.2
+    generation_backend: str = "hf"
+    vllm_sleep_mode: bool = False
+    vllm_kv_cache_gib: float | None = None
+
+    @classmethod
+    def of(cls, *configs, **overrides) -> "RunShape":
+        """The shape of a run described by ``configs`` (e.g. a HydraModelConfig and an RLConfig): every field
+        of the same name, later configs and then ``overrides`` winning."""
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for config in configs:
+            values.update({name: getattr(config, name) for name in names if hasattr(config, name)})
+        return cls(**{**values, **overrides})
+
+    def __post_init__(self):
+        check_mode(self.mode)
+        objective_info(self.objective)
+        check_choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("dtype", self.dtype, ("auto", *DTYPES))
+        self.check_levers()
+        check_at_least_one(self, "batch_size", "num_samples_per_prompt", "minibatch_size",
+                           "gradient_accumulation_steps", "max_prompt_length", "max_new_tokens", "lora_r")
+        if not 0 < self.fusion_tail_fraction <= 1:
+            raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")
+        check_positive(self, "vllm_kv_cache_gib")
+        check_quantized_full(self.mode, self.quantization)
+        check_adapter_dtype(self.adapter_dtype, self.dtype)
+        check_engine(self.generation_backend, self.fusion, self.mode)
+        check_batch(self.objective, self.batch_size, self.samples_per_prompt, self.minibatch_size or self.train_rows,
+                    self.gradient_accumulation_steps)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.num_samples_per_prompt or objective_info(self.objective).default_samples_per_prompt
+
+    @property
+    def sequences(self) -> int:
+        """Responses sampled per iteration: prompts x samples per prompt."""
+        return self.batch_size * self.samples_per_prompt
+
+    @property
+    def train_rows(self) -> int:
+        """Sequences the learner trains on per iteration (online DPO: its pair per prompt)."""
+        return objective_info(self.objective).train_rows(self.batch_size, self.samples_per_prompt)
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of one training forward and backward."""
+        return (self.minibatch_size or self.train_rows) // self.gradient_accumulation_steps
 
 def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> int:
     """Parse ``--config recipe.yaml`` plus ``--flag`` overrides into the dataclasses (TrlParser), then call
@@ -205,4 +450,4 @@ def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> in
     return error_boundary(lambda: run(*TrlParser(dataclass_types).parse_args_and_config(argv)))
 
 
-__all__ = ["PPOConfig", "HydraModelConfig", "run_recipe"]
+__all__ = ["ALL_ON", "HydraModelConfig", "Levers", "ModelConfig", "RLConfig", "RunShape", "run_recipe"]

@@ -1,4 +1,4 @@
-"""``run_ppo``: a whole PPO run (load, train, evaluate, report), shared by ``recipes/ppo.py``, the demo and the
+"""``run_rl``: a whole PPO run (load, train, evaluate, report), shared by ``recipes/ppo.py``, the demo and the
 notebooks. Writes into ``output_dir``: ``metrics.jsonl``, ``memory.jsonl``, ``checkpoints/``, ``final/`` (the
 trained adapters and heads), ``eval.json``, ``training.png``, ``memory.png`` and ``summary.json``."""
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PPOConfig
-from .model.hydra import HydraModel, HydraModelConfig
+from .config import RLConfig
+from .config import HydraModelConfig
+from .model.hydra import HydraModel
 from .layout import objective_info
 from .memory.profiler import stage_table, wide_console
 
@@ -30,7 +31,7 @@ def make_accelerator(report_to: str = "none", output_dir: str = "runs"):
     )
 
 
-def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None, console=None) -> dict:
+def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, console=None) -> dict:
     """Train, evaluate on held-out prompts, print the memory table, and return the run's summary."""
     from .checkpoints import record_or_check_run_settings, run_settings, write_atomically
     from .data import load_prompts
@@ -38,7 +39,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
     from .memory.profiler import summarize
     from .model.loading import check_context, load_tokenizer, resolve_model
     from .plots import plot_memory, plot_training
-    from .trainer import PPOTrainer
+    from .trainer import RLTrainer
 
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(config.report_to, config.output_dir)
@@ -64,7 +65,7 @@ def run_ppo(model_config: HydraModelConfig, config: PPOConfig, accelerator=None,
                                    critic=objective_info(config.objective).critic)
     accelerator.init_trackers("hydra-rlhf", config={**asdict(model_config), **asdict(config)})
 
-    trainer = PPOTrainer(model, tokenizer, config, prompts, accelerator)
+    trainer = RLTrainer(model, tokenizer, config, prompts, accelerator)
     fingerprint = model.frozen_fingerprint()
     history = trainer.train()
     trainer.profiler.close()

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig, renamed
 from .errors import check_at_least_one, check_positive
 from .model.hydra import (
     REWARD_POOLINGS,
-    ModelConfig,
     pool_response,
     save_heads,
     with_lora_adapters,
@@ -39,13 +39,13 @@ from .model.hydra import (
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("hydra", "sft", "reward")
+SFT_OBJECTIVES = ("hydra", "sft", "reward")
 
 
 @dataclass
 class SFTConfig:
-    objective: str = field(default="hydra", metadata={"help": f"One of {OBJECTIVES}: joint LM + reward (hydra), "
-                                                             "LM only (sft), reward only (reward)."})
+    sft_objective: str = field(default="hydra", metadata={"help": f"One of {SFT_OBJECTIVES}: joint LM + reward "
+                                                                 "(hydra), LM only (sft), reward only (reward)."})
     finetune: str = field(default="lora", metadata={"help": "lora (merged into the weights at the end) or full."})
     train_path: str = field(default="demo:preferences-train", metadata={
         "help": "Preference pairs: 'demo:preferences-train' (bundled), a local JSONL/Parquet file or a hub dataset."})
@@ -81,10 +81,13 @@ class SFTConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a checkpoint already in output_dir "
                                                                      "(otherwise that is an error)."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    objective: str | None = field(default=None, metadata={"help": "Deprecated: sft_objective (objective names "
+                                                                  "the RL objective in the RL recipes)."})
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"Unknown objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}.")
+        renamed(self, "objective", "sft_objective")
+        if self.sft_objective not in SFT_OBJECTIVES:
+            raise ValueError(f"Unknown sft_objective {self.sft_objective!r}: use one of {', '.join(SFT_OBJECTIVES)}.")
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"Unknown finetune {self.finetune!r}: use lora or full.")
         if self.reward_pooling not in REWARD_POOLINGS:
@@ -303,7 +306,7 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
         eval_pairs, _ = load_preferences(config.eval_path, config.prompt_column, config.chosen_column,
                                          config.rejected_column, config.max_eval_pairs)
         eval_rows, _ = encode_pairs(tokenizer, eval_pairs, config)
-    console.print(f"SFT ({config.objective}, {config.finetune}): {len(rows)} training pairs, {len(eval_rows)} held-out; "
+    console.print(f"SFT ({config.sft_objective}, {config.finetune}): {len(rows)} training pairs, {len(eval_rows)} held-out; "
                   f"skipped {dict(skipped) or 0}; length handling {dict(length_counts) or 'none needed'}")
     if not rows:
         raise ValueError(f"{config.train_path}: no usable training pairs after skipping {dict(skipped)}.")
@@ -320,12 +323,12 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     order: list[int] = []
     history, latest_features = [], {}  # pair index -> its (chosen, rejected) pooled features, latest seen
     model.train()
-    for step in tqdm(range(steps), desc=f"SFT ({config.objective})"):
+    for step in tqdm(range(steps), desc=f"SFT ({config.sft_objective})"):
         if len(order) < config.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
         batch_indices, order = order[: config.batch_size], order[config.batch_size :]
         batch_rows = [rows[i] for i in batch_indices]
-        loss, stats, features = sft_loss(model, collate(batch_rows, tokenizer.pad_token_id), config.objective,
+        loss, stats, features = sft_loss(model, collate(batch_rows, tokenizer.pad_token_id), config.sft_objective,
                                          config.reward_weight)
         if not torch.isfinite(loss):
             logger.warning("SFT step %d: non-finite loss, step skipped.", step)
@@ -340,13 +343,13 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
         latest_features.update(zip(batch_indices, zip(*features.chunk(2))))
 
     head_fit = {}
-    if config.refit_reward_head and config.objective != "sft" and latest_features:
+    if config.refit_reward_head and config.sft_objective != "sft" and latest_features:
         chosen, rejected = (torch.stack(half) for half in zip(*latest_features.values()))
         head_fit = fit_reward_head(model.reward_head, chosen, rejected)
         console.print(f"reward head refit on {head_fit['pairs']} training pairs: L2 {head_fit['l2']}, "
                       f"cross-validated accuracy {head_fit['cv_accuracy']:.1%}")
     results = evaluate_sft(model, eval_rows, tokenizer.pad_token_id, config.eval_batch_size) if eval_rows else {}
-    summary = {"objective": config.objective, "finetune": config.finetune, "train_pairs": len(rows),
+    summary = {"objective": config.sft_objective, "finetune": config.finetune, "train_pairs": len(rows),
                "skipped": dict(skipped), "length_handling": dict(length_counts), "steps": steps,
                "eval": results, "final_train": history[-1] if history else {}, "reward_head_fit": head_fit,
                "wall_seconds": time.perf_counter() - started,

@@ -1,4 +1,4 @@
-"""The RL loop on a HydraModel: experience -> objective -> learning. ``PPOTrainer.step`` is one iteration, read
+"""The RL loop on a HydraModel: experience -> objective -> learning. ``RLTrainer.step`` is one iteration, read
 top to bottom in numbered stages; the objective (PPO, RLOO, GRPO, online DPO: ``hydra_rlhf.objectives``) gives
 the targets of stage 4 and the loss of stage 5, the trainer owns sampling, scoring, the optimizer and
 checkpoints.
@@ -38,17 +38,17 @@ from .memory.profiler import MemoryProfiler
 from .objectives import base as objective_base, make_objective
 
 if TYPE_CHECKING:
-    from .config import PPOConfig
+    from .config import RLConfig
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 
 
-class PPOTrainer:
+class RLTrainer:
     """The loop for every objective (the name stays: PPO is the one this toolkit is built around)."""
 
-    def __init__(self, model, tokenizer, config: PPOConfig, prompts: list[list[dict]], accelerator=None):
+    def __init__(self, model, tokenizer, config: RLConfig, prompts: list[list[dict]], accelerator=None):
         from accelerate import Accelerator
         from transformers import get_scheduler
 
@@ -91,9 +91,9 @@ class PPOTrainer:
         self.group_names = list(groups)  # one optimizer group per trainable role; critic-free: the actor's only
         self.optimizer = make_optimizer([{"params": groups[name], "lr": learning_rates[name]} for name in self.group_names],
                                         config.optim, config.weight_decay)
-        steps_per_iteration = config.ppo_epochs * (config.train_rows // config.minibatch_size)
+        steps_per_iteration = config.num_epochs * (config.train_rows // config.minibatch_size)
         self.scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
-                                       num_training_steps=config.num_iterations * steps_per_iteration)
+                                       num_training_steps=config.max_iterations * steps_per_iteration)
         self.kl_controller = (
             ppo_math.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
             if config.kl_controller == "adaptive" else ppo_math.FixedKLController(config.kl_coef)
@@ -127,7 +127,7 @@ class PPOTrainer:
     # -------------------------------------------------------------------------------------------- the loop
 
     def train(self) -> list[dict]:
-        """Run (or resume) ``num_iterations`` iterations, or fewer once ``stop_at_kl`` is reached; checkpoint every
+        """Run (or resume) ``max_iterations`` iterations, or fewer once ``stop_at_kl`` is reached; checkpoint every
         ``save_every`` and at the end."""
         from tqdm.auto import tqdm
 
@@ -140,11 +140,11 @@ class PPOTrainer:
                 self.experience.close_engine()
             return []
         history = []
-        bar = tqdm(total=self.config.num_iterations, initial=self.iteration, desc=self.config.objective.upper(),
+        bar = tqdm(total=self.config.max_iterations, initial=self.iteration, desc=self.config.objective.upper(),
                    disable=not self.accelerator.is_local_main_process)
         try:
             with self._ctrl_c() as stop, self._generator():
-                while self.iteration < self.config.num_iterations and not self.reached_kl and not stop.is_set():
+                while self.iteration < self.config.max_iterations and not self.reached_kl and not stop.is_set():
                     metrics = self.step()
                     history.append(metrics)
                     bar.update(1)
@@ -152,7 +152,7 @@ class PPOTrainer:
         finally:
             bar.close()
             self.experience.close_engine()  # the vLLM engine's processes and memory, once sampling is over
-        if stop.is_set() and self.iteration < self.config.num_iterations and not self.reached_kl:  # (else done anyway)
+        if stop.is_set() and self.iteration < self.config.max_iterations and not self.reached_kl:  # (else done anyway)
             self._stop_after_ctrl_c()
         return history
 
@@ -186,7 +186,7 @@ class PPOTrainer:
         last = latest_intact_checkpoint(self.output_dir)
         if self.config.save_on_interrupt and (last is None or last.name != _checkpoint_name(self.iteration)):
             last = self.save_checkpoint()
-        raise Interrupted(f"stopped by Ctrl-C after iteration {self.iteration} of {self.config.num_iterations}; "
+        raise Interrupted(f"stopped by Ctrl-C after iteration {self.iteration} of {self.config.max_iterations}; "
                           f"{_resume_hint(last)}")
 
     def step(self) -> dict:
@@ -227,7 +227,7 @@ class PPOTrainer:
             self._guard_nonfinite(healthy)
             self.reached_kl = self._kl_budget_spent(metrics["objective/kl"])
             periodic = config.save_every and self.iteration % config.save_every == 0
-            last = config.save_final and (self.iteration == config.num_iterations or self.reached_kl)
+            last = config.save_final and (self.iteration == config.max_iterations or self.reached_kl)
             if healthy and (periodic or last):
                 self.save_checkpoint()
         self.profiler.end_iteration(self.iteration)
@@ -243,7 +243,7 @@ class PPOTrainer:
         micro_size = config.minibatch_size // config.gradient_accumulation_steps
         stats = defaultdict(list)
         skipped = 0
-        for _ in range(config.ppo_epochs):
+        for _ in range(config.num_epochs):
             order = torch.randperm(len(batch.input_ids) // unit, generator=generator)
             for units in order.split(config.minibatch_size // unit):
                 if config.fusion:  # length-bucketed micro-batches: the longest units together
@@ -291,7 +291,7 @@ class PPOTrainer:
         mean = sum(self.recent_kl) / len(self.recent_kl)
         if len(self.recent_kl) < config.stop_at_kl_window or mean < config.stop_at_kl:
             return False
-        if self.iteration < config.num_iterations:
+        if self.iteration < config.max_iterations:
             logger.info("Iteration %d: KL to the reference %.2f nats (mean of the last %d iterations) reached "
                         "stop_at_kl %.2f; stopping.", self.iteration, mean, len(self.recent_kl), config.stop_at_kl)
         return True
@@ -315,11 +315,11 @@ class PPOTrainer:
                 learner_threads, threads = asynchronous.cpu_threads_split()
                 torch.set_num_threads(learner_threads)
             self.generator = asynchronous.LocalChannel(self.model, self.experience, self.iteration,
-                                                       config.num_iterations, config.max_staleness, threads)
+                                                       config.max_iterations, config.max_staleness, threads)
         try:
             yield
             if self.reached_kl and self.accelerator.num_processes == 2:  # the generator rank is still running
-                self.generator.finish_early(self.iteration, config.num_iterations, config.max_staleness,
+                self.generator.finish_early(self.iteration, config.max_iterations, config.max_staleness,
                                             asynchronous.adapter_vector(self.model))
         finally:
             self.generator.close()
@@ -330,7 +330,7 @@ class PPOTrainer:
         """Rank 1 of an async two-process run: make every batch the learner has not trained yet."""
         channel = asynchronous.DistributedChannel()
         asynchronous.run_generator_rank(self.model, self.experience, channel, self.iteration,
-                                        self.config.num_iterations, self.config.max_staleness)
+                                        self.config.max_iterations, self.config.max_staleness)
 
     def _receive_experience(self) -> experience.Rollout:
         """The next batch from the generator, with its samples' staleness checked (too stale: dropped, counted)."""
@@ -354,7 +354,7 @@ class PPOTrainer:
     def _send_adapter(self) -> None:
         """The new actor adapter to the generator, when a batch still to come is scheduled to use it."""
         config = self.config
-        last_needed = asynchronous.policy_version_for(config.num_iterations - 1, config.max_staleness)
+        last_needed = asynchronous.policy_version_for(config.max_iterations - 1, config.max_staleness)
         if self.iteration > last_needed:  # no batch left is scheduled on this version
             self.async_stats.update({"async/sync_bytes": 0, "async/sync_seconds": 0.0})
             return

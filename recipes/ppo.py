@@ -2,7 +2,7 @@
 
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml
-    python recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --mode lora --num_iterations 2
+    python recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --mode lora --max_iterations 2
     python recipes/ppo.py --config recipes/configs/online_dpo_smollm2.yaml --async_generation true
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml --async_generation true
 
@@ -11,16 +11,16 @@ Two processes work on a CPU-only machine too: `--multi_gpu` only selects acceler
 the adapters' gradients across them. With `--async_generation true`, two processes are a learner (rank 0) and a
 generator (rank 1) instead; on one process the generator is a child process sharing the base.
 
-Every field of HydraModelConfig and PPOConfig is a YAML key and a --flag (flags override the YAML);
+Every field of HydraModelConfig and RLConfig is a YAML key and a --flag (flags override the YAML);
 `python recipes/ppo.py --help` lists them with their help.
 """
 
 import sys
 
-from hydra_rlhf.config import PPOConfig, run_recipe
-from hydra_rlhf.model.hydra import HydraModelConfig
-from hydra_rlhf.run import run_ppo
+from hydra_rlhf.config import RLConfig, run_recipe
+from hydra_rlhf.config import HydraModelConfig
+from hydra_rlhf.run import run_rl
 
 
 if __name__ == "__main__":
-    sys.exit(run_recipe((HydraModelConfig, PPOConfig), run_ppo))
+    sys.exit(run_recipe((HydraModelConfig, RLConfig), run_rl))

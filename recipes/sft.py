@@ -12,7 +12,7 @@ YAML key and a --flag; `python recipes/sft.py --help` lists them. The checkpoint
 import sys
 
 from hydra_rlhf.config import run_recipe
-from hydra_rlhf.model.hydra import ModelConfig
+from hydra_rlhf.config import ModelConfig
 from hydra_rlhf.sft import SFTConfig, run_sft
 
 

@@ -21,18 +21,19 @@ ACCELERATE = str(Path(PYTHON).parent / "accelerate")  # the launcher of the envi
 
 
 def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", **overrides):
-    from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+    from hydra_rlhf.config import RLConfig
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
     from hydra_rlhf.layout import objective_info
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.trainer import RLTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4),
                                    critic=objective_info(objective).critic)
     settings = {"objective": objective, "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 6,
-                "num_iterations": 4, "save_every": 0, "output_dir": str(tmp_path / "run"), "seed": 3,
+                "max_iterations": 4, "save_every": 0, "output_dir": str(tmp_path / "run"), "seed": 3,
                 "actor_lr": 1e-3, **overrides}
     prompts = [[{"role": "user", "content": f"Give me tip number {i}."}] for i in range(24)]
-    return PPOTrainer(model, tokenizer, PPOConfig(**settings), prompts)
+    return RLTrainer(model, tokenizer, RLConfig(**settings), prompts)
 
 
 def train(trainer) -> list[dict]:
@@ -143,8 +144,8 @@ def test_async_at_staleness_0_is_the_synchronous_run(tiny_model, tokenizer, tmp_
 def test_async_runs_with_fusion(tiny_model, tokenizer, tmp_path):
     # The generator makes its batches with the fused loop (finished rows retire and are scored while the rest
     # decode); through the synchronous schedule that is the synchronous fused run, counts included.
-    sync = train(make_trainer(tiny_model, tokenizer, tmp_path / "sync", fusion=True, num_iterations=2))
-    async_0 = train(make_trainer(tiny_model, tokenizer, tmp_path / "async", fusion=True, num_iterations=2,
+    sync = train(make_trainer(tiny_model, tokenizer, tmp_path / "sync", fusion=True, max_iterations=2))
+    async_0 = train(make_trainer(tiny_model, tokenizer, tmp_path / "async", fusion=True, max_iterations=2,
                                  async_generation=True, max_staleness=0))
     for plain, through_generator in zip(sync, async_0, strict=True):
         for key in (*COMPARED, "fusion/decode_rows_computed", "score/padded_fraction"):
@@ -152,14 +153,15 @@ def test_async_runs_with_fusion(tiny_model, tokenizer, tmp_path):
 
 
 def test_async_needs_an_adapter_policy(tiny_model, tokenizer, tmp_path):
-    from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.config import RLConfig
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="full"))
-    config = PPOConfig(batch_size=4, minibatch_size=4, output_dir=str(tmp_path), async_generation=True)
+    config = RLConfig(batch_size=4, minibatch_size=4, output_dir=str(tmp_path), async_generation=True)
     with pytest.raises(ValueError, match="mode 'full' has no adapter policy. Use mode hydra, j-hydra or lora"):
-        PPOTrainer(model, tokenizer, config, [[{"role": "user", "content": "Hi?"}]] * 8)
+        RLTrainer(model, tokenizer, config, [[{"role": "user", "content": "Hi?"}]] * 8)
 
 
 def test_the_generator_maps_the_learners_base(tiny_model, tokenizer, tmp_path):
@@ -184,7 +186,7 @@ def test_the_generator_maps_the_learners_base(tiny_model, tokenizer, tmp_path):
 def tiny(tiny_model, prompts_file, output) -> list[str]:
     """Flags that shrink a shipped config to the tiny model, one short run."""
     return ["--model_name_or_path", tiny_model, "--lora_layers", "1", "--prompts_path", str(prompts_file),
-            "--eval_prompts_path", "", "--num_iterations", "3", "--max_new_tokens", "5", "--save_every", "0",
+            "--eval_prompts_path", "", "--max_iterations", "3", "--max_new_tokens", "5", "--save_every", "0",
             "--output_dir", str(output)]
 
 
@@ -224,7 +226,7 @@ def test_stop_at_kl_ends_both_async_layouts_at_the_same_iteration(tiny_model, pr
     assert budget > 0
     for name, launcher in (("one", [PYTHON]), ("two", [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2"])):
         output = tmp_path / name
-        flags = [*tiny(tiny_model, prompts_file, output), "--num_iterations", "6", "--stop_at_kl", str(budget)]
+        flags = [*tiny(tiny_model, prompts_file, output), "--max_iterations", "6", "--stop_at_kl", str(budget)]
         run([*launcher, "recipes/ppo.py", *common, *flags], env={"OMP_NUM_THREADS": "1"}, timeout=300)
         stopped = metrics(output)
         assert json.loads((output / "summary.json").read_text())["iterations"] == expected == len(stopped), name
@@ -250,7 +252,7 @@ class FailingMaker(ExperienceMaker):
 @pytest.mark.parametrize("how, message", [("raise", "the generator process failed: RuntimeError: injected failure"),
                                           ("kill", "the generator process died (exit code -9)")])
 def test_a_failing_generator_stops_the_run_with_its_reason(tiny_model, tokenizer, tmp_path, how, message):
-    trainer = make_trainer(tiny_model, tokenizer, tmp_path, async_generation=True, num_iterations=6)
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, async_generation=True, max_iterations=6)
     failing = FailingMaker(**vars(trainer.experience))
     failing.how = how
     trainer.experience = failing
@@ -271,7 +273,7 @@ def wait_for_iterations(process, output, count, deadline=300):
 
 def test_the_generator_ends_when_the_learner_dies(tiny_model, prompts_file, tmp_path):
     output = tmp_path / "run"
-    config = ppo_config(tmp_path / "c.yaml", tiny_model, prompts_file, output, num_iterations=200, save_every=0,
+    config = ppo_config(tmp_path / "c.yaml", tiny_model, prompts_file, output, max_iterations=200, save_every=0,
                         async_generation=True)
     learner = subprocess.Popen([PYTHON, "recipes/ppo.py", "--config", str(config)], cwd=ROOT, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -291,7 +293,7 @@ def test_ctrl_c_then_resume_trains_every_batch_exactly_once(tiny_model, prompts_
     # learner's checkpoint and makes them again; none is trained twice. Counted by batch id over both runs.
     output = tmp_path / "run"
     iterations = 6
-    config = ppo_config(tmp_path / "c.yaml", tiny_model, prompts_file, output, num_iterations=iterations,
+    config = ppo_config(tmp_path / "c.yaml", tiny_model, prompts_file, output, max_iterations=iterations,
                         save_every=0, async_generation=True, max_staleness=2)
     process = subprocess.Popen([PYTHON, "recipes/ppo.py", "--config", str(config)], cwd=ROOT, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -311,7 +313,7 @@ def test_ctrl_c_then_resume_trains_every_batch_exactly_once(tiny_model, prompts_
 
 def test_async_benchmark_on_a_tiny_model(tiny_model, prompts_file, pairs_files, tmp_path):
     out = tmp_path / "async.json"
-    shared = [f"model_name_or_path={tiny_model}", "lora_r=4", "lora_layers=1", "max_new_tokens=5", "num_iterations=2",
+    shared = [f"model_name_or_path={tiny_model}", "lora_r=4", "lora_layers=1", "max_new_tokens=5", "max_iterations=2",
               "batch_size=4", "minibatch_size=4", "num_eval_prompts=4", f"prompts_path={prompts_file}",
               f"eval_prompts_path={prompts_file}"]
     sft = [f"model_name_or_path={tiny_model}", "lora_r=4", "lora_layers=1", f"train_path={pairs_files[0]}",

@@ -20,7 +20,7 @@ def test_demo_pipeline(tiny_model, prompts_file, pairs_files, tmp_path, mode, ob
     ppo.write_text(yaml.safe_dump({
         "model_name_or_path": "replaced-by-the-demo", "mode": "hydra", "lora_r": 4,
         "prompts_path": str(prompts_file), "eval_prompts_path": str(prompts_file), "num_eval_prompts": 6,
-        "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 6, "num_iterations": 2, "save_every": 1,
+        "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 6, "max_iterations": 2, "save_every": 1,
     }))
     output = tmp_path / "demo"
     result = run([PYTHON, "recipes/demo.py", "--sft_config", str(sft), "--ppo_config", str(ppo),

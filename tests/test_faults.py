@@ -33,25 +33,25 @@ def one_line_error(result, *expected: str, code: int = 2) -> str:
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(actor_lr=-0.01), "actor_lr must be > 0, got -0.01"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(critic_lr=0), "critic_lr must be > 0"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(batch_size=0), "batch_size must be at least 1"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(num_eval_prompts=0), "num_eval_prompts must be at least 1"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(top_p=0), "top_p must be in (0, 1]"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(kl_coef=-1), "kl_coef must be >= 0"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(reward_normalization="whiten"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(actor_lr=-0.01), "actor_lr must be > 0, got -0.01"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(critic_lr=0), "critic_lr must be > 0"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(batch_size=0), "batch_size must be at least 1"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(num_eval_prompts=0), "num_eval_prompts must be at least 1"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(top_p=0), "top_p must be in (0, 1]"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(kl_coef=-1), "kl_coef must be >= 0"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(reward_normalization="whiten"),
      "Unknown reward_normalization 'whiten'"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(minibatch_size=32), "must be a multiple of minibatch_size"),
-    (lambda: __import__("hydra_rlhf.config").config.PPOConfig(missing_eos_penalty=1.0, stop_at_eos=False),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(minibatch_size=32), "must be a multiple of minibatch_size"),
+    (lambda: __import__("hydra_rlhf.config").config.RLConfig(missing_eos_penalty=1.0, stop_at_eos=False),
      "missing_eos_penalty needs stop_at_eos"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(learning_rate=-1e-4), "learning_rate must be > 0"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(head_learning_rate=0), "head_learning_rate must be > 0"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(batch_size=0), "batch_size must be at least 1"),
     (lambda: __import__("hydra_rlhf.sft").sft.SFTConfig(max_length=0), "max_length must be at least 1"),
-    (lambda: __import__("hydra_rlhf.model.hydra").hydra_model.ModelConfig(lora_r=0), "lora_r must be > 0"),
-    (lambda: __import__("hydra_rlhf.model.hydra").hydra_model.ModelConfig(dtype="fp8"), "Unknown dtype 'fp8'"),
-    (lambda: __import__("hydra_rlhf.memory.profile").profile.ProfileSettings(batch_size=0), "batch_size"),
-    (lambda: __import__("hydra_rlhf.memory.estimate").estimate.EstimateSettings(batch_size=4, minibatch_size=8),
+    (lambda: __import__("hydra_rlhf.config").config.ModelConfig(lora_r=0), "lora_r must be > 0"),
+    (lambda: __import__("hydra_rlhf.config").config.ModelConfig(dtype="fp8"), "Unknown dtype 'fp8'"),
+    (lambda: __import__("hydra_rlhf.memory.profile").memory.profile.ProfileSettings(batch_size=0), "batch_size"),
+    (lambda: __import__("hydra_rlhf.memory.estimate").memory.estimate.EstimateSettings(batch_size=4, minibatch_size=8),
      "minibatch_size (8) must not exceed batch_size (4)"),
 ])
 def test_impossible_settings_are_refused_before_anything_loads(make, message):
@@ -164,14 +164,14 @@ def test_resume_refuses_other_settings(tiny_model, tmp_path):
     from dataclasses import replace
 
     from hydra_rlhf.checkpoints import record_or_check_run_settings, run_settings
-    from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.model.hydra import HydraModelConfig
+    from hydra_rlhf.config import RLConfig
+    from hydra_rlhf.config import HydraModelConfig
 
     base = tmp_path / "base"
     base.mkdir()
     for name in ("config.json", "model.safetensors"):
         (base / name).write_bytes((Path(tiny_model) / name).read_bytes())
-    model, config = HydraModelConfig(model_name_or_path=str(base), lora_r=4), PPOConfig()
+    model, config = HydraModelConfig(model_name_or_path=str(base), lora_r=4), RLConfig()
     record_or_check_run_settings(tmp_path / "first", run_settings(model, config), resume=True)  # nothing to resume
     assert (tmp_path / "first" / "run_settings.json").is_file()  # ... so it starts, and records its settings
     record_or_check_run_settings(tmp_path, run_settings(model, config), resume=False)
@@ -183,7 +183,7 @@ def test_resume_refuses_other_settings(tiny_model, tmp_path):
         with pytest.raises(ValueError, match=expected):
             record_or_check_run_settings(tmp_path, run_settings(changed, config), resume=True)
     with pytest.raises(ValueError, match="objective was 'ppo', now 'grpo'"):
-        record_or_check_run_settings(tmp_path, run_settings(model, PPOConfig(objective="grpo")), resume=True)
+        record_or_check_run_settings(tmp_path, run_settings(model, RLConfig(objective="grpo")), resume=True)
     with pytest.raises(ValueError, match="optim was 'adamw_torch', now 'adamw_bnb_8bit'"):  # other optimizer states
         record_or_check_run_settings(tmp_path, run_settings(model, replace(config, optim="adamw_bnb_8bit")), resume=True)
     with pytest.raises(ValueError, match="adapter_dtype was 'float32', now 'compute'"):
@@ -229,7 +229,7 @@ def test_the_error_boundary(monkeypatch, capsys):
 
 def ppo_config(path: Path, tiny_model: str, prompts_file: Path, output: Path, **overrides) -> Path:
     config = {"model_name_or_path": tiny_model, "prompts_path": str(prompts_file), "eval_prompts_path": "",
-              "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 4, "num_iterations": 2, "save_every": 1,
+              "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 4, "max_iterations": 2, "save_every": 1,
               "output_dir": str(output), "lora_r": 4, "seed": 5, **overrides}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -288,7 +288,7 @@ def test_resume_skips_a_truncated_checkpoint_and_refuses_other_settings(tiny_mod
                        check=False), "cannot resume", "lora_alpha was 32, now 256")
     one_line_error(run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true", "--mode", "lora"],
                        check=False), "mode was 'hydra', now 'lora'")
-    resumed = run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true", "--num_iterations", "3"])
+    resumed = run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true", "--max_iterations", "3"])
     assert "Skipping checkpoint" in resumed.stderr and "adapter_model.safetensors has 100 bytes" in resumed.stderr
     assert "Resumed from" in resumed.stderr and "iter-000001" in resumed.stderr
     metrics = [json.loads(line)["iteration"] for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -307,7 +307,7 @@ def test_resume_skips_a_truncated_checkpoint_and_refuses_other_settings(tiny_mod
 
 def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(tiny_model, prompts_file, tmp_path):
     output = tmp_path / "run"
-    config = ppo_config(tmp_path / "c.yaml", tiny_model, prompts_file, output, num_iterations=50, save_every=0,
+    config = ppo_config(tmp_path / "c.yaml", tiny_model, prompts_file, output, max_iterations=50, save_every=0,
                         max_new_tokens=8)
     process = subprocess.Popen([PYTHON, "recipes/ppo.py", "--config", str(config)], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -325,7 +325,7 @@ def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(tiny_model, 
     done = len((output / "metrics.jsonl").read_text().splitlines())
     assert (output / "checkpoints" / f"iter-{done:06d}").is_dir()  # saved at the iteration it stopped after
     resumed = run([PYTHON, "recipes/ppo.py", "--config", str(config), "--resume", "true",
-                   "--num_iterations", str(done + 1)])
+                   "--max_iterations", str(done + 1)])
     assert f"iteration {done}" in resumed.stderr
     assert torch.load(output / "checkpoints" / f"iter-{done + 1:06d}" / "trainer_state.pt",
                       weights_only=True)["iteration"] == done + 1
@@ -333,16 +333,17 @@ def test_ctrl_c_finishes_the_iteration_saves_and_says_how_to_resume(tiny_model, 
 
 @pytest.mark.parametrize("save", [True, False])
 def test_save_on_interrupt_decides_whether_ctrl_c_saves(tiny_model, tokenizer, tmp_path, save):
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.errors import Interrupted
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
-    config = PPOConfig(prompts_path="unused", batch_size=4, minibatch_size=4, max_new_tokens=2, save_every=0,
+    config = RLConfig(prompts_path="unused", batch_size=4, minibatch_size=4, max_new_tokens=2, save_every=0,
                        output_dir=str(tmp_path), save_on_interrupt=save)
     prompts = [[{"role": "user", "content": f"Tip {i}?"}] for i in range(8)]
-    trainer = PPOTrainer(model, tokenizer, config, prompts)
+    trainer = RLTrainer(model, tokenizer, config, prompts)
     try:
         trainer.step()
         with pytest.raises(Interrupted, match="after iteration 1 of 20") as stopped:

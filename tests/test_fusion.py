@@ -6,7 +6,10 @@ import torch
 
 from hydra_rlhf.experience import rollout as experience
 from hydra_rlhf.experience.fusion import FusionStats, decode, fused_rollout, sample_next
-from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+from hydra_rlhf.config import HydraModelConfig
+
+
+from hydra_rlhf.model.hydra import HydraModel
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,7 @@ def test_sampling_draws_from_generates_distribution():
 
 
 def test_a_trimmed_micro_batch_gives_the_same_loss_and_gradients(varied_model, tokenizer):
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.objectives import make_objective
     from hydra_rlhf.objectives.functional import RunningMoments
 
@@ -121,7 +124,7 @@ def test_a_trimmed_micro_batch_gives_the_same_loss_and_gradients(varied_model, t
     ids, mask = prompts(tokenizer)
     eos = frequent_tokens(model, ids, mask, tokenizer, 12)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-    objective = make_objective(PPOConfig(batch_size=6, minibatch_size=6))
+    objective = make_objective(RLConfig(batch_size=6, minibatch_size=6))
     batch = objective.targets(fused_rollout(model, ids, mask, kwargs, eos, 1.0, eos[0]), 0.05, RunningMoments())
     short = batch.response_mask.sum(-1).argsort()[:3]  # the three shortest responses: most columns are padding
     results = []
@@ -145,17 +148,17 @@ class _Stats(dict):
 
 @pytest.mark.parametrize("objective", ["ppo", "rloo", "grpo", "online_dpo"])
 def test_every_objective_trains_with_fusion(tiny_model, tokenizer, prompts_file, tmp_path, objective):
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.data import load_prompts
     from hydra_rlhf.layout import FUSED_STAGE, objective_info
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.trainer import RLTrainer
 
     info = objective_info(objective)
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4), critic=info.critic)
-    config = PPOConfig(objective=objective, prompts_path=str(prompts_file), eval_prompts_path=None, batch_size=4,
-                       minibatch_size=4, gradient_accumulation_steps=2, max_new_tokens=6, num_iterations=1,
+    config = RLConfig(objective=objective, prompts_path=str(prompts_file), eval_prompts_path=None, batch_size=4,
+                       minibatch_size=4, gradient_accumulation_steps=2, max_new_tokens=6, max_iterations=1,
                        save_every=0, save_final=False, output_dir=str(tmp_path), fusion=True)
-    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    trainer = RLTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
     try:
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
         metrics = trainer.step()

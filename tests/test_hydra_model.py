@@ -1,4 +1,4 @@
-"""HydraModel invariants, in every mode, on a tiny random model (DESIGN.md, "The four modes")."""
+"""HydraModel invariants, in every mode, on a tiny random model (docs/design.md, "The four modes")."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_rlhf.model.hydra import MODES, HydraModel, HydraModelConfig
+from hydra_rlhf.config import HydraModelConfig
+
+
+from hydra_rlhf.layout import MODES
+
+
+from hydra_rlhf.model.hydra import HydraModel
 
 EXPECTED_COPIES = {"full": 4, "lora": 2, "j-hydra": 1, "hydra": 1}
 
@@ -187,7 +193,7 @@ def test_bad_configs_get_one_line_errors():
         HydraModelConfig(mode="turbo")
     with pytest.raises(ValueError, match="mode 'full' trains every weight"):
         HydraModelConfig(mode="full", quantization="4bit")
-    with pytest.raises(ValueError, match="none, 8bit or 4bit"):
+    with pytest.raises(ValueError, match="Unknown quantization .3bit.: use one of none, 8bit, 4bit"):
         HydraModelConfig(quantization="3bit")
 
 

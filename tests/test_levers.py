@@ -5,7 +5,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+from hydra_rlhf.config import HydraModelConfig
+
+from hydra_rlhf.model.hydra import HydraModel
 from hydra_rlhf.memory.levers import make_optimizer, response_logprobs
 from hydra_rlhf.memory.profiler import LiveTensorBytes
 
@@ -159,18 +161,18 @@ def test_a_run_with_every_cpu_lever_resumes_bit_identically(tiny_model, tokenize
     """8-bit AdamW states go through the checkpoint (torch.load weights_only) and come back exact."""
     import bitsandbytes
 
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.trainer import RLTrainer
 
     prompts = load_prompts(str(prompts_file))[0]
 
     def trainer(output, resume=False):
         model = make(tiny_model, lora_r=64, gradient_checkpointing=True, logprob_chunk_size=8)
-        config = PPOConfig(prompts_path=str(prompts_file), eval_prompts_path=None, batch_size=4, minibatch_size=2,
-                           max_new_tokens=6, num_iterations=3, save_every=1, output_dir=str(output),
+        config = RLConfig(prompts_path=str(prompts_file), eval_prompts_path=None, batch_size=4, minibatch_size=2,
+                           max_new_tokens=6, max_iterations=3, save_every=1, output_dir=str(output),
                            optim="adamw_bnb_8bit", resume=resume, seed=3)
-        return PPOTrainer(model, tokenizer, config, prompts)
+        return RLTrainer(model, tokenizer, config, prompts)
 
     straight = trainer(tmp_path / "straight")
     straight.train()
@@ -197,7 +199,7 @@ def test_the_readme_command_with_levers_and_fusion_runs(tiny_model, prompts_file
     output = tmp_path / "run"
     run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--logprob_chunk_size", "256",
          "--optim", "adamw_bnb_8bit", "--fusion", "true", "--model_name_or_path", tiny_model, "--lora_layers", "1",
-         "--prompts_path", str(prompts_file), "--eval_prompts_path", "", "--num_iterations", "1",
+         "--prompts_path", str(prompts_file), "--eval_prompts_path", "", "--max_iterations", "1",
          "--max_new_tokens", "4", "--save_every", "0", "--output_dir", str(output)])
     summary = json.loads((output / "summary.json").read_text())
     assert "generate+score" in summary["memory"] and "score/padded_fraction" in summary["final_metrics"]

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import PYTHON, run
 from hydra_rlhf.objectives import functional as ppo_math
-from hydra_rlhf.config import PPOConfig
+from hydra_rlhf.config import RLConfig
 from hydra_rlhf.model.hydra import HEADS_FILE
 from hydra_rlhf.layout import MODES, OBJECTIVES, counts, role_plan
 from hydra_rlhf.objectives.base import group_stats
@@ -99,36 +99,37 @@ def test_layout_counts_per_mode_and_objective():
 
 
 def test_config_checks_per_objective():
-    assert PPOConfig(objective="grpo").samples_per_prompt == 4 and PPOConfig().samples_per_prompt == 1
-    assert PPOConfig(objective="online_dpo", batch_size=8, num_samples_per_prompt=4).train_rows == 16  # one pair each
+    assert RLConfig(objective="grpo").samples_per_prompt == 4 and RLConfig().samples_per_prompt == 1
+    assert RLConfig(objective="online_dpo", batch_size=8, num_samples_per_prompt=4).train_rows == 16  # one pair each
     with pytest.raises(ValueError, match="objective rloo compares samples of the same prompt"):
-        PPOConfig(objective="rloo", num_samples_per_prompt=1)
+        RLConfig(objective="rloo", num_samples_per_prompt=1)
     with pytest.raises(ValueError, match="Unknown objective 'ppo2': use one of ppo, rloo, grpo, online_dpo"):
-        PPOConfig(objective="ppo2")
+        RLConfig(objective="ppo2")
     with pytest.raises(ValueError, match="keeps each chosen/rejected pair together"):
-        PPOConfig(objective="online_dpo", batch_size=4, minibatch_size=2, gradient_accumulation_steps=2)
+        RLConfig(objective="online_dpo", batch_size=4, minibatch_size=2, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="the 64 sequences an iteration trains on"):
-        PPOConfig(objective="grpo", batch_size=16, minibatch_size=48)
+        RLConfig(objective="grpo", batch_size=16, minibatch_size=48)
     with pytest.raises(ValueError, match="dpo_beta must be > 0"):
-        PPOConfig(objective="online_dpo", dpo_beta=0)
+        RLConfig(objective="online_dpo", dpo_beta=0)
 
 
 # ------------------------------------------------------------------------------------------------ on a model
 
 
 def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", mode="hydra", **overrides):
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
 
     settings = dict(objective=objective, prompts_path="unused", batch_size=4, minibatch_size=4, max_new_tokens=6,
-                    num_iterations=3, save_every=0, save_final=False, output_dir=str(tmp_path), seed=3,
+                    max_iterations=3, save_every=0, save_final=False, output_dir=str(tmp_path), seed=3,
                     num_samples_per_prompt=2 if objective != "ppo" else 1)
     settings.update(overrides)
-    config = PPOConfig(**settings)
+    config = RLConfig(**settings)
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode=mode, lora_r=4), seed=3,
                                    critic=OBJECTIVES[objective].critic)
     prompts = [[{"role": "user", "content": f"Give me a tip about topic {i}."}] for i in range(16)]
-    return PPOTrainer(model, tokenizer, config, prompts)
+    return RLTrainer(model, tokenizer, config, prompts)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -270,7 +271,7 @@ def test_gradient_accumulation_weights_tokens_like_one_pass(tiny_model, tokenize
 def write_config(path: Path, tiny_model: str, prompts_file: Path, output_dir: Path, **overrides) -> Path:
     config = {"model_name_or_path": tiny_model, "mode": "hydra", "prompts_path": str(prompts_file),
               "eval_prompts_path": str(prompts_file), "num_eval_prompts": 6, "batch_size": 4, "minibatch_size": 4,
-              "max_new_tokens": 6, "num_iterations": 2, "save_every": 1, "output_dir": str(output_dir), "lora_r": 4,
+              "max_new_tokens": 6, "max_iterations": 2, "save_every": 1, "output_dir": str(output_dir), "lora_r": 4,
               "seed": 2, **overrides}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -300,7 +301,7 @@ def test_recipe_runs_every_critic_free_objective(tiny_model, prompts_file, tmp_p
 
 def test_objectives_benchmark_on_a_tiny_model(tiny_model, prompts_file, pairs_files, tmp_path):
     out = tmp_path / "objectives.json"
-    shared = ["--set", "lora_r=4", "--set", "lora_layers=1", "--set", "num_iterations=1", "--set", "max_new_tokens=4", "--set",
+    shared = ["--set", "lora_r=4", "--set", "lora_layers=1", "--set", "max_iterations=1", "--set", "max_new_tokens=4", "--set",
               "num_eval_prompts=4", "--set", "save_every=0", "--set", f"prompts_path={prompts_file}",
               "--set", f"eval_prompts_path={prompts_file}"]
     result = run([PYTHON, "benchmarks/objectives.py", "--objectives", "ppo,grpo", "--sft", str(tmp_path / "sft"),

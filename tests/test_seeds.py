@@ -10,7 +10,7 @@ from conftest import PYTHON, run
 
 def test_seed_sweep_on_a_tiny_model(tiny_model, prompts_file, pairs_files, tmp_path):
     out = tmp_path / "seeds.json"
-    rl = {"lora_r": 4, "lora_layers": 1, "num_iterations": 2, "max_new_tokens": 4, "num_eval_prompts": 6,
+    rl = {"lora_r": 4, "lora_layers": 1, "max_iterations": 2, "max_new_tokens": 4, "num_eval_prompts": 6,
           "save_every": 0, "prompts_path": prompts_file, "eval_prompts_path": prompts_file, "actor_lr": 3e-3}
     sft = {"model_name_or_path": tiny_model, "lora_r": 4, "lora_layers": 1, "train_path": pairs_files[0],
            "eval_path": pairs_files[1], "max_train_pairs": 16}

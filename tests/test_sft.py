@@ -45,7 +45,10 @@ def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.config import HydraModelConfig
+
+
+    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel
 
     output, _ = hydra_checkpoint
     assert not (output / "adapter_config.json").exists()  # LoRA merged: a plain model directory
@@ -69,7 +72,10 @@ def test_checkpoints_with_the_heads_at_the_top_still_load(hydra_checkpoint, tmp_
     """Checkpoints written before the heads moved to hydra/heads.safetensors keep loading."""
     import shutil
 
-    from hydra_rlhf.model.hydra import HEADS_FILE, LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.config import HydraModelConfig
+
+
+    from hydra_rlhf.model.hydra import HEADS_FILE, LEGACY_HEADS_FILE, HydraModel
 
     output, _ = hydra_checkpoint
     legacy = tmp_path / "legacy"
@@ -84,7 +90,9 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.config import HydraModelConfig
+
+    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel
     from hydra_rlhf.sft import HydraSFTModel, SFTConfig, collate, encode_pairs
 
     output, _ = hydra_checkpoint
@@ -105,7 +113,7 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_gradient_checkpointing_gives_the_same_sft_gradients(tiny_model, tokenizer, finetune):
-    from hydra_rlhf.model.hydra import ModelConfig
+    from hydra_rlhf.config import ModelConfig
     from hydra_rlhf.sft import SFTConfig, build_sft_model, collate, encode_pairs, sft_loss
 
     pair = one_pair()
@@ -145,7 +153,7 @@ def test_reward_head_refit_reaches_the_logistic_optimum():
 def test_plain_objectives(tiny_model, pairs_files, tmp_path):
     for objective in ("sft", "reward"):
         output = tmp_path / objective
-        run(sft_args(tiny_model, pairs_files, output, "--objective", objective, "--max_train_pairs", "16"))
+        run(sft_args(tiny_model, pairs_files, output, "--sft_objective", objective, "--max_train_pairs", "16"))
         history = [json.loads(line) for line in (output / "sft_history.jsonl").read_text().splitlines()]
         assert len(history) == 2  # 16 pairs / batch 8, one epoch
         assert json.loads((output / "sft_summary.json").read_text())["objective"] == objective

@@ -18,7 +18,7 @@ def write_config(path: Path, tiny_model: str, prompts_file: Path, output_dir: Pa
     config = {
         "model_name_or_path": tiny_model, "mode": "hydra", "prompts_path": str(prompts_file),
         "eval_prompts_path": str(prompts_file), "num_eval_prompts": 8, "batch_size": 4, "minibatch_size": 2,
-        "max_new_tokens": 8, "num_iterations": 2, "save_every": 1, "output_dir": str(output_dir),
+        "max_new_tokens": 8, "max_iterations": 2, "save_every": 1, "output_dir": str(output_dir),
         "lora_r": 4, "seed": 1,
     }
     config.update(overrides)
@@ -70,7 +70,7 @@ def test_ppo_recipe_writes_everything(tiny_model, prompts_file, tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_identical(tiny_model, prompts_file, tmp_path):
-    settings = dict(num_iterations=4, eval_prompts_path="", kl_controller="adaptive", reward_normalization="running")
+    settings = dict(max_iterations=4, eval_prompts_path="", kl_controller="adaptive", reward_normalization="running")
     straight = tmp_path / "straight"
     run([PYTHON, "recipes/ppo.py", "--config",
          str(write_config(tmp_path / "a.yaml", tiny_model, prompts_file, straight, **settings))])
@@ -102,7 +102,7 @@ def test_stop_at_kl_ends_the_run_where_the_kl_budget_is_spent(tiny_model, prompt
     settings = dict(eval_prompts_path="", save_every=0, actor_lr=3e-3)
     fixed = tmp_path / "fixed"
     run([PYTHON, "recipes/ppo.py", "--config",
-         str(write_config(tmp_path / "a.yaml", tiny_model, prompts_file, fixed, num_iterations=4, **settings))])
+         str(write_config(tmp_path / "a.yaml", tiny_model, prompts_file, fixed, max_iterations=4, **settings))])
     kls = kl_history(fixed)
     window_means = {i: (kls[i - 2] + kls[i - 1]) / 2 for i in (2, 3, 4)}  # the default window: 2 iterations
     budget = max(window_means[2], window_means[3]) * (1 - 1e-6)
@@ -110,7 +110,7 @@ def test_stop_at_kl_ends_the_run_where_the_kl_budget_is_spent(tiny_model, prompt
     assert expected < 4 and budget > 0
 
     stopped = tmp_path / "stopped"
-    config = write_config(tmp_path / "b.yaml", tiny_model, prompts_file, stopped, num_iterations=6,
+    config = write_config(tmp_path / "b.yaml", tiny_model, prompts_file, stopped, max_iterations=6,
                           stop_at_kl=budget, **settings)
     result = run([PYTHON, "recipes/ppo.py", "--config", str(config)])
     assert "reached stop_at_kl" in result.stderr
@@ -142,16 +142,17 @@ def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_pat
 
 
 def test_nonfinite_rewards_skip_updates_then_stop(tiny_model, tokenizer, prompts_file, tmp_path):
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
     from hydra_rlhf.checkpoints import latest_intact_checkpoint as latest_checkpoint
-    from hydra_rlhf.trainer import NonFiniteError, PPOTrainer
+    from hydra_rlhf.trainer import NonFiniteError, RLTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
-    config = PPOConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=4,
-                       num_iterations=10, save_every=1, output_dir=str(tmp_path), max_nonfinite_in_a_row=2)
-    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    config = RLConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=4,
+                       max_iterations=10, save_every=1, output_dir=str(tmp_path), max_nonfinite_in_a_row=2)
+    trainer = RLTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
     try:
         trainer.step()
         assert latest_checkpoint(tmp_path).name == "iter-000001"
@@ -196,15 +197,16 @@ def test_left_pad_to_the_longest_or_to_a_fixed_length():
 
 def test_prompts_padded_to_max_length_give_fixed_shapes(tiny_model, tokenizer, prompts_file, tmp_path):
     # What `hydra-rlhf profile` relies on: every rollout is exactly max_prompt_length + max_new_tokens wide.
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
-    config = PPOConfig(prompts_path=str(prompts_file), batch_size=2, minibatch_size=2, max_new_tokens=3,
+    config = RLConfig(prompts_path=str(prompts_file), batch_size=2, minibatch_size=2, max_new_tokens=3,
                        stop_at_eos=False, max_prompt_length=80, pad_prompts_to_max_length=True, output_dir=str(tmp_path))
-    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    trainer = RLTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
     try:
         ids, mask = trainer.experience.prompts(0)
     finally:
@@ -219,7 +221,7 @@ def test_every_shipped_rl_config_runs(tiny_model, prompts_file, tmp_path, config
     # the objective's batch arithmetic holds, and the run ends with the objective the file names.
     output = tmp_path / "run"
     run([PYTHON, "recipes/ppo.py", "--config", f"recipes/configs/{config}", "--model_name_or_path", tiny_model,
-         "--lora_layers", "1", "--prompts_path", str(prompts_file), "--eval_prompts_path", "", "--num_iterations", "1",
+         "--lora_layers", "1", "--prompts_path", str(prompts_file), "--eval_prompts_path", "", "--max_iterations", "1",
          "--max_new_tokens", "4", "--save_every", "0", "--output_dir", str(output)])
     summary = json.loads((output / "summary.json").read_text())
     assert summary["objective"] == yaml.safe_load((ROOT / "recipes" / "configs" / config).read_text())["objective"]
@@ -231,10 +233,11 @@ def test_stop_at_eos_decides_where_a_response_ends(tiny_model, tokenizer, prompt
     # An EOS logit boosted so that EOS is sampled early in most rows. With stop_at_eos a response ends at its first
     # EOS; without it no token ends a response: it runs to the cap and every token counts (as the vLLM engine
     # gives it, which is told of no EOS then).
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.data import load_prompts
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
-    from hydra_rlhf.trainer import PPOTrainer
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
 
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))
     eos = tokenizer.eos_token_id
@@ -245,9 +248,9 @@ def test_stop_at_eos_decides_where_a_response_ends(tiny_model, tokenizer, prompt
 
     for base in model.bases.values():
         base.get_output_embeddings().register_forward_hook(boost_eos)
-    config = PPOConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=6,
+    config = RLConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=4, max_new_tokens=6,
                        stop_at_eos=stop_at_eos, output_dir=str(tmp_path))
-    trainer = PPOTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    trainer = RLTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
     try:
         rollout = trainer.experience.make(trainer.model, 0)
     finally:

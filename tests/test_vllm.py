@@ -27,18 +27,19 @@ def test_without_vllm_the_recipe_says_how_to_install_it(tiny_model, prompts_file
 
 
 def test_settings_vllm_cannot_serve_are_refused_with_one_line():
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
 
     with pytest.raises(ValueError, match="Unknown generation_backend 'sglang'"):
-        PPOConfig(generation_backend="sglang")
+        RLConfig(generation_backend="sglang")
     with pytest.raises(ValueError, match="fusion and generation_backend vllm"):
-        PPOConfig(generation_backend="vllm", fusion=True)
+        RLConfig(generation_backend="vllm", fusion=True)
     with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
-        PPOConfig(generation_backend="vllm", vllm_gpu_memory_utilization=1.5)
+        RLConfig(generation_backend="vllm", vllm_gpu_memory_utilization=1.5)
 
 
 def test_a_policy_without_an_adapter_cannot_be_served(tiny_model):
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
     from hydra_rlhf.experience.vllm_engine import policy_adapter
 
     hydra = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model))
@@ -54,8 +55,9 @@ def test_a_checkpoint_with_its_heads_at_the_top_is_named_with_the_move_that_fixe
 
     from safetensors.torch import save_file
 
-    from hydra_rlhf.config import PPOConfig
-    from hydra_rlhf.model.hydra import LEGACY_HEADS_FILE, HydraModel, HydraModelConfig
+    from hydra_rlhf.config import RLConfig
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import LEGACY_HEADS_FILE, HydraModel
     from hydra_rlhf.experience.vllm_engine import VLLMEngine
 
     old = tmp_path / "old-sft"
@@ -63,7 +65,7 @@ def test_a_checkpoint_with_its_heads_at_the_top_is_named_with_the_move_that_fixe
     save_file({"reward_head.weight": torch.zeros(1, 64), "reward_head.bias": torch.zeros(1)}, old / LEGACY_HEADS_FILE)
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(old)))
     with pytest.raises(ValueError, match=r"written before the heads moved to hydra/heads.safetensors.*mkdir .* && mv"):
-        VLLMEngine.for_model(model, PPOConfig(generation_backend="vllm"), [2], 2)
+        VLLMEngine.for_model(model, RLConfig(generation_backend="vllm"), [2], 2)
 
 
 # ---------------------------------------------------------------------------------------------- with vLLM
@@ -108,16 +110,17 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from hydra_rlhf.config import PPOConfig
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.data import encode_prompts
-    from hydra_rlhf.model.hydra import HydraModel, HydraModelConfig
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
     from hydra_rlhf.model.loading import load_tokenizer
     from hydra_rlhf.experience.rollout import eos_token_ids
     from hydra_rlhf.experience.vllm_engine import VLLMEngine
 
     tokenizer = load_tokenizer(str(sft_checkpoint))
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(sft_checkpoint), lora_r=4), critic=False)
-    config = PPOConfig(objective="rloo", batch_size=2, num_samples_per_prompt=2, minibatch_size=4, max_new_tokens=6,
+    config = RLConfig(objective="rloo", batch_size=2, num_samples_per_prompt=2, minibatch_size=4, max_new_tokens=6,
                        seed=3)
     eos = eos_token_ids(tokenizer, model)
     from typing import get_args
@@ -226,7 +229,7 @@ def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint,
 @pytest.mark.vllm
 def test_the_benchmark_compares_the_two_samplers_on_one_checkpoint(sft_checkpoint, prompts_file, tmp_path):
     out = tmp_path / "vllm.json"
-    rl = {"lora_layers": 1, "num_iterations": 2, "stop_at_kl": "None", "max_new_tokens": 4, "num_eval_prompts": 4,
+    rl = {"lora_layers": 1, "max_iterations": 2, "stop_at_kl": "None", "max_new_tokens": 4, "num_eval_prompts": 4,
           "save_every": 0, "prompts_path": prompts_file, "eval_prompts_path": prompts_file, "actor_lr": 3e-3}
     result = run([PYTHON, "benchmarks/vllm_engine.py", "--sft", str(sft_checkpoint), "--output_dir", str(tmp_path),
                   "--json", str(out), *[f for k, v in rl.items() for f in ("--set", f"{k}={v}")]])
@@ -258,7 +261,7 @@ def test_the_demo_samples_with_vllm(prompts_file, pairs_files, tmp_path):
     ppo.write_text(yaml.safe_dump({
         "model_name_or_path": "replaced-by-the-demo", "mode": "hydra", "lora_r": 4, "prompts_path": str(prompts_file),
         "eval_prompts_path": str(prompts_file), "num_eval_prompts": 6, "batch_size": 4, "minibatch_size": 4,
-        "max_new_tokens": 6, "num_iterations": 2, "save_every": 0}))
+        "max_new_tokens": 6, "max_iterations": 2, "save_every": 0}))
     output = tmp_path / "demo"
     result = run([PYTHON, "recipes/demo.py", "--sft_config", str(sft), "--ppo_config", str(ppo), "--output_dir",
                   str(output), "--generation_backend", "vllm"])

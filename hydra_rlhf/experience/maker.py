@@ -25,7 +25,7 @@ def no_stage(name: str):
 @dataclass
 class ExperienceMaker:
     prompt_ids: list[list[int]]  # this process's prompts, tokenized
-    config: object  # the PPOConfig
+    config: object  # the RLConfig
     generation_kwargs: dict
     eos_token_ids: list[int]  # every token that ends a response
     eos_token_id: int  # the tokenizer's EOS, where the reward head reads a cut-off response

@@ -243,7 +243,7 @@ def load_preset(name: str) -> ModelShape:
 class EstimateSettings(Levers):
     """One PPO iteration's shape. Defaults describe a GPU run (bf16); for a CPU run use device cpu, dtype fp32."""
 
-    mode: str = "hydra"  # full | lora | j-hydra | hydra (DESIGN.md, "The four modes")
+    mode: str = "hydra"  # full | lora | j-hydra | hydra (docs/design.md, "The four modes")
     objective: str = "ppo"  # ppo (critic) | rloo | grpo | online_dpo (critic-free: no critic adapter, value head)
     quant: str = "none"  # frozen base precision: none | 8bit | 4bit (bitsandbytes; NF4 with double quant)
     batch_size: int = 8  # sequences generated per iteration (B = prompts x samples per prompt)

@@ -29,33 +29,7 @@ if TYPE_CHECKING:  # torch loads when a lever runs: ``hydra-rlhf estimate`` read
     import torch
     from torch import nn
 
-OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # the names transformers' TrainingArguments.optim uses
-ADAPTER_DTYPES = ("float32", "compute")
-ALL_ON_CHUNK_SIZE = 256  # tokens per log-prob chunk when every lever is on: 256 x a 128k vocabulary is 128 MiB of fp32 logits
-
-
-@dataclass
-class Levers:
-    """The four levers, as ``hydra-rlhf profile`` and ``estimate`` take them (the recipes read the same keys from
-    HydraModelConfig and PPOConfig). Defaults: all off."""
-
-    logprob_chunk_size: int = 0
-    optim: str = "adamw_torch"
-    activation_offload: bool = False
-    adapter_dtype: str = "float32"
-
-    def check_levers(self) -> None:
-        from ..errors import check_choice, check_positive
-
-        check_positive(self, "logprob_chunk_size", allow_zero=True)
-        check_choice("optim", self.optim, OPTIMIZERS)
-        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
-
-    def levers(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(Levers)}
-
-
-ALL_ON = Levers(ALL_ON_CHUNK_SIZE, "adamw_bnb_8bit", True, "compute")
+from ..config import ADAPTER_DTYPES, ALL_ON, ALL_ON_CHUNK_SIZE, OPTIMIZERS, Levers, check_adapter_dtype  # noqa: F401
 
 
 def add_lever_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,9 +133,7 @@ def adapter_torch_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
     check_choice("adapter_dtype", name, ADAPTER_DTYPES)
     if name == "float32" or compute_dtype == torch.float32:
         return torch.float32
-    if compute_dtype == torch.float16:
-        raise ValueError("adapter_dtype compute with a float16 base (a T4) would train fp16 weights without loss "
-                         "scaling; keep adapter_dtype float32 there.")
+    check_adapter_dtype(name, str(compute_dtype).removeprefix("torch."))
     return compute_dtype
 
 

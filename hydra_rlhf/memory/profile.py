@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..model.hydra import HydraModel, HydraModelConfig
+from ..config import HydraModelConfig
+
+from ..model.hydra import HydraModel
 from ..errors import check_at_least_one
 from ..layout import MODES, objective_info
 from .levers import Levers
@@ -57,8 +59,8 @@ class ProfileSettings(Levers):
 
 def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accelerator, objective: str = "ppo") -> dict:
     """Run ``settings.iterations`` iterations of ``objective`` in ``mode``; return its memory and invariants."""
-    from ..config import PPOConfig
-    from ..trainer import PPOTrainer
+    from ..config import RLConfig
+    from ..trainer import RLTrainer
 
     model_config = HydraModelConfig(model_name_or_path=settings.model, mode=mode, quantization=settings.quantization,
                                     gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r,
@@ -67,17 +69,17 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
     with tempfile.TemporaryDirectory() as scratch:
         info = objective_info(objective)
         k = info.default_samples_per_prompt
-        ppo_config = PPOConfig(
+        ppo_config = RLConfig(
             objective=objective, num_samples_per_prompt=k, prompts_path=settings.prompts, eval_prompts_path=None,
             batch_size=settings.batch_size // k, minibatch_size=info.train_rows(settings.batch_size // k, k), max_prompt_length=settings.prompt_len,
             pad_prompts_to_max_length=True, max_new_tokens=settings.gen_len,
-            stop_at_eos=False, num_iterations=settings.iterations, ppo_epochs=1, save_every=0, save_final=False,
+            stop_at_eos=False, max_iterations=settings.iterations, num_epochs=1, save_every=0, save_final=False,
             output_dir=scratch, seed=settings.seed, optim=settings.optim, profile_memory=settings.measure_memory,
             fusion=settings.fusion,
         )
         model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed, critic=info.critic)
         fingerprint = model.frozen_fingerprint()
-        trainer = PPOTrainer(model, tokenizer, ppo_config, prompts, accelerator)
+        trainer = RLTrainer(model, tokenizer, ppo_config, prompts, accelerator)
         started = time.perf_counter()
         for _ in range(settings.iterations):
             trainer.step()

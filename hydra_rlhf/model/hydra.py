@@ -1,6 +1,6 @@
 """HydraModel: one base model as policy, reference, reward model and critic.
 
-Four modes, one code path (see DESIGN.md, "The four modes"). Each mode is a *role plan*, read from
+Four modes, one code path (docs/design.md, "The four modes"). Each mode is a *role plan*, read from
 ``layout.role_plan``: for every role, which base model serves it and which adapter is active there. Everything
 else - switching, scoring, saving - reads the plan, so the memory comparison between modes compares layouts,
 not implementations. Critic-free objectives (RLOO, GRPO, online DPO) get the plan without the critic role: no
@@ -22,22 +22,20 @@ import json
 import logging
 import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import check_choice, check_positive
-from ..memory.levers import ADAPTER_DTYPES, activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
-from ..layout import FROZEN_ROLES, FULL, MODES, ROLES, TRAINABLE_ROLES, adapter_names, base_names, check_mode, role_plan
+from ..config import DTYPES, HydraModelConfig, ModelConfig
+from ..memory.levers import activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
+from ..layout import FROZEN_ROLES, FULL, ROLES, TRAINABLE_ROLES, adapter_names, base_names, role_plan
 from ..memory.profiler import storage_bytes
 from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
-          "fp16": "float16"}
 # The reward head (and value head) of a Hydra-SFT or RL checkpoint. In a subfolder: serving engines (vLLM, TGI)
 # load every top-level *.safetensors of a model directory as its weights, and a Hydra-SFT checkpoint must load
 # there as the plain causal LM it is. Checkpoints written before kept it at the top (LEGACY_HEADS_FILE).
@@ -61,71 +59,6 @@ def pool_response(hidden: torch.Tensor, response_mask: torch.Tensor, pooling: st
         total = (hidden * weights).sum(1)
         return total if pooling == "sum" else total / weights.sum(1).clamp(min=1)
     raise ValueError(f"Unknown reward pooling {pooling!r}: use one of {', '.join(REWARD_POOLINGS)}.")
-
-
-@dataclass
-class ModelConfig:
-    """How to load a base model and its adapters. Shared by the SFT and PPO recipes."""
-
-    model_name_or_path: str = field(
-        default="smollm2-135m",
-        metadata={"help": "Base model: a bundled short name (smollm2-135m), a local directory or a hub id. For PPO, "
-                  "the Hydra-SFT checkpoint (its reward head is read from hydra/heads.safetensors)."},
-    )
-    quantization: str = field(
-        default="none", metadata={"help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."}
-    )
-    dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout. 0 keeps PPO's ratios exact."})
-    lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a comma-separated list."}
-    )
-    lora_layers: int | None = field(
-        default=None, metadata={"help": "LoRA on the top N decoder layers only (default: all). Backward then stops "
-                                "N layers down, which makes every training step cheaper."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    adapter_dtype: str = field(default="float32", metadata={
-        "help": "LoRA weights in float32, or in the base's compute dtype ('compute': bf16 on a GPU): half the "
-                "adapter, gradient and optimizer bytes. Refused with a float16 base (see hydra_rlhf/memory/levers.py)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
-
-    def __post_init__(self):
-        if self.quantization not in ("none", "8bit", "4bit"):
-            raise ValueError(f"Unknown quantization {self.quantization!r}: use none, 8bit or 4bit.")
-        check_choice("dtype", self.dtype, ("auto", *DTYPES))
-        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
-        check_positive(self, "lora_r", "lora_alpha", "lora_layers")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-
-
-@dataclass
-class HydraModelConfig(ModelConfig):
-    """A ModelConfig plus the PPO layout: which mode, and the separate reward model of the baselines."""
-
-    mode: str = field(default="hydra", metadata={"help": f"Model layout, one of {MODES} (see DESIGN.md)."})
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
-    )
-    logprob_chunk_size: int = field(default=0, metadata={
-        "help": "Compute log-probs over chunks of this many response tokens, recomputed in backward, so the "
-                "(batch, tokens, vocabulary) logits never exist whole (0: whole logits). Same results."})
-    activation_offload: bool = field(default=False, metadata={
-        "help": "CUDA: keep what the training forward saves for backward (with gradient checkpointing, each "
-                "layer's input) in pinned host memory until backward needs it. No effect on CPU."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_mode(self.mode)
-        check_positive(self, "logprob_chunk_size", allow_zero=True)
-        if self.mode == "full" and self.quantization != "none":
-            raise ValueError(
-                f"mode 'full' trains every weight, which a {self.quantization} base cannot do; "
-                "use quantization 'none', or mode lora / j-hydra / hydra."
-            )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

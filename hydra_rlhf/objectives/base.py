@@ -4,7 +4,7 @@ clipped-ratio policy term of PPO, RLOO and GRPO.
 An objective does two things. In stage 4 (``targets``) it turns a scored ``Rollout`` (reference log-probs and
 reward from the adapters-off pass, behaviour log-probs from the actor) into what it learns from: advantages,
 or chosen/rejected pairs. In stage 5 (``loss``) it gives the loss of one micro-batch of those targets. The
-learner (``PPOTrainer.learn``) runs epochs x minibatches and owns the optimizer; the objective never steps it.
+learner (``RLTrainer.learn``) runs epochs x minibatches and owns the optimizer; the objective never steps it.
 """
 
 from __future__ import annotations
