@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,73 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     models.bundled_model_dir()
     assert models.conversion_is_valid(directory)
     print(f"conversion {first:.1f} s, cached load check {second:.1f} s")
+
+
+# ------------------------------------------------------------------------------- random-initialised presets
+
+
+def tiny_preset(tmp_path, **overrides):
+    """A preset-like config.json of a tiny Llama (the bundled tokenizer's vocabulary, as a Llama 3 preset has
+    more than it)."""
+    config = json.loads((models.PRESET_DIR / "llama-3.2-1b.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=49160)
+    config.update(overrides)
+    path = tmp_path / "tiny-llama.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_random_preset_builds_its_shape_without_weights(tmp_path):
+    from transformers import AutoConfig
+
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+
+    name = f"random:{tiny_preset(tmp_path)}"
+    directory = models.resolve_model(name)
+    assert models.is_random_model(directory)
+    assert not [p for p in Path(directory).iterdir() if p.suffix in (".safetensors", ".bin")]
+    tokenizer = models.load_tokenizer(name)
+    config = AutoConfig.from_pretrained(directory)
+    assert (config.vocab_size, config.eos_token_id) == (49160, tokenizer.eos_token_id)
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first, second = models.load_causal_lm(name), models.load_causal_lm(name)
+    assert torch.equal(torch.rand(3), before)  # the caller's random state is untouched
+    assert first.get_input_embeddings().weight.shape == (49160, 64)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=name, mode="hydra"))
+    ids = torch.tensor([[tokenizer.bos_token_id or 1, 5, 6, 7]])
+    with model.role("policy") as policy:
+        logits = policy(input_ids=ids).logits
+    assert logits.shape == (1, 4, 49160) and torch.isfinite(logits).all()
+
+
+def test_random_preset_quantizes_through_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = models.load_causal_lm(f"random:{tiny_preset(tmp_path)}", quantization="4bit")
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and model.is_loaded_in_4bit
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_random_preset_errors_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match="Unknown preset 'llama-9'.*llama-3.2-1b"):
+        models.resolve_model("random:llama-9")
+    with pytest.raises(ValueError, match="vocab_size 1000 is smaller than the bundled tokenizer's"):
+        models.resolve_model(f"random:{tiny_preset(tmp_path, vocab_size=1000)}")
+
+
+def test_llama_3_2_1b_preset_has_the_real_shape(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(models.resolve_model("random:llama-3.2-1b"))
+    with torch.device("meta"):  # the shape, without the weights
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B's published count

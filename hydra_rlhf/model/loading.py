@@ -26,6 +26,9 @@ from ..errors import HubUnreachable
 logger = logging.getLogger(__name__)
 
 MANIFEST = "hydra_conversion.json"
+RANDOM_MARKER = "hydra_random_init.json"  # beside a random preset's config: "build me from the config, no weights"
+RANDOM_PREFIX = "random:"
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 MANIFEST_FILE = "hydra_manifest.json"  # what HydraModel.save_pretrained writes beside adapters and heads
 WEIGHTS = "model.safetensors"
 
@@ -61,11 +64,14 @@ def cache_root() -> Path:
 def resolve_model(name_or_path: str) -> str:
     """Turn a short name, a local path or a hub id into something ``from_pretrained`` accepts.
 
-    Short names (``smollm2-135m``) are converted once and cached; local paths pass through; anything shaped
-    like ``org/name`` is treated as a hub id (downloads need the network; nothing of ours needs it).
+    Short names (``smollm2-135m``) are converted once and cached; ``random:<preset>`` names a random-initialised
+    model of a preset's shape (:func:`random_model_dir`); local paths pass through; anything shaped like
+    ``org/name`` is treated as a hub id (downloads need the network; nothing of ours needs it).
     """
     if name_or_path in BUNDLED_MODELS:
         return str(bundled_model_dir(name_or_path))
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return str(random_model_dir(name_or_path[len(RANDOM_PREFIX):]))
     path = Path(name_or_path).expanduser()
     if path.exists():
         _check_is_a_model(path)
@@ -292,6 +298,8 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
+    if is_random_model(path):
+        return random_causal_lm(path, dtype=dtype, quantization=quantization, device=device)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     bnb = quantization_config(quantization, compute_dtype=dtype)
     if bnb is not None:
@@ -356,3 +364,83 @@ def tiny_model_dir(seed: int = 0, hidden_size: int = 64, num_hidden_layers: int 
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return target
+
+
+# --------------------------------------------------------------------------------- random-initialised presets
+
+
+def random_model_dir(spec: str) -> Path:
+    """The directory ``random:<spec>`` stands for: a model of a preset's shape with random weights, for memory and
+    speed checks of models whose weights are not here (``random:llama-3.1-8b``). ``spec`` is a preset name
+    (``hydra_rlhf/presets/<spec>.json``) or the path of a Llama-style config.json.
+
+    The directory holds the config, the bundled SmolLM2 tokenizer and a marker, and no weights: every loader
+    that reads a config or a tokenizer (context checks, tokenizer, run fingerprints) reads it as usual, and
+    :func:`load_causal_lm` builds the weights on the target device. The tokenizer keeps its 49k ids while the
+    model keeps the preset's vocabulary (128k for Llama 3): ids above the tokenizer's are never produced by it
+    and only sampled, which is harmless for a memory or speed check; the config's special token ids are set to
+    the tokenizer's so generation stops and pads as it does for the bundled model.
+    """
+    source = Path(spec).expanduser() if spec.endswith(".json") else PRESET_DIR / f"{spec}.json"
+    if not source.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+        raise ValueError(f"Unknown preset {spec!r} in {RANDOM_PREFIX}{spec}: use one of {known}, or the path of a "
+                         "config.json.")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
+    config = json.loads(source.read_text())
+    if config.get("vocab_size", 0) < len(tokenizer):
+        raise ValueError(f"{RANDOM_PREFIX}{spec}: its vocab_size {config.get('vocab_size')} is smaller than the bundled "
+                         f"tokenizer's {len(tokenizer)}, so token ids would fall outside its embedding.")
+    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_root() / "random" / f"{source.stem}-{key}"
+    if (target / RANDOM_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".random-", dir=target.parent))
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(staging)
+    (staging / RANDOM_MARKER).write_text(json.dumps({"source": str(source), "weights": "random (seed 0)"}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def is_random_model(path: str | Path) -> bool:
+    return (Path(path) / RANDOM_MARKER).is_file()
+
+
+def random_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, quantization: str | None = None,
+                     device: str | torch.device | None = None):
+    """Random weights of the shape in ``path``'s config, made directly on ``device`` (nothing read, nothing
+    downloaded), and quantized where asked. Seeded, so every load gives the same weights (full mode loads its
+    base four times), without touching the caller's random state (adapter initialisation follows).
+
+    Quantization goes through ``from_pretrained`` with the random weights as its state dict, so bitsandbytes
+    quantizes them as it would a checkpoint's: the model is the same kind of object either way. The
+    full-precision weights exist briefly beside the quantized ones (16 GB for an 8B model in bf16)."""
+    import gc
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    device = torch.device(device or "cpu")
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type), device:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    bnb = quantization_config(quantization, compute_dtype=dtype)
+    if bnb is None:
+        return model
+    state, model_class = model.state_dict(), type(model)
+    del model
+    quantized = model_class.from_pretrained(None, config=config, state_dict=state, quantization_config=bnb,
+                                            device_map={"": str(device)}, dtype=dtype)
+    del state
+    gc.collect()
+    if device.type == "cuda":  # give the full-precision weights back, or they stay in the reserved pool
+        torch.cuda.empty_cache()
+    return quantized
