@@ -31,13 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from objectives import EQUAL_BUDGET, as_flags, ensure_sft, quality, write_json  # noqa: E402
-
-from hydra_rlhf.memory.profiler import format_bytes, process_tree_pss, torch_shared_bytes, wide_console  # noqa: E402
+from hydra_rlhf.evaluate import quality
+from hydra_rlhf.experiments import EQUAL_BUDGET, ROOT, as_flags, cuda_available, ensure_sft, write_json
+from hydra_rlhf.memory.profiler import format_bytes, process_tree_pss, torch_shared_bytes, wide_console
 
 SPEED_TARGET = 1 / 0.75  # async takes at least 25% less time
 DPO_TOLERANCE = 0.05  # online DPO at staleness 1 within this much gold of its synchronous run
@@ -182,7 +178,8 @@ def main(argv=None) -> int:
     args.staleness = [int(s) for s in args.staleness.split(",") if s]
     flags = as_flags(args.set)
     ensure_sft(args.sft, args.sft_config, as_flags(args.sft_set))
-    results = {"machine": f"{os.cpu_count()} CPU cores" if not _cuda() else "cuda", "speed": {}, "robustness": {}}
+    machine = "cuda" if cuda_available() else f"{os.cpu_count()} CPU cores"
+    results = {"machine": machine, "speed": {}, "robustness": {}}
     if not args.skip_speed:
         rows = results["speed"] = speed(args, flags)
         if {"sync", "async"} <= set(rows):
@@ -200,12 +197,6 @@ def main(argv=None) -> int:
     print_tables(results)
     write_json(args.json, results)
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def print_tables(results: dict) -> None:

@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra_rlhf.experience import rollout as experience  # noqa: E402
-from hydra_rlhf.data import encode_prompts, left_pad, load_prompts  # noqa: E402
-from hydra_rlhf.experience.fusion import FusionStats, fused_rollout  # noqa: E402
-from hydra_rlhf.config import HydraModelConfig  # noqa: E402
-from hydra_rlhf.model.hydra import HydraModel  # noqa: E402
-from hydra_rlhf.memory.profiler import LiveTensorBytes, format_bytes  # noqa: E402
-from hydra_rlhf.model.loading import load_tokenizer  # noqa: E402
-from hydra_rlhf.experience.rollout import eos_token_ids  # noqa: E402
+from hydra_rlhf.experience import stages as experience
+from hydra_rlhf.data import encode_prompts, left_pad, load_prompts
+from hydra_rlhf.experience.fusion import FusionStats, fused_rollout
+from hydra_rlhf.config import HydraModelConfig
+from hydra_rlhf.model.hydra import HydraModel
+from hydra_rlhf.memory.profiler import LiveTensorBytes, format_bytes
+from hydra_rlhf.model.loading import load_tokenizer
+from hydra_rlhf.experience.stages import eos_token_ids
 
 TARGET = 0.25  # at least 25% less time for generation plus scoring at the longest setting
 

@@ -13,71 +13,21 @@ and ``--sft_set key=value`` one to the SFT run (the tests use them to shrink eve
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra_rlhf.layout import OBJECTIVES, STAGES  # noqa: E402
-from hydra_rlhf.memory.profiler import format_bytes, wide_console  # noqa: E402
-
-TARGETS = {"gold_gain": 0.30, "win_rate_vs_sft": 0.70, "distinct2_ratio": 0.70}
-# The comparisons at an equal budget: 11 iterations of 16 responses each, whatever KL a run reaches (the PPO
-# recipe's own stop_at_kl would end some runs sooner than others).
-EQUAL_BUDGET = ["--max_iterations", "11", "--stop_at_kl", "None"]
-
-
-def run(args: list[str]) -> None:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"error: {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-
-
-def ensure_sft(sft_dir: Path, sft_config: str, overrides: list[str], objective: str = "hydra") -> None:
-    """An SFT checkpoint in ``sft_dir`` (objective hydra: policy and reward head in one; sft or reward: the
-    baselines' two models), made by ``recipes/sft.py`` unless one is there already."""
-    if (sft_dir / "sft_summary.json").is_file():
-        return
-    print(f"SFT ({objective}) into {sft_dir} ...", flush=True)
-    run(["recipes/sft.py", "--config", sft_config, "--output_dir", str(sft_dir), "--objective", objective, *overrides])
-
-
-def run_rl(output: Path, config: str, flags: list[str], reuse: bool) -> tuple[dict, float]:
-    """``recipes/ppo.py --config config --output_dir output *flags``: its summary.json and wall seconds. With
-    ``reuse``, a finished run in ``output`` is read instead (its own wall time)."""
-    if reuse and (output / "summary.json").is_file():  # a finished run of the same config: read, not rerun
-        summary = json.loads((output / "summary.json").read_text())
-        return summary, summary["wall_seconds"]
-    shutil.rmtree(output, ignore_errors=True)
-    started = time.perf_counter()
-    run(["recipes/ppo.py", "--config", config, "--output_dir", str(output), *flags])
-    return json.loads((output / "summary.json").read_text()), time.perf_counter() - started
-
-
-def quality(summary: dict) -> dict:
-    """A run's held-out figures, in the terms of the demo's targets (``TARGETS``)."""
-    evaluation = summary["eval"]
-    row = {
-        "iterations": summary["iterations"],
-        "gold_before": evaluation["gold_before"],
-        "gold_gain": evaluation["gold_gain"],
-        "win_rate_vs_sft": evaluation["win_rate_vs_sft"],
-        "distinct2_ratio": evaluation["distinct2_after"] / max(evaluation["distinct2_before"], 1e-9),
-        "kl_to_reference": evaluation["kl_to_reference"],
-    }
-    row["meets_targets"] = all(row[key] >= bound for key, bound in TARGETS.items())
-    return row
+from hydra_rlhf.evaluate import TARGETS, quality
+from hydra_rlhf.experiments import (EQUAL_BUDGET, add_run_arguments, as_flags, cuda_available, ensure_sft,
+                                    run_rl_recipe, write_json)
+from hydra_rlhf.layout import OBJECTIVES, STAGES
+from hydra_rlhf.memory.profiler import format_bytes, wide_console
 
 
 def run_objective(name: str, args, overrides: list[str]) -> dict:
     output = args.output_dir / name
     config = args.config_pattern.format(objective=name)
-    summary, seconds = run_rl(output, config, ["--model_name_or_path", str(args.sft), *EQUAL_BUDGET, *overrides],
-                              args.reuse)
+    summary, seconds = run_rl_recipe(output, config, ["--model_name_or_path", str(args.sft), *EQUAL_BUDGET,
+                                                          *overrides], args.reuse)
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     row = {
         "objective": name,
@@ -118,44 +68,9 @@ def main(argv=None) -> int:
         if ppo is not None:
             row["train_peak_minus_ppo_bytes"] = row["stages"]["train"] - ppo["stages"]["train"]
     print_table(rows)
-    write_json(args.json, {"device": "cpu" if not _cuda() else "cuda", "targets": TARGETS,
+    write_json(args.json, {"device": "cuda" if cuda_available() else "cpu", "targets": TARGETS,
                            "objectives": {r["objective"]: r for r in rows}})
     return 0
-
-
-def add_run_arguments(parser: argparse.ArgumentParser, output_dir: str) -> None:
-    """The flags every benchmark that runs the recipes shares."""
-    parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
-    parser.add_argument("--config_pattern", default="recipes/configs/{objective}_smollm2.yaml")
-    parser.add_argument("--output_dir", type=Path, default=Path(output_dir))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="A flag for every RL run, e.g. --set max_new_tokens=8.")
-    parser.add_argument("--sft_set", action="append", default=[], metavar="KEY=VALUE", help="A flag for the SFT runs.")
-    parser.add_argument("--json", type=Path, help="Write the results here.")
-    parser.add_argument("--reuse", action="store_true", help="Read the runs already finished in output_dir (same "
-                        "configs) instead of running them again; their wall time is the run's own.")
-
-
-def write_json(path: Path | None, results: dict) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
-        print(f"json: {path}")
-
-
-def as_flags(settings: list[str]) -> list[str]:
-    """["key=value", ...] -> ["--key", "value", ...]"""
-    flags = []
-    for item in settings:
-        key, _, value = item.partition("=")
-        flags += [f"--{key}", value]
-    return flags
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def print_table(rows: list[dict]) -> None:

@@ -22,13 +22,10 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from hydra_rlhf.layout import MODES, OBJECTIVES  # noqa: E402
-from hydra_rlhf.memory.profiler import wide_console  # noqa: E402
-from objectives import TARGETS, _cuda, add_run_arguments, as_flags, ensure_sft, quality, run_rl, write_json  # noqa: E402
+from hydra_rlhf.evaluate import TARGETS, quality
+from hydra_rlhf.experiments import add_run_arguments, as_flags, cuda_available, ensure_sft, run_rl_recipe, write_json
+from hydra_rlhf.layout import MODES, OBJECTIVES
+from hydra_rlhf.memory.profiler import wide_console
 
 FIGURES = ("gold_gain", "win_rate_vs_sft", "distinct2_ratio", "kl_to_reference", "iterations")
 
@@ -67,13 +64,13 @@ def sweep(args) -> dict:
             for seed in args.seeds:
                 print(f"{mode} {objective} seed {seed} ...", flush=True)
                 output = args.output_dir / mode / objective / f"seed{seed}"
-                summary, seconds = run_rl(output, args.config_pattern.format(objective=objective),
-                                          [*start, "--seed", str(seed), *flags], args.reuse)
+                summary, seconds = run_rl_recipe(output, args.config_pattern.format(objective=objective),
+                                                 [*start, "--seed", str(seed), *flags], args.reuse)
                 group.append({"mode": mode, "objective": objective, "seed": seed, **quality(summary),
                               "wall_seconds": seconds})
                 print(json.dumps(group[-1]), flush=True)
-    results = {"device": "cuda" if _cuda() else "cpu", "targets": TARGETS, "seeds": args.seeds, "runs": runs,
-               "summary": {name: spread(rows) for name, rows in runs.items()}}
+    results = {"device": "cuda" if cuda_available() else "cpu", "targets": TARGETS, "seeds": args.seeds,
+               "runs": runs, "summary": {name: spread(rows) for name, rows in runs.items()}}
     first = f"hydra/{args.objectives[0]}"
     if first in runs:
         results["min_gold_gain"] = results["summary"][first]["gold_gain"]["min"]

@@ -22,19 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.objectives import (  # noqa: E402
-    _cuda,
-    add_run_arguments,
-    as_flags,
-    ensure_sft,
-    quality,
-    run_rl,
-    write_json,
-)
-from hydra_rlhf.memory.profiler import format_bytes, wide_console  # noqa: E402
+from hydra_rlhf.evaluate import quality
+from hydra_rlhf.experiments import add_run_arguments, as_flags, cuda_available, ensure_sft, run_rl_recipe, write_json
+from hydra_rlhf.memory.profiler import format_bytes, wide_console
 
 BACKENDS = ("hf", "vllm")
 
@@ -56,7 +46,7 @@ def run_backend(backend: str, args, overrides: list[str]) -> dict:
     config = args.config_pattern.format(objective="ppo")
     flags = ["--model_name_or_path", str(args.sft), "--generation_backend", backend, "--profile_memory", "false",
              *overrides]
-    summary, seconds = run_rl(output, config, flags, args.reuse)
+    summary, seconds = run_rl_recipe(output, config, flags, args.reuse)
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     row = {
         "backend": backend,
@@ -98,7 +88,7 @@ def main(argv=None) -> int:
         print(json.dumps(runs[backend]), flush=True)
     hf, vllm = runs["hf"], runs["vllm"]
     results = {
-        "device": "cuda" if _cuda() else "cpu",
+        "device": "cuda" if cuda_available() else "cpu",
         "runs": runs,
         "generate_speedup": hf["generate_seconds_per_iteration"] / vllm["generate_seconds_per_iteration"],
         "engine_start_seconds": vllm["engine_start_seconds"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .experience import rollout as experience
+from .experience import stages as experience
 from .data import encode_prompts, left_pad
 
 
@@ -136,3 +136,23 @@ def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_le
             yield path, None, problem
             continue
         yield path, evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length, start=start), None
+
+
+# The demo's targets for a run's held-out figures: gold gain, win-rate against the SFT start, and the share of
+# the start's distinct-2 the trained policy keeps (a gain bought by repeating one phrase does not count).
+TARGETS = {"gold_gain": 0.30, "win_rate_vs_sft": 0.70, "distinct2_ratio": 0.70}
+
+
+def quality(summary: dict) -> dict:
+    """A finished run's held-out figures (its ``summary.json``), in the terms of the demo's targets (``TARGETS``)."""
+    evaluation = summary["eval"]
+    row = {
+        "iterations": summary["iterations"],
+        "gold_before": evaluation["gold_before"],
+        "gold_gain": evaluation["gold_gain"],
+        "win_rate_vs_sft": evaluation["win_rate_vs_sft"],
+        "distinct2_ratio": evaluation["distinct2_after"] / max(evaluation["distinct2_before"], 1e-9),
+        "kl_to_reference": evaluation["kl_to_reference"],
+    }
+    row["meets_targets"] = all(row[key] >= bound for key, bound in TARGETS.items())
+    return row
