@@ -49,7 +49,7 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	# Set-up, once per machine: convert the bundled GGUF to the safetensors cache (~25 s), outside the timed stages.
-	$(PY) -c "from hydra_rlhf.models import resolve_model; print('bundled model:', resolve_model('smollm2-135m'))"
+	$(PY) -c "from hydra_rlhf.model.loading import resolve_model; print('bundled model:', resolve_model('smollm2-135m'))"
 	$(PY) recipes/demo.py --output_dir runs/demo
 
 clean:

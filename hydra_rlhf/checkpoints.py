@@ -6,6 +6,9 @@
   when the next run starts.
 * Resuming takes the newest checkpoint whose files still match their ``checkpoint.json`` and says which newer
   ones it skipped (truncated, edited, half-copied), instead of crashing or loading a mix.
+* A training checkpoint (``checkpoints/iter-NNNNNN``) holds the model's trained parts (``HydraModel.save_pretrained``)
+  and ``trainer_state.pt`` (iteration, optimizer, scheduler, KL controller, running moments), read back with
+  ``torch.load(weights_only=True)``: never an arbitrary pickle.
 * ``run_settings.json`` records what a run was started with (mode, objective, LoRA settings, the base and a
   fingerprint of its weights); ``--resume`` refuses to continue with anything different and names the difference.
 """
@@ -25,6 +28,7 @@ from .model.loading import file_sha256, resolve_model
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "iter-"
+STATE_FILE = "trainer_state.pt"
 CHECKSUMS_FILE = "checkpoint.json"
 RUN_SETTINGS_FILE = "run_settings.json"
 STAGING_PREFIX = ".tmp-"
@@ -100,6 +104,41 @@ def latest_intact_checkpoint(output_dir: str | Path) -> Path | None:
             return checkpoint
         logger.warning("Skipping checkpoint %s: %s.", checkpoint, problem)
     return None
+
+
+# ------------------------------------------------------------------------------------------- training state
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{iteration:06d}"
+
+
+def save_training_state(output_dir: Path, iteration: int, model, state: dict) -> Path:
+    """``checkpoints/iter-NNNNNN``: the model's trained parts and the trainer's ``state``, atomically."""
+    import torch
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        torch.save(state, staging / STATE_FILE)
+
+    return write_atomically(Path(output_dir) / "checkpoints" / checkpoint_name(iteration), write)
+
+
+def load_training_state(output_dir: Path, model) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint's trained parts into ``model``, and the trainer state saved with them."""
+    import torch
+
+    checkpoint = latest_intact_checkpoint(output_dir)
+    if checkpoint is None:
+        return None
+    model.load_trained(checkpoint)
+    return checkpoint, torch.load(checkpoint / STATE_FILE, weights_only=True)  # never an arbitrary pickle
+
+
+def resume_hint(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "no checkpoint was saved yet, so a new run starts from the beginning."
+    return f"the last checkpoint is {checkpoint}: continue with --resume true (same output_dir and settings)."
 
 
 # ------------------------------------------------------------------------------------- what a run started with

@@ -56,13 +56,15 @@ _PLANS: dict[str, dict[str, tuple[str, str | None]]] = {
 
 @dataclass(frozen=True)
 class ObjectiveInfo:
-    """What the layout needs to know of an objective; the math and the losses are in ``hydra_rlhf.objectives``."""
+    """An objective as the layout, the config and the estimator know it; ``implementation`` names the class with
+    its math and losses (``hydra_rlhf.objectives``). This table is the one registry of objectives."""
 
     name: str
     critic: bool  # builds a critic adapter and value head
     default_samples_per_prompt: int  # k when the config leaves it unset
     min_samples_per_prompt: int  # group baselines need 2 or more
     summary: str
+    implementation: str  # "module:Class" under hydra_rlhf.objectives, imported when a run builds the objective
     pairs: bool = False  # learns from one chosen/rejected pair per prompt, kept together in every minibatch
 
     @property
@@ -77,11 +79,14 @@ class ObjectiveInfo:
 
 OBJECTIVES: dict[str, ObjectiveInfo] = {
     info.name: info for info in (
-        ObjectiveInfo("ppo", True, 1, 1, "clipped policy and value losses, GAE on KL-shaped rewards (critic)"),
-        ObjectiveInfo("rloo", False, 4, 2, "leave-one-out baseline over k samples, KL as a reward penalty"),
-        ObjectiveInfo("grpo", False, 4, 2, "group-normalised advantages, clipped ratio, KL as a loss term"),
+        ObjectiveInfo("ppo", True, 1, 1, "clipped policy and value losses, GAE on KL-shaped rewards (critic)",
+                      "ppo:PPO"),
+        ObjectiveInfo("rloo", False, 4, 2, "leave-one-out baseline over k samples, KL as a reward penalty",
+                      "rloo:RLOO"),
+        ObjectiveInfo("grpo", False, 4, 2, "group-normalised advantages, clipped ratio, KL as a loss term",
+                      "grpo:GRPO"),
         ObjectiveInfo("online_dpo", False, 2, 2, "reward head picks chosen/rejected of 2 samples, DPO loss",
-                      pairs=True),
+                      "online_dpo:OnlineDPO", pairs=True),
     )
 }
 

@@ -30,12 +30,8 @@ from torch import nn
 
 from .config import ModelConfig, renamed
 from .errors import check_at_least_one, check_positive
-from .model.hydra import (
-    REWARD_POOLINGS,
-    pool_response,
-    save_heads,
-    with_lora_adapters,
-)
+from .model.heads import REWARD_POOLINGS, pool_response, save_heads
+from .model.lora import with_lora_adapters
 
 logger = logging.getLogger(__name__)
 

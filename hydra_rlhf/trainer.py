@@ -1,13 +1,12 @@
-"""The RL loop on a HydraModel: experience -> objective -> learning. ``RLTrainer.step`` is one iteration, read
-top to bottom in numbered stages; the objective (PPO, RLOO, GRPO, online DPO: ``hydra_rlhf.objectives``) gives
-the targets of stage 4 and the loss of stage 5, the trainer owns sampling, scoring, the optimizer and
-checkpoints.
+"""The RL loop on a HydraModel, for every objective: experience -> targets -> learning. ``RLTrainer.step`` is one
+iteration, read top to bottom in numbered stages. The experience source (``hydra_rlhf.experience.sources``:
+synchronous, or an asynchronous generator) gives stages 1-3; the objective (PPO, RLOO, GRPO, online DPO:
+``hydra_rlhf.objectives``) gives the targets of stage 4 and the loss of stage 5; the trainer owns the optimizer,
+the logging and when to checkpoint (what a checkpoint holds is ``hydra_rlhf.checkpoints``).
 
 Multi-process (``accelerate launch --num_processes N``): every process samples its own prompts; gradients of
 the (small) trainable set are averaged across processes before each optimiser step, so adapters stay
-identical on every rank without wrapping the multi-role model in DDP. With ``async_generation`` the stages 1-3
-of each batch run in a generator instead (``hydra_rlhf.experience.asynchronous``): a child process sharing the base on one
-device, or rank 1 of two processes.
+identical on every rank without wrapping the multi-role model in DDP.
 """
 
 from __future__ import annotations
@@ -20,33 +19,33 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .experience import asynchronous, fusion
-from .objectives import functional as ppo_math
-from .experience import rollout as experience
-from .checkpoints import CHECKPOINT_PREFIX, clean_staging, latest_intact_checkpoint, write_atomically
+from . import checkpoints
+from .checkpoints import clean_staging, latest_intact_checkpoint
 from .data import encode_prompts
 from .errors import Interrupted, NonFiniteError
 from .experience.maker import ExperienceMaker
+from .experience.rollout import Rollout
+from .experience.sources import make_source
+from .experience.stages import eos_token_ids
 from .memory.levers import make_optimizer
 from .memory.profiler import MemoryProfiler
-from .objectives import base as objective_base, make_objective
+from .objectives import Targets, make_objective
+from .objectives import functional as F
+from .objectives.base import group_stats
 
 if TYPE_CHECKING:
     from .config import RLConfig
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
-
 
 class RLTrainer:
-    """The loop for every objective (the name stays: PPO is the one this toolkit is built around)."""
+    """The loop, the same for every objective, schedule and sampler."""
 
     def __init__(self, model, tokenizer, config: RLConfig, prompts: list[list[dict]], accelerator=None):
         from accelerate import Accelerator
@@ -57,21 +56,13 @@ class RLTrainer:
         self.device = self.accelerator.device
         self.output_dir = Path(config.output_dir)
         # With stop_at_eos off no token ends a response: every sampler keeps it whole, to the length cap.
-        self.eos_token_ids = experience.eos_token_ids(tokenizer, model) if config.stop_at_eos else []
+        self.eos_token_ids = eos_token_ids(tokenizer, model) if config.stop_at_eos else []
 
         # Data-parallel processes each take their own slice of the prompts; async ranks (learner, generator) share
         # one stream of batches.
         processes = self.accelerator.num_processes
-        if config.async_generation and processes > 2:
-            raise ValueError(f"async_generation runs on 1 process (the generator is its child) or 2 (learner and "
-                             f"generator ranks), not {processes}: launch with --num_processes 1 or 2.")
-        if config.async_generation:
-            asynchronous.actor_parameters(model)  # an adapter policy, or a one-line error now
-            if processes == 1:  # the generator child will map these; moved now, before anything records addresses
-                model.share_memory()
         self.data_parallel = processes > 1 and not config.async_generation
         self.world = processes if self.data_parallel else 1
-        self.role = "generator" if config.async_generation and self.accelerator.process_index == 1 else "learner"
         encoded, truncated = encode_prompts(tokenizer, prompts, config.max_prompt_length)
         if truncated:
             logger.info("%d prompts were longer than %d tokens and were cut from the left.", truncated, config.max_prompt_length)
@@ -95,10 +86,10 @@ class RLTrainer:
         self.scheduler = get_scheduler(config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.max_iterations * steps_per_iteration)
         self.kl_controller = (
-            ppo_math.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-            if config.kl_controller == "adaptive" else ppo_math.FixedKLController(config.kl_coef)
+            F.AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+            if config.kl_controller == "adaptive" else F.FixedKLController(config.kl_coef)
         )
-        self.moments = ppo_math.RunningMoments()
+        self.moments = F.RunningMoments()
         self.iteration = 0
         self.nonfinite_in_a_row = 0
         self.recent_kl: list[float] = []  # stop_at_kl's window
@@ -110,10 +101,7 @@ class RLTrainer:
         )
         self.experience = ExperienceMaker(prompt_ids, config, generation_kwargs, self.eos_token_ids,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id, rank, str(self.device))
-        if not config.async_generation:  # (an async generator starts its own)
-            self.experience.start_engine(model)
-        self.generator = None  # async: the channel to the generator, while training
-        self.async_stats: dict[str, float] = {}
+        self.source = make_source(model, self.experience, config, self.accelerator)
         if self.accelerator.is_main_process:
             clean_staging(self.output_dir)
         self.profiler = MemoryProfiler(
@@ -121,8 +109,8 @@ class RLTrainer:
             log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
             enabled=config.profile_memory,
         )
-        if self.experience.engine is not None:
-            self.profiler.engine_bytes = self.experience.engine.memory_bytes
+        if self.source.engine is not None:
+            self.profiler.engine_bytes = self.source.engine.memory_bytes
 
     # -------------------------------------------------------------------------------------------- the loop
 
@@ -133,25 +121,23 @@ class RLTrainer:
 
         if self.config.resume:
             self.resume()
-        if self.role == "generator":  # rank 1 of an async two-process run: it makes the batches, the learner logs
-            try:
-                self._generate_for_learner()
-            finally:
-                self.experience.close_engine()
+        if self.source.is_generator:  # rank 1 of an async two-process run: it makes the batches, the learner logs
+            self.source.serve(self.iteration)
             return []
         history = []
         bar = tqdm(total=self.config.max_iterations, initial=self.iteration, desc=self.config.objective.upper(),
                    disable=not self.accelerator.is_local_main_process)
         try:
-            with self._ctrl_c() as stop, self._generator():
+            with self._ctrl_c() as stop, self.source.running(self.iteration):
                 while self.iteration < self.config.max_iterations and not self.reached_kl and not stop.is_set():
                     metrics = self.step()
                     history.append(metrics)
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+                if self.reached_kl:
+                    self.source.stop_early(self.iteration)
         finally:
             bar.close()
-            self.experience.close_engine()  # the vLLM engine's processes and memory, once sampling is over
         if stop.is_set() and self.iteration < self.config.max_iterations and not self.reached_kl:  # (else done anyway)
             self._stop_after_ctrl_c()
         return history
@@ -178,16 +164,16 @@ class RLTrainer:
         except KeyboardInterrupt:
             last = latest_intact_checkpoint(self.output_dir)
             raise Interrupted(f"stopped by Ctrl-C during iteration {self.iteration + 1} (dropped); "
-                              f"{_resume_hint(last)}") from None
+                              f"{checkpoints.resume_hint(last)}") from None
         finally:
             signal.signal(signal.SIGINT, previous)
 
     def _stop_after_ctrl_c(self) -> None:
         last = latest_intact_checkpoint(self.output_dir)
-        if self.config.save_on_interrupt and (last is None or last.name != _checkpoint_name(self.iteration)):
+        if self.config.save_on_interrupt and (last is None or last.name != checkpoints.checkpoint_name(self.iteration)):
             last = self.save_checkpoint()
         raise Interrupted(f"stopped by Ctrl-C after iteration {self.iteration} of {self.config.max_iterations}; "
-                          f"{_resume_hint(last)}")
+                          f"{checkpoints.resume_hint(last)}")
 
     def step(self) -> dict:
         """One iteration: experience (stages 1-3), the objective's targets (4), learning (5), logging (6)."""
@@ -195,33 +181,23 @@ class RLTrainer:
         started = time.perf_counter()
 
         # steps 1-3. experience: 1 generate (the actor samples k responses per prompt), 2 score_frozen (adapters
-        # off: reference log-probs and reward in one pass), 3 score_policy (the actor's log-probs, the critic's values)
-        if self.generator is None:
-            self.fusion_stats = fusion.FusionStats()
-            rollout = self.experience.make(model, self.iteration, stage, fusion_stats=self.fusion_stats)
-        else:  # async: the generator made this batch with an older actor, while the learner trained on the last
-            with stage("receive"):
-                rollout = self._receive_experience()
-            if model.has_critic:
-                with stage("score_policy"):
-                    model.eval()
-                    experience.score_values(model, rollout)  # the learner's critic; pi_old came with the batch
+        # off: reference log-probs and reward in one pass), 3 score_policy (the actor's log-probs, the critic's
+        # values); made here, or by an asynchronous generator with an older actor while the learner trained
+        rollout, experience_metrics = self.source.next_batch(self.iteration, stage)
         # step 4. advantages: the objective's targets (GAE, group baselines, or chosen/rejected pairs)
         with stage("advantages"):
-            batch = self.objective.targets(rollout, self.kl_controller.value, self.moments)
+            targets = self.objective.targets(rollout, self.kl_controller.value, self.moments)
             finite = self._all_ranks(torch.isfinite(rollout.scores).all())
         # step 5. train: epochs x minibatches of the objective's loss
         with stage("train"):
             model.train()
-            stats = self.learn(batch) if finite else {"train/skipped_nonfinite_updates": 1.0}
+            stats = self.learn(targets) if finite else {"train/skipped_nonfinite_updates": 1.0}
             healthy = finite and stats["train/skipped_nonfinite_updates"] == 0
         self.iteration += 1
-        if self.generator is not None:  # async: the generator gets the new actor adapter (and only that)
-            with stage("sync"):
-                self._send_adapter()
+        experience_metrics |= self.source.after_update(self.iteration, stage)  # async: the new actor adapter
         # step 6. log: metrics, KL controller, checkpoint
         with stage("log"):
-            metrics = self._metrics(rollout, batch, stats, time.perf_counter() - started)
+            metrics = self._metrics(rollout, targets, experience_metrics, stats, time.perf_counter() - started)
             self.kl_controller.update(metrics["objective/kl"], len(rollout.input_ids) * self.world)
             self._log(metrics)
             self._guard_nonfinite(healthy)
@@ -233,7 +209,7 @@ class RLTrainer:
         self.profiler.end_iteration(self.iteration)
         return metrics
 
-    def learn(self, batch: experience.Rollout) -> dict:
+    def learn(self, targets: Targets) -> dict:
         """Epochs over the objective's targets: shuffled minibatches of whole units (a response, or a DPO pair),
         each one optimizer step; its micro-batches accumulate gradients, each loss already scaled to its share
         of the minibatch mean (``objective.normalizer``), so accumulation changes no token's weight."""
@@ -243,6 +219,7 @@ class RLTrainer:
         micro_size = config.minibatch_size // config.gradient_accumulation_steps
         stats = defaultdict(list)
         skipped = 0
+        batch = targets.batch
         for _ in range(config.num_epochs):
             order = torch.randperm(len(batch.input_ids) // unit, generator=generator)
             for units in order.split(config.minibatch_size // unit):
@@ -251,9 +228,9 @@ class RLTrainer:
                 rows = (units[:, None] * unit + torch.arange(unit)).flatten()
                 normalizer = objective.normalizer(batch.response_mask[rows])
                 for micro in rows.split(micro_size):
-                    micro_batch = batch.select(micro).trimmed() if config.fusion else batch.select(micro)
-                    stats["train/padded_fraction"].append(micro_batch.padded_fraction())
-                    objective.loss(self.model, micro_batch, normalizer, stats).backward()
+                    micro_targets = targets.select(micro).trimmed() if config.fusion else targets.select(micro)
+                    stats["train/padded_fraction"].append(micro_targets.batch.padded_fraction())
+                    objective.loss(self.model, micro_targets, normalizer, stats).backward()
                 skipped += not self._optimizer_step(stats)
         summary = {key: sum(values) / len(values) for key, values in stats.items()}
         summary["train/skipped_nonfinite_updates"] = float(skipped)
@@ -296,82 +273,15 @@ class RLTrainer:
                         "stop_at_kl %.2f; stopping.", self.iteration, mean, len(self.recent_kl), config.stop_at_kl)
         return True
 
-    # --------------------------------------------------------------------- asynchronous generation (async mode)
-
-    @contextmanager
-    def _generator(self):
-        """While training in async mode: the generator, started at the learner's iteration (a resumed run makes
-        exactly the batches it has not trained), stopped and reaped on every exit."""
-        config = self.config
-        if not config.async_generation:
-            yield
-            return
-        previous_threads = torch.get_num_threads()
-        if self.accelerator.num_processes == 2:
-            self.generator = asynchronous.DistributedChannel()
-        else:
-            threads = 0
-            if self.device.type == "cpu":  # the two processes share the cores (cpu_threads_split says how)
-                learner_threads, threads = asynchronous.cpu_threads_split()
-                torch.set_num_threads(learner_threads)
-            self.generator = asynchronous.LocalChannel(self.model, self.experience, self.iteration,
-                                                       config.max_iterations, config.max_staleness, threads)
-        try:
-            yield
-            if self.reached_kl and self.accelerator.num_processes == 2:  # the generator rank is still running
-                self.generator.finish_early(self.iteration, config.max_iterations, config.max_staleness,
-                                            asynchronous.adapter_vector(self.model))
-        finally:
-            self.generator.close()
-            self.generator = None
-            torch.set_num_threads(previous_threads)
-
-    def _generate_for_learner(self) -> None:
-        """Rank 1 of an async two-process run: make every batch the learner has not trained yet."""
-        channel = asynchronous.DistributedChannel()
-        asynchronous.run_generator_rank(self.model, self.experience, channel, self.iteration,
-                                        self.config.max_iterations, self.config.max_staleness)
-
-    def _receive_experience(self) -> experience.Rollout:
-        """The next batch from the generator, with its samples' staleness checked (too stale: dropped, counted)."""
-        waited = time.perf_counter()
-        batch = self.generator.receive_batch()
-        rollout = asynchronous.to_device(batch.rollout, self.device)
-        staleness = (self.iteration - rollout.policy_version).float().mean()
-        kept, dropped = asynchronous.drop_stale(rollout, self.iteration, self.config.max_staleness)
-        if batch.index != self.iteration or kept is None:  # the schedule rules both out: generator and learner disagree
-            raise asynchronous.GeneratorFailed(
-                f"the generator sent batch {batch.index} made with policy version {batch.version}; the learner, at "
-                f"iteration {self.iteration} with max_staleness {self.config.max_staleness}, cannot train on it")
-        self.fusion_stats = batch.fusion_stats
-        self.async_stats = {"async/batch": batch.index, "async/policy_version": batch.version,
-                            "async/staleness": float(staleness), "async/dropped_samples": dropped,
-                            "async/wait_seconds": time.perf_counter() - waited,
-                            "async/generate_seconds": batch.seconds, "async/load_seconds": batch.load_seconds,
-                            "async/generator_wait_seconds": batch.wait_seconds}
-        return kept
-
-    def _send_adapter(self) -> None:
-        """The new actor adapter to the generator, when a batch still to come is scheduled to use it."""
-        config = self.config
-        last_needed = asynchronous.policy_version_for(config.max_iterations - 1, config.max_staleness)
-        if self.iteration > last_needed:  # no batch left is scheduled on this version
-            self.async_stats.update({"async/sync_bytes": 0, "async/sync_seconds": 0.0})
-            return
-        started = time.perf_counter()
-        vector = asynchronous.adapter_vector(self.model)
-        self.generator.send_adapter(self.iteration, vector)
-        self.async_stats.update({"async/sync_bytes": vector.numel() * vector.element_size(),
-                                 "async/sync_seconds": time.perf_counter() - started})
-
     def _all_ranks(self, flag: torch.Tensor) -> bool:
         flag = flag.float().to(self.device).reshape(1)
         if self.data_parallel:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _metrics(self, rollout: experience.Rollout, batch: experience.Rollout, stats: dict, seconds: float) -> dict:
-        """The iteration's metrics: the experience (all samples), the objective's targets, the learner's stats."""
+    def _metrics(self, rollout: Rollout, targets: Targets, experience: dict, stats: dict, seconds: float) -> dict:
+        """The iteration's metrics: the experience (all samples, and how they were made), the objective's targets,
+        the learner's stats."""
         lengths = rollout.response_mask.float().sum(-1)
         local = {
             "objective/reward": rollout.raw_scores.mean(),
@@ -385,18 +295,10 @@ class RLTrainer:
             local["engine/logprob_abs_diff"] = float(
                 ((rollout.engine_logprobs - rollout.logprobs).abs() * rollout.response_mask).sum()
                 / rollout.response_mask.sum().clamp(min=1))
-        if self.generator is None and not self.config.fusion:  # sampling alone (fusion scores as it samples)
-            local["speed/generate_seconds"] = self.experience.generate_seconds
-        if self.experience.engine is not None:
-            local.update(self.experience.engine.stats)
-        if self.config.fusion:
-            local.update(self.fusion_stats.metrics())
-        else:  # the scoring passes compute every row at the batch's full width
-            local["score/padded_fraction"] = rollout.padded_fraction()
-        local.update(objective_base.group_stats(rollout.raw_scores, rollout.group_size))
-        local.update(self.objective.metrics(batch))
+        local.update(experience)
+        local.update(group_stats(rollout.raw_scores, rollout.group_size))
+        local.update(self.objective.metrics(targets))
         local.update(stats)
-        local.update(self.async_stats)
         if self.data_parallel:
             values = torch.tensor(list(local.values()), dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
@@ -445,16 +347,12 @@ class RLTrainer:
 
     def save_checkpoint(self) -> Path | None:
         """Adapters, heads and trainer state, written atomically with their checksums (``checkpoints.py``)."""
-        target = self.output_dir / "checkpoints" / _checkpoint_name(self.iteration)
+        target = None
         if self.accelerator.is_main_process:
-            def write(staging: Path) -> None:
-                self.model.save_pretrained(staging)
-                torch.save(self._state_dict(), staging / STATE_FILE)
-
-            write_atomically(target, write)
+            target = checkpoints.save_training_state(self.output_dir, self.iteration, self.model, self._state_dict())
         if self.data_parallel:
             self.accelerator.wait_for_everyone()
-        return target
+        return target or self.output_dir / "checkpoints" / checkpoints.checkpoint_name(self.iteration)
 
     def _state_dict(self) -> dict:
         return {
@@ -465,18 +363,17 @@ class RLTrainer:
             "kl_controller": self.kl_controller.state_dict(),
             "moments": self.moments.state_dict(),
             "recent_kl": self.recent_kl,
-            "config": json.dumps(asdict(self.config)),
+            "config": json.dumps(vars(self.config)),
         }
 
     def resume(self) -> bool:
         """Load the newest intact checkpoint in ``output_dir`` (none: start fresh); newer broken ones are named
         and skipped."""
-        checkpoint = latest_intact_checkpoint(self.output_dir)
-        if checkpoint is None:
+        found = checkpoints.load_training_state(self.output_dir, self.model)
+        if found is None:
             logger.info("No checkpoint in %s; starting from scratch.", self.output_dir)
             return False
-        self.model.load_trained(checkpoint)
-        state = torch.load(checkpoint / STATE_FILE, weights_only=True)  # never an arbitrary pickle
+        checkpoint, state = found
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
@@ -486,13 +383,3 @@ class RLTrainer:
         self.reached_kl = self._kl_budget_spent()  # under this run's budget: a raised one lets a stopped run go on
         logger.info("Resumed from %s (iteration %d).", checkpoint, self.iteration)
         return True
-
-
-def _checkpoint_name(iteration: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{iteration:06d}"
-
-
-def _resume_hint(checkpoint: Path | None) -> str:
-    if checkpoint is None:
-        return "no checkpoint was saved yet, so a new run starts from the beginning."
-    return f"the last checkpoint is {checkpoint}: continue with --resume true (same output_dir and settings)."

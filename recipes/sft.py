@@ -1,7 +1,7 @@
 """Hydra-SFT: train one checkpoint that is both the SFT policy and the reward model.
 
     accelerate launch recipes/sft.py --config recipes/configs/sft_smollm2.yaml
-    python recipes/sft.py --config recipes/configs/sft_smollm2.yaml --objective sft --output_dir runs/sft-plain
+    python recipes/sft.py --config recipes/configs/sft_smollm2.yaml --sft_objective sft --output_dir runs/sft-plain
 
 `--objective hydra|sft|reward` picks the joint objective or one of the plain ones (the `lora` and `full`
 PPO baselines keep the SFT model and the reward model apart). Every field of ModelConfig and SFTConfig is a

@@ -60,11 +60,11 @@ def test_stale_groups_are_dropped_whole_and_counted():
     rollout = Rollout(input_ids=torch.arange(rows)[:, None], attention_mask=torch.ones(rows, 1, dtype=torch.long),
                       response_mask=torch.ones(rows, 1, dtype=torch.long), has_eos=torch.ones(rows, dtype=torch.bool),
                       prompt_len=0, group_size=2, policy_version=torch.tensor([5, 5, 3, 5, 4, 4]))
-    kept, dropped = asynchronous.drop_stale(rollout, learner_version=5, max_staleness=1)
+    kept, dropped = rollout.drop_stale(learner_version=5, max_staleness=1)
     assert dropped == 2 and kept.input_ids.flatten().tolist() == [0, 1, 4, 5]  # the group with a version-3 sample
-    kept, dropped = asynchronous.drop_stale(rollout, learner_version=5, max_staleness=2)
+    kept, dropped = rollout.drop_stale(learner_version=5, max_staleness=2)
     assert dropped == 0 and kept is rollout
-    kept, dropped = asynchronous.drop_stale(rollout, learner_version=9, max_staleness=1)
+    kept, dropped = rollout.drop_stale(learner_version=9, max_staleness=1)
     assert kept is None and dropped == 6
 
 
@@ -84,7 +84,7 @@ class ListChannel:
 def test_the_generator_records_the_behaviour_policy_of_each_batch(tiny_model, tokenizer, tmp_path):
     # Off-policy correctness: a batch's log-probs (pi_old of every ratio) are those of the actor version that
     # sampled it, and that version is the scheduled one, not the newest.
-    from hydra_rlhf.experience.rollout import score_policy
+    from hydra_rlhf.experience.stages import score_policy
 
     trainer = make_trainer(tiny_model, tokenizer, tmp_path, objective="rloo", max_staleness=1)
     trainer.profiler.close()
@@ -255,7 +255,7 @@ def test_a_failing_generator_stops_the_run_with_its_reason(tiny_model, tokenizer
     trainer = make_trainer(tiny_model, tokenizer, tmp_path, async_generation=True, max_iterations=6)
     failing = FailingMaker(**vars(trainer.experience))
     failing.how = how
-    trainer.experience = failing
+    trainer.source.maker = failing
     started = time.perf_counter()
     with pytest.raises(asynchronous.GeneratorFailed, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(trainer)

@@ -4,7 +4,7 @@ finished rows retired from the decode batch and scored in chunks."""
 import pytest
 import torch
 
-from hydra_rlhf.experience import rollout as experience
+from hydra_rlhf.experience import stages as experience
 from hydra_rlhf.experience.fusion import FusionStats, decode, fused_rollout, sample_next
 from hydra_rlhf.config import HydraModelConfig
 
@@ -125,13 +125,14 @@ def test_a_trimmed_micro_batch_gives_the_same_loss_and_gradients(varied_model, t
     eos = frequent_tokens(model, ids, mask, tokenizer, 12)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
     objective = make_objective(RLConfig(batch_size=6, minibatch_size=6))
-    batch = objective.targets(fused_rollout(model, ids, mask, kwargs, eos, 1.0, eos[0]), 0.05, RunningMoments())
+    targets = objective.targets(fused_rollout(model, ids, mask, kwargs, eos, 1.0, eos[0]), 0.05, RunningMoments())
+    batch = targets.batch
     short = batch.response_mask.sum(-1).argsort()[:3]  # the three shortest responses: most columns are padding
     results = []
-    for micro in (batch.select(short), batch.select(short).trimmed()):
+    for micro in (targets.select(short), targets.select(short).trimmed()):
         model.zero_grad()
         model.train()
-        loss = objective.loss(model, micro, micro.response_mask.sum(), _Stats())
+        loss = objective.loss(model, micro, micro.batch.response_mask.sum(), _Stats())
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.trainable_parameters() if p.grad is not None]))
     trimmed = batch.select(short).trimmed()

@@ -210,7 +210,8 @@ def test_lora_on_top_layers_only(tiny_model, tokenizer):
 def test_reward_is_read_at_an_eos_like_in_hydra_sft(tiny_model, tokenizer):
     # Hydra-SFT appends EOS to every response, cut-off ones included: score_frozen must read the reward head at
     # an EOS too, without changing the reference log-probs of the tokens the policy actually sampled.
-    from hydra_rlhf.experience.rollout import Rollout, score_frozen
+    from hydra_rlhf.experience.rollout import Rollout
+    from hydra_rlhf.experience.stages import score_frozen
 
     model = make(tiny_model, "hydra")
     seq, mask, prompt_len = sample_batch(model, tokenizer)
@@ -232,7 +233,7 @@ def test_reward_is_read_at_an_eos_like_in_hydra_sft(tiny_model, tokenizer):
 
 
 def test_reward_pooling_reads_the_response():
-    from hydra_rlhf.model.hydra import pool_response
+    from hydra_rlhf.model.heads import pool_response
 
     hidden = torch.arange(2 * 5 * 3, dtype=torch.float).reshape(2, 5, 3)
     response_mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])

@@ -13,7 +13,7 @@ import yaml
 from conftest import PYTHON, run
 from hydra_rlhf.objectives import functional as ppo_math
 from hydra_rlhf.config import RLConfig
-from hydra_rlhf.model.hydra import HEADS_FILE
+from hydra_rlhf.model.heads import HEADS_FILE
 from hydra_rlhf.layout import MODES, OBJECTIVES, counts, role_plan
 from hydra_rlhf.objectives.base import group_stats
 from hydra_rlhf.objectives.grpo import group_normalized_advantages, k3_kl
@@ -228,7 +228,7 @@ def test_k_samples_of_a_prompt_come_from_one_generate_call(tiny_model, tokenizer
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_gradient_accumulation_weights_tokens_like_one_pass(tiny_model, tokenizer, tmp_path, objective):
-    from hydra_rlhf.experience import rollout as experience
+    from hydra_rlhf.experience import stages as experience
 
     trainer = make_trainer(tiny_model, tokenizer, tmp_path, objective=objective)
     trainer.profiler.close()
@@ -243,7 +243,8 @@ def test_gradient_accumulation_weights_tokens_like_one_pass(tiny_model, tokenize
     rollout.attention_mask = torch.cat([rollout.attention_mask[:, : rollout.prompt_len], rollout.response_mask], 1)
     experience.score_frozen(model, rollout, 1.0, tokenizer.eos_token_id)
     experience.score_policy(model, rollout, 1.0)
-    batch = trainer.objective.targets(rollout, 0.1, ppo_math.RunningMoments())
+    targets = trainer.objective.targets(rollout, 0.1, ppo_math.RunningMoments())
+    batch = targets.batch
     rows = torch.arange(len(batch.input_ids))
     normalizer = trainer.objective.normalizer(batch.response_mask)
 
@@ -251,7 +252,7 @@ def test_gradient_accumulation_weights_tokens_like_one_pass(tiny_model, tokenize
         model.zero_grad(set_to_none=True)
         for part in parts:
             part_norm = trainer.objective.normalizer(batch.response_mask[part]) if scale_each_by_its_own_mean else normalizer
-            loss = trainer.objective.loss(model, batch.select(part), part_norm, defaultdict(list))
+            loss = trainer.objective.loss(model, targets.select(part), part_norm, defaultdict(list))
             (loss / len(parts) if scale_each_by_its_own_mean else loss).backward()
         return torch.cat([p.grad.flatten() for p in model.trainable_parameters() if p.grad is not None])
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hydra_rlhf.objectives import functional as ppo_math
-from hydra_rlhf.experience.rollout import response_mask_until_eos
+from hydra_rlhf.experience.stages import response_mask_until_eos
 
 
 def test_kl_shaped_rewards_put_score_on_last_real_token():

@@ -48,7 +48,8 @@ def test_checkpoint_is_the_ppo_base(hydra_checkpoint, tokenizer):
     from hydra_rlhf.config import HydraModelConfig
 
 
-    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel
+    from hydra_rlhf.model import HydraModel
+    from hydra_rlhf.model.heads import HEADS_FILE
 
     output, _ = hydra_checkpoint
     assert not (output / "adapter_config.json").exists()  # LoRA merged: a plain model directory
@@ -75,7 +76,8 @@ def test_checkpoints_with_the_heads_at_the_top_still_load(hydra_checkpoint, tmp_
     from hydra_rlhf.config import HydraModelConfig
 
 
-    from hydra_rlhf.model.hydra import HEADS_FILE, LEGACY_HEADS_FILE, HydraModel
+    from hydra_rlhf.model import HydraModel
+    from hydra_rlhf.model.heads import HEADS_FILE, LEGACY_HEADS_FILE
 
     output, _ = hydra_checkpoint
     legacy = tmp_path / "legacy"
@@ -92,7 +94,8 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
 
     from hydra_rlhf.config import HydraModelConfig
 
-    from hydra_rlhf.model.hydra import HEADS_FILE, HydraModel
+    from hydra_rlhf.model import HydraModel
+    from hydra_rlhf.model.heads import HEADS_FILE
     from hydra_rlhf.sft import HydraSFTModel, SFTConfig, collate, encode_pairs
 
     output, _ = hydra_checkpoint

@@ -252,7 +252,7 @@ def test_stop_at_eos_decides_where_a_response_ends(tiny_model, tokenizer, prompt
                        stop_at_eos=stop_at_eos, output_dir=str(tmp_path))
     trainer = RLTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
     try:
-        rollout = trainer.experience.make(trainer.model, 0)
+        rollout, _ = trainer.experience.make(trainer.model, 0)
     finally:
         trainer.profiler.close()
     responses = rollout.input_ids[:, rollout.prompt_len:]

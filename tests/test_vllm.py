@@ -57,7 +57,8 @@ def test_a_checkpoint_with_its_heads_at_the_top_is_named_with_the_move_that_fixe
 
     from hydra_rlhf.config import RLConfig
     from hydra_rlhf.config import HydraModelConfig
-    from hydra_rlhf.model.hydra import LEGACY_HEADS_FILE, HydraModel
+    from hydra_rlhf.model import HydraModel
+    from hydra_rlhf.model.heads import LEGACY_HEADS_FILE
     from hydra_rlhf.experience.vllm_engine import VLLMEngine
 
     old = tmp_path / "old-sft"
@@ -115,7 +116,7 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
     from hydra_rlhf.config import HydraModelConfig
     from hydra_rlhf.model.hydra import HydraModel
     from hydra_rlhf.model.loading import load_tokenizer
-    from hydra_rlhf.experience.rollout import eos_token_ids
+    from hydra_rlhf.experience.stages import eos_token_ids
     from hydra_rlhf.experience.vllm_engine import VLLMEngine
 
     tokenizer = load_tokenizer(str(sft_checkpoint))

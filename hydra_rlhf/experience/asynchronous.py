@@ -40,7 +40,6 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .maker import ExperienceMaker
-from .fusion import FusionStats
 from ..layout import FULL
 from .rollout import Rollout
 
@@ -64,7 +63,7 @@ class GeneratedBatch:
     seconds: float  # sampling and scoring
     wait_seconds: float  # waiting for the adapter version it needed
     load_seconds: float  # loading that adapter
-    fusion_stats: FusionStats | None = None  # the fused loop's counts, with fusion
+    metrics: dict  # how it was made (ExperienceMaker.make): sampling seconds, padding, fused or engine counts
 
 
 @dataclass
@@ -88,20 +87,6 @@ def actor_parameters(model) -> list[torch.nn.Parameter]:
     return model.parameter_groups()["actor"]
 
 
-def drop_stale(rollout: Rollout, learner_version: int, max_staleness: int) -> tuple[Rollout | None, int]:
-    """Drop every group (a prompt's k samples) with a sample staler than ``max_staleness``. Returns the rest (None
-    if nothing is left) and the number of samples dropped."""
-    stale = (learner_version - rollout.policy_version) > max_staleness
-    stale_groups = stale.view(-1, rollout.group_size).any(-1)
-    if not stale_groups.any():
-        return rollout, 0
-    dropped = int(stale_groups.sum()) * rollout.group_size
-    if stale_groups.all():
-        return None, dropped
-    rows = (~stale_groups).repeat_interleave(rollout.group_size).nonzero().squeeze(-1)
-    return rollout.select(rows), dropped
-
-
 # ------------------------------------------------------------------------------------------- the generator
 
 
@@ -122,10 +107,10 @@ def generate_batches(model, maker: ExperienceMaker, channel, start: int, end: in
             vector_to_parameters(vector.to(actor[0].device), actor)
             waited, loaded = waited + received - began, loaded + time.perf_counter() - received
         began = time.perf_counter()
-        stats = FusionStats() if maker.config.fusion else None
-        rollout = maker.make(model, index, values=False, fusion_stats=stats, policy_version=version)
+        rollout, metrics = maker.make(model, index, values=False, policy_version=version)
         rollout.policy_version = torch.full((len(rollout.input_ids),), version, device=rollout.input_ids.device)
-        channel.send_batch(GeneratedBatch(index, version, rollout, time.perf_counter() - began, waited, loaded, stats))
+        channel.send_batch(GeneratedBatch(index, version, rollout, time.perf_counter() - began, waited, loaded,
+                                          metrics))
 
 
 def _generator_process(model, maker, start, end, max_staleness, channel, threads) -> None:
@@ -266,7 +251,7 @@ class DistributedChannel:
         return int(version), vector
 
     def send_batch(self, batch: GeneratedBatch) -> None:
-        batch.rollout = to_device(batch.rollout, "cpu")
+        batch.rollout = batch.rollout.to("cpu")
         self.dist.send_object_list([batch], dst=self.learner, group=self.group)
 
     def send_failure(self, message: str) -> None:
@@ -284,10 +269,6 @@ def run_generator_rank(model, maker: ExperienceMaker, channel: DistributedChanne
         # tear the learner down before it has said why.
         logger.error("generator rank failed: %s: %s", type(error).__name__, error)
         channel.send_failure(f"{type(error).__name__}: {error}")
-
-
-def to_device(rollout: Rollout, device) -> Rollout:
-    return Rollout(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(rollout).items()})
 
 
 def cpu_threads_split() -> tuple[int, int]:

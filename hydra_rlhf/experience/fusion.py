@@ -19,12 +19,13 @@ the same random numbers, since finished rows no longer draw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from ..layout import fusion_chunk_rows
-from .rollout import Rollout, sampled_rollout, score_frozen, score_policy
+from .rollout import Rollout
+from .stages import sampled_rollout, score_frozen, score_policy
 
 
 @dataclass
@@ -130,7 +131,7 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
     stats = stats if stats is not None else FusionStats()
     prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
-    batch, prompt_len = prompt_ids.shape
+    batch = len(prompt_ids)
     chunk_rows = fusion_chunk_rows(tail_fraction, batch)
     pad = generation_kwargs.get("pad_token_id")
     pad = pad if pad is not None else score_eos_token_id
@@ -173,32 +174,8 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         finally:
             causal_lm.train(was_training)
     score_pending()
-    return assemble(scored, batch, prompt_len, pad, samples_per_prompt)
-
-
-def assemble(scored: list[tuple[torch.Tensor, Rollout]], batch: int, prompt_len: int, pad: int,
-             group_size: int) -> Rollout:
-    """One Rollout in the original row order from the scored chunks, every (n, R_chunk) tensor right-padded to
-    the longest response (token ids with ``pad``, masks and scores with 0)."""
-    width = max(chunk.response_mask.shape[1] for _, chunk in scored)
-    order = torch.cat([rows for rows, _ in scored]).argsort()
-    merged = {}
-    for f in fields(Rollout):
-        values = [getattr(chunk, f.name) for _, chunk in scored]
-        if not isinstance(values[0], torch.Tensor):
-            continue
-        padded = [_pad_response_dim(v, width, prompt_len if f.name in ("input_ids", "attention_mask") else 0,
-                                    pad if f.name == "input_ids" else 0) for v in values]
-        merged[f.name] = torch.cat(padded)[order]
-    return Rollout(prompt_len=prompt_len, group_size=group_size, **merged)
-
-
-def _pad_response_dim(tensor: torch.Tensor, width: int, offset: int, value) -> torch.Tensor:
-    """Right-pad the response part (after ``offset`` columns) of a (n, offset + R_chunk) tensor to ``width``."""
-    if tensor.dim() < 2:
-        return tensor
-    missing = offset + width - tensor.shape[1]
-    return torch.nn.functional.pad(tensor, (0, missing), value=value) if missing else tensor
+    order = torch.cat([rows for rows, _ in scored]).argsort()  # back to the batch's row order
+    return Rollout.concat([chunk for _, chunk in scored], pad).select(order)
 
 
 def _right_pad(responses: list[torch.Tensor], pad: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Stages 1-3 of an iteration, for any batch index: which prompts, which sampling seed, generate and score.
 
-``ExperienceMaker`` is plain data (prompt token ids, settings), so the same object serves the trainer's own
-loop and a generator process (``hydra_rlhf.experience.asynchronous``): batch ``i`` gets the same prompts and the same
+``ExperienceMaker`` is plain data (prompt token ids, settings), so the same object serves the synchronous
+source and a generator process (``sources.py``, ``asynchronous.py``): batch ``i`` gets the same prompts and the same
 sampling seed wherever it is made, and a resumed run makes the batches it has not trained yet.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fusion, rollout as stages
+from . import fusion, stages
+from .rollout import Rollout
 from ..data import left_pad
 from ..layout import FUSED_STAGE
 
@@ -65,19 +66,23 @@ class ExperienceMaker:
         return ids.to(self.device), mask.to(self.device)
 
     def make(self, model, iteration: int, stage=no_stage, values: bool = True,
-             fusion_stats: fusion.FusionStats | None = None, policy_version: int | None = None) -> stages.Rollout:
+             policy_version: int | None = None) -> tuple[Rollout, dict[str, float]]:
         """Stages 1-3 for batch ``iteration``: sample, score with adapters off, score with the actor (and the
         critic, unless ``values`` is off). With fusion the three overlap and are one profiler stage. With a vLLM
-        engine, the actor adapter (learner update ``policy_version``, default ``iteration``) goes to it first."""
+        engine, the actor adapter (learner update ``policy_version``, default ``iteration``) goes to it first.
+        Returns the rollout and how it was made (sampling seconds, padding, the fused loop's or the engine's
+        counts)."""
         config = self.config
         torch.manual_seed(self.seed(iteration, "sample"))
         prompt_ids, prompt_mask = self.prompts(iteration)
         model.eval()
         if config.fusion:  # finished responses are scored while the longest still decode
+            stats = fusion.FusionStats()
             with stage(FUSED_STAGE):
-                return fusion.fused_rollout(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
-                                            config.temperature, self.eos_token_id, config.fusion_tail_fraction,
-                                            config.samples_per_prompt, fusion_stats, values)
+                rollout = fusion.fused_rollout(model, prompt_ids, prompt_mask, self.generation_kwargs,
+                                               self.eos_token_ids, config.temperature, self.eos_token_id,
+                                               config.fusion_tail_fraction, config.samples_per_prompt, stats, values)
+            return rollout, stats.metrics()
         # step 1. generate: the actor samples k responses for each prompt of a batch (in vLLM: once the engine
         # has the actor adapter of this version)
         if self.engine is not None:
@@ -91,11 +96,14 @@ class ExperienceMaker:
             else:
                 rollout = stages.generate(model, prompt_ids, prompt_mask, self.generation_kwargs, self.eos_token_ids,
                                           samples_per_prompt=config.samples_per_prompt)
-        self.generate_seconds = time.perf_counter() - started  # either backend, profiled or not
+        metrics = {"speed/generate_seconds": time.perf_counter() - started}  # either backend, profiled or not
         # step 2. score_frozen: adapters off, one pass gives reference log-probs and the reward
         with stage("score_frozen"):
             stages.score_frozen(model, rollout, config.temperature, self.eos_token_id)
         # step 3. score_policy: the actor's log-probs at sampling time, and the critic's values (PPO only)
         with stage("score_policy"):
             stages.score_policy(model, rollout, config.temperature, values)
-        return rollout
+        metrics["score/padded_fraction"] = rollout.padded_fraction()  # the scoring passes' share of padding
+        if self.engine is not None:
+            metrics.update(self.engine.stats)
+        return rollout, metrics

@@ -1,75 +1,12 @@
-"""Experience-making, separate from learning: the ``Rollout`` container and the stages that fill it.
-
-``generate`` -> ``score_frozen`` -> ``score_policy`` each take a Rollout and add to it; an objective
-(``hydra_rlhf.objectives``) then turns it into its targets. An asynchronous or off-policy trainer can run the
-same pieces in another order or on another schedule.
-"""
+"""The stages that fill a ``Rollout``: ``generate`` (stage 1) -> ``score_frozen`` (2) -> ``score_policy`` (3).
+Each takes a Rollout and adds to it; an objective (``hydra_rlhf.objectives``) then turns it into its targets. The
+samplers (``generate`` here, the fused loop, the vLLM engine) all build their rollout with ``sampled_rollout``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 
-
-
-@dataclass
-class Rollout:
-    """One batch of experience. P = prompt width (left-padded), R = response width (right-padded). With k
-    samples per prompt (``group_size``), the k rows of a prompt are adjacent: rows [g*k, (g+1)*k) are group g."""
-
-    input_ids: torch.Tensor  # (B, P + R) prompt then response tokens
-    attention_mask: torch.Tensor  # (B, P + R) 1 on real tokens
-    response_mask: torch.Tensor  # (B, R) 1 on real response tokens, up to and including EOS
-    has_eos: torch.Tensor  # (B,) bool, the response ended with EOS rather than the length cap
-    prompt_len: int  # P
-    group_size: int = 1  # k samples per prompt, adjacent rows
-    ref_logprobs: torch.Tensor | None = None  # (B, R) log pi_ref(a_t | s_t), adapters off
-    raw_scores: torch.Tensor | None = None  # (B,) reward head at the last real token
-    logprobs: torch.Tensor | None = None  # (B, R) log pi_old(a_t | s_t), actor at sampling time
-    values: torch.Tensor | None = None  # (B, R) V_old(s_t), critic at sampling time (PPO only)
-    scores: torch.Tensor | None = None  # (B,) raw scores after EOS penalty, normalisation and clipping
-    rewards: torch.Tensor | None = None  # (B, R) PPO: KL-shaped per-token rewards
-    advantages: torch.Tensor | None = None  # (B, R) per-token advantages (PPO: GAE; RLOO/GRPO: per sequence)
-    returns: torch.Tensor | None = None  # (B, R) PPO: advantages + values, the critic's targets
-    policy_version: torch.Tensor | None = None  # (B,) learner updates the sampling actor had seen (async mode)
-    engine_logprobs: torch.Tensor | None = None  # (B, R) the vLLM engine's log-probs of its samples (a check)
-
-    @property
-    def kl(self) -> torch.Tensor:
-        """(B, R) per-token log pi_old - log pi_ref, 0 on padding."""
-        return (self.logprobs - self.ref_logprobs) * self.response_mask
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.input_ids[:, self.prompt_len :]
-
-    def trimmed(self) -> "Rollout":
-        """The same rows without the columns that are padding in every one of them (the left of the prompts, the
-        right of the responses): what a length-bucketed micro-batch computes. Equal results, causally."""
-        first = int(self.attention_mask[:, : self.prompt_len].any(0).long().argmax())
-        width = max(int(self.response_mask.sum(-1).max()), 1)
-        trimmed = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor) and f.name in ("input_ids", "attention_mask"):
-                value = value[:, first : self.prompt_len + width]
-            elif isinstance(value, torch.Tensor) and value.dim() == 2:  # (B, R) response tensors
-                value = value[:, :width]
-            trimmed[f.name] = value
-        return Rollout(**{**trimmed, "prompt_len": self.prompt_len - first})
-
-    def padded_fraction(self) -> float:
-        """The share of the (B, P + R) positions a forward over this batch computes that are padding."""
-        return 1 - float(self.attention_mask.sum()) / max(self.attention_mask.numel(), 1)
-
-    def select(self, index: torch.Tensor) -> "Rollout":
-        """The rows ``index`` of every per-sample tensor (a minibatch)."""
-        picked = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            picked[f.name] = value[index] if isinstance(value, torch.Tensor) else value
-        return Rollout(**picked)
+from .rollout import Rollout
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from ..layout import FULL
-from .rollout import Rollout, sampled_rollout
+from .rollout import Rollout
+from .stages import sampled_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class VLLMEngine:
     @classmethod
     def for_model(cls, model, config, eos_token_ids: list[int], pad_token_id: int) -> "VLLMEngine":
         """The engine for a HydraModel: its policy base, its LoRA rank, dtype and quantization."""
-        from ..model.hydra import HEADS_FILE, LEGACY_HEADS_FILE
+        from ..model.heads import HEADS_FILE, LEGACY_HEADS_FILE
         from ..model.loading import resolve_model
 
         base_name, _ = policy_adapter(model)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,38 +27,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import DTYPES, HydraModelConfig, ModelConfig
-from ..memory.levers import activation_offload, adapter_torch_dtype, cast_adapters, response_logprobs
+from ..config import DTYPES, HydraModelConfig
+from ..memory.levers import activation_offload, response_logprobs
 from ..layout import FROZEN_ROLES, FULL, ROLES, TRAINABLE_ROLES, adapter_names, base_names, role_plan
 from ..memory.profiler import storage_bytes
+from .heads import HEADS_FILE, heads_path, pool_response, save_heads, with_prefix
 from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
+from .lora import with_lora_adapters
 
 logger = logging.getLogger(__name__)
-
-# The reward head (and value head) of a Hydra-SFT or RL checkpoint. In a subfolder: serving engines (vLLM, TGI)
-# load every top-level *.safetensors of a model directory as its weights, and a Hydra-SFT checkpoint must load
-# there as the plain causal LM it is. Checkpoints written before kept it at the top (LEGACY_HEADS_FILE).
-HEADS_FILE = "hydra/heads.safetensors"
-LEGACY_HEADS_FILE = "hydra_heads.safetensors"
-REWARD_POOLINGS = ("last", "mean", "sum")  # what the reward head reads; stored in the heads file's metadata
-
-
-def pool_response(hidden: torch.Tensor, response_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, H) features the reward head reads from final hidden states (B, T, H); ``response_mask`` (B, T) marks
-    the response tokens (EOS included). ``last``: the last response token, the usual reward-model read.
-    ``mean``: the mean over response tokens. ``sum``: their sum, so each token adds its share to the score,
-    as a lexicon judge like VADER adds up word valences. On the bundled 135M model both pooled reads generalise
-    better from a few hundred pairs than ``last`` (5-fold cross-validated linear probes on the demo pairs: 72%
-    against 56%), but a mean can be gamed by a one-word upbeat reply and a sum cannot (see the README)."""
-    if pooling == "last":
-        last = response_mask.shape[1] - 1 - response_mask.flip(-1).long().argmax(-1)
-        return hidden[torch.arange(hidden.shape[0]), last]
-    if pooling in ("mean", "sum"):
-        weights = response_mask.to(hidden.dtype)[..., None]
-        total = (hidden * weights).sum(1)
-        return total if pooling == "sum" else total / weights.sum(1).clamp(min=1)
-    raise ValueError(f"Unknown reward pooling {pooling!r}: use one of {', '.join(REWARD_POOLINGS)}.")
-
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU; on CUDA bf16 where supported, else fp16 (a T4)."""
@@ -154,7 +130,7 @@ class HydraModel(nn.Module):
         heads = heads_path(resolve_model(base_path))
         if heads.is_file():
             state = self._load_heads(heads)
-            self.reward_head.load_state_dict(_with_prefix(state, "reward_head."))
+            self.reward_head.load_state_dict(with_prefix(state, "reward_head."))
         else:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
                            "meaningful rewards.", base_path, HEADS_FILE)
@@ -398,7 +374,7 @@ class HydraModel(nn.Module):
                 set_peft_model_state_dict(base, state, adapter_name=adapter)
         heads = self._load_heads(heads_path(directory))
         for name, head in self.heads().items():
-            head.load_state_dict(_with_prefix(heads, f"{name}."))
+            head.load_state_dict(with_prefix(heads, f"{name}."))
         self._restore_trainable()
 
     def _trained_parts(self) -> list[tuple[str, str]]:
@@ -426,22 +402,6 @@ class PolicyScores:
     values: torch.Tensor | None = None  # (B, R) V(s_t) from the critic (when asked; PPO only)
 
 
-def heads_path(directory: str | Path) -> Path:
-    """Where a checkpoint's heads are: ``HEADS_FILE``, or ``LEGACY_HEADS_FILE`` in one written before the move."""
-    directory = Path(directory)
-    legacy = directory / LEGACY_HEADS_FILE
-    return legacy if legacy.is_file() and not (directory / HEADS_FILE).is_file() else directory / HEADS_FILE
-
-
-def save_heads(tensors: dict[str, torch.Tensor], directory: str | Path, reward_pooling: str) -> None:
-    """The heads as safetensors at ``directory / HEADS_FILE``, the reward pooling in its metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(directory) / HEADS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata={"reward_pooling": reward_pooling})
-
-
 def _frozen(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False)
 
@@ -459,49 +419,6 @@ def read_manifest(directory: str | Path) -> dict:
         raise FileNotFoundError(f"{directory} is not a HydraModel checkpoint: {MANIFEST_FILE} is missing "
                                 "(a PPO run keeps its checkpoints in <output_dir>/checkpoints/iter-*).")
     return json.loads(path.read_text())
-
-
-def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig):
-    """Wrap a frozen base in a PeftModel carrying the named LoRA adapters (bias none: adapters off == base)."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = config.lora_target_modules
-    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]
-    num_layers = base.config.num_hidden_layers
-    top_layers = None
-    if config.lora_layers is not None:
-        if not 1 <= config.lora_layers <= num_layers:
-            raise ValueError(f"lora_layers must be between 1 and {num_layers} (the model's layers), got {config.lora_layers}.")
-        top_layers = list(range(num_layers - config.lora_layers, num_layers))
-        if targets == "all-linear":  # peft wants names when layers are selected: the decoder's linear layers
-            decoder_layers = base.get_decoder().layers
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in decoder_layers.named_modules()
-                              if isinstance(module, nn.Linear)})
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        layers_to_transform=top_layers,
-        layers_pattern="layers" if top_layers else None,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():  # peft 0.21 reads a transformers attribute deprecated in 5.x; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, lora, adapter_name=adapters[0])
-    for name in adapters[1:]:
-        model.add_adapter(name, lora)
-    compute_dtype = base.get_input_embeddings().weight.dtype  # also on a quantized base, whose linears are packed
-    cast_adapters(model, adapter_torch_dtype(config.adapter_dtype, compute_dtype))
-    for name, param in model.named_parameters():  # every adapter trainable, never the base
-        param.requires_grad_("lora_" in name)
-    return model
-
-
-def _with_prefix(state: dict, prefix: str) -> dict:
-    """The entries of ``state`` under ``prefix``, with the prefix removed (one head out of a heads file)."""
-    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _hash_weights(model: nn.Module) -> str:

@@ -2,30 +2,44 @@
 clipped-ratio policy term of PPO, RLOO and GRPO.
 
 An objective does two things. In stage 4 (``targets``) it turns a scored ``Rollout`` (reference log-probs and
-reward from the adapters-off pass, behaviour log-probs from the actor) into what it learns from: advantages,
-or chosen/rejected pairs. In stage 5 (``loss``) it gives the loss of one micro-batch of those targets. The
-learner (``RLTrainer.learn``) runs epochs x minibatches and owns the optimizer; the objective never steps it.
+reward from the adapters-off pass, behaviour log-probs from the actor) into ``Targets``: what it learns from
+(advantages, or chosen/rejected pairs) and everything its loss needs. In stage 5 (``loss``) it gives the loss of
+one micro-batch of those targets. An objective keeps no state between the two: the learner
+(``RLTrainer.learn``) runs epochs x minibatches over the targets and owns the optimizer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from . import functional as ppo_math
-from ..layout import objective_info
+from ..layout import ObjectiveInfo
 from ..experience.rollout import Rollout
 
 
+@dataclass
+class Targets:
+    """Stage 4's output, all that stage 5's loss reads: the rows to learn from (the rollout with advantages and
+    returns, or its chosen/rejected pairs) and the KL coefficient they were made with."""
+
+    batch: Rollout
+    kl_coef: float
+
+    def select(self, index: torch.Tensor) -> "Targets":
+        return replace(self, batch=self.batch.select(index))
+
+    def trimmed(self) -> "Targets":
+        return replace(self, batch=self.batch.trimmed())
+
+
 class Objective:
-    name: str = ""
+    def __init__(self, config, info: ObjectiveInfo):
+        self.config, self.info = config, info
 
-    def __init__(self, config):
-        self.config = config
-        self.info = objective_info(self.name)
-        self.kl_coef = 0.0  # the KL coefficient of the rollout being learned from (set by ``targets``)
-
-    def targets(self, rollout: Rollout, kl_coef: float, moments: ppo_math.RunningMoments) -> Rollout:
-        """Stage 4: the rollout with its targets (may be a reordered subset of its rows, e.g. pairs)."""
+    def targets(self, rollout: Rollout, kl_coef: float, moments: ppo_math.RunningMoments) -> Targets:
+        """Stage 4: the rollout's targets (its rows may be a reordered subset, e.g. pairs)."""
         raise NotImplementedError
 
     def normalizer(self, response_mask: torch.Tensor) -> torch.Tensor:
@@ -33,11 +47,11 @@ class Objective:
         token-level mean, as one pass over the whole minibatch would take; objectives over pairs override)."""
         return response_mask.float().sum().clamp(min=1)
 
-    def loss(self, model, batch: Rollout, normalizer: torch.Tensor, stats: dict) -> torch.Tensor:
+    def loss(self, model, targets: Targets, normalizer: torch.Tensor, stats: dict) -> torch.Tensor:
         """Stage 5: the loss of one micro-batch (its share of the minibatch mean); appends to ``stats``."""
         raise NotImplementedError
 
-    def metrics(self, batch: Rollout) -> dict[str, float]:
+    def metrics(self, targets: Targets) -> dict[str, float]:
         """Objective-specific metrics of the iteration's targets."""
         return {}
 

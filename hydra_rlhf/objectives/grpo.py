@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import functional as ppo_math
-from .base import Objective, broadcast, record
+from .base import Objective, Targets, broadcast, record
 
 
 def group_normalized_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -30,18 +30,16 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 class GRPO(Objective):
-    name = "grpo"
-
     def targets(self, rollout, kl_coef, moments):
-        self.kl_coef = kl_coef
         rollout.scores = self.shaped_scores(rollout, moments)
         advantages = group_normalized_advantages(rollout.scores, rollout.group_size)
         rollout.advantages = broadcast(advantages, rollout.response_mask)
-        return rollout
+        return Targets(rollout, kl_coef)
 
-    def loss(self, model, batch, normalizer, stats):
+    def loss(self, model, targets, normalizer, stats):
+        batch = targets.batch
         mask = batch.response_mask.float()
         pg, scores = self.policy_term(model, batch, normalizer, stats)
         kl = ppo_math.token_mean(k3_kl(scores.logprobs, batch.ref_logprobs), mask, normalizer)
         record(stats, {"policy/kl_loss": kl})
-        return pg.loss + self.kl_coef * kl
+        return pg.loss + targets.kl_coef * kl

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Objective, record
+from .base import Objective, Targets, record
 
 
 def best_and_worst(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,21 +35,20 @@ def sequence_logratios(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask:
 
 
 class OnlineDPO(Objective):
-    name = "online_dpo"
-
     def targets(self, rollout, kl_coef, moments):
         """The rollout's pairs, chosen then rejected, on adjacent rows (2 rows per prompt)."""
         rollout.scores = self.shaped_scores(rollout, moments)
         chosen, rejected = best_and_worst(rollout.scores, rollout.group_size)
         pairs = rollout.select(torch.stack([chosen, rejected], dim=1).flatten())
         pairs.group_size = 2
-        return pairs
+        return Targets(pairs, kl_coef)
 
     def normalizer(self, response_mask):
         """A mean over the minibatch's pairs."""
         return torch.tensor(response_mask.shape[0] / 2)
 
-    def loss(self, model, batch, normalizer, stats):
+    def loss(self, model, targets, normalizer, stats):
+        batch = targets.batch
         mask = batch.response_mask.float()
         logprobs = model.policy_scores(batch.input_ids, batch.attention_mask, batch.prompt_len,
                                        self.config.temperature).logprobs
@@ -61,7 +60,7 @@ class OnlineDPO(Objective):
                        "dpo/implicit_accuracy": (margin > 0).float().mean()})
         return losses.sum() / normalizer
 
-    def metrics(self, batch):
-        pairs = batch.scores.view(-1, 2)
+    def metrics(self, targets):
+        pairs = targets.batch.scores.view(-1, 2)
         margin = pairs[:, 0] - pairs[:, 1]
         return {"dpo/score_margin": float(margin.mean()), "dpo/tied_pairs": float((margin <= 0).float().mean())}

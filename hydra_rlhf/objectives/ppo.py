@@ -4,32 +4,31 @@ policy and value losses. The math is in ``hydra_rlhf.objectives.functional``."""
 from __future__ import annotations
 
 from . import functional as ppo_math
-from .base import Objective, record
+from .base import Objective, Targets, record
 
 
 class PPO(Objective):
-    name = "ppo"
-
     def targets(self, rollout, kl_coef, moments):
         """KL penalty at every token plus the score at the last one; GAE; whitening over the batch."""
         config, mask = self.config, rollout.response_mask.float()
-        self.kl_coef = kl_coef
         rollout.scores = self.shaped_scores(rollout, moments)
         rollout.rewards, _ = ppo_math.kl_shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
                                                        kl_coef)
         advantages, rollout.returns = ppo_math.gae(rollout.rewards, rollout.values, mask, config.gamma, config.lam)
         rollout.advantages = ppo_math.masked_whiten(advantages, mask) if config.whiten_advantages else advantages
-        return rollout
+        return Targets(rollout, kl_coef)
 
-    def loss(self, model, batch, normalizer, stats):
-        config, mask = self.config, batch.response_mask.float()
+    def loss(self, model, targets, normalizer, stats):
+        config, batch = self.config, targets.batch
+        mask = batch.response_mask.float()
         pg, scores = self.policy_term(model, batch, normalizer, stats, values=True)
         vf_loss, vf_clipfrac = ppo_math.value_loss(scores.values, batch.values, batch.returns, mask,
                                                    config.clip_range_value, normalizer)
         record(stats, {"value/loss": vf_loss, "value/clipfrac": vf_clipfrac})
         return pg.loss + config.vf_coef * vf_loss
 
-    def metrics(self, batch):
+    def metrics(self, targets):
+        batch = targets.batch
         mask = batch.response_mask.float()
         return {
             "objective/non_score_reward": float((batch.rewards.sum(-1) - batch.scores).mean()),

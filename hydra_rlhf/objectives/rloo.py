@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Objective, broadcast
+from .base import Objective, Targets, broadcast
 
 
 def rloo_advantages(scores: torch.Tensor, sequence_kl: torch.Tensor, group_size: int, kl_coef: float
@@ -26,20 +26,17 @@ def rloo_advantages(scores: torch.Tensor, sequence_kl: torch.Tensor, group_size:
 
 
 class RLOO(Objective):
-    name = "rloo"
-
     def targets(self, rollout, kl_coef, moments):
-        self.kl_coef = kl_coef
         rollout.scores = self.shaped_scores(rollout, moments)
         advantages, _ = rloo_advantages(rollout.scores, rollout.kl.sum(-1), rollout.group_size, kl_coef)
         if self.config.whiten_advantages:
             advantages = advantages / (advantages.std() + 1e-8)
         rollout.advantages = broadcast(advantages, rollout.response_mask)
-        return rollout
+        return Targets(rollout, kl_coef)
 
-    def loss(self, model, batch, normalizer, stats):
-        pg, _ = self.policy_term(model, batch, normalizer, stats)
+    def loss(self, model, targets, normalizer, stats):
+        pg, _ = self.policy_term(model, targets.batch, normalizer, stats)
         return pg.loss
 
-    def metrics(self, batch):
-        return {"objective/non_score_reward": float(-self.kl_coef * batch.kl.sum(-1).mean())}
+    def metrics(self, targets):
+        return {"objective/non_score_reward": float(-targets.kl_coef * targets.batch.kl.sum(-1).mean())}
