@@ -2,13 +2,14 @@
 
     python benchmarks/estimate_accuracy.py                      # default grid, CPU fp32 (or CUDA bf16 when present)
     python benchmarks/estimate_accuracy.py --runs hydra:2:64:32,lora:4:32:32 --json estimate_accuracy.json
-    python benchmarks/estimate_accuracy.py --runs hydra:8:64:32:ppo,hydra:8:64:32:grpo
+    python benchmarks/estimate_accuracy.py --runs hydra:8:64:32:ppo,hydra:2:64:32:grpo
     python benchmarks/estimate_accuracy.py --runs hydra:8:64:128,hydra:4:64:128 --gradient-checkpointing --all-levers
 
-Each run is ``mode:batch:prompt_len:gen_len`` with an optional ``:objective`` (default ppo; batch counts
-sequences, prompts x samples per prompt). The profiler left-pads (or cuts) every prompt to exactly
-``prompt_len`` tokens and ignores EOS, so the estimate gets the very shape that ran; ``padded_prompts`` is set
-from the data (true when some prompt is shorter than ``prompt_len``, which gives transformers' attention mask).
+Each run is ``mode:batch:prompt_len:gen_len`` with an optional ``:objective`` (default ppo); batch counts prompts,
+as ``batch_size`` does in the recipes, each sampled the objective's k times (grpo: hydra:2:64:32:grpo is 8 sequences).
+The profiler left-pads (or cuts) every prompt to exactly ``prompt_len`` tokens and ignores EOS, so the estimate gets
+the very shape that ran (``hydra_rlhf.memory.profile.compare``); ``padded_prompts`` is set from the data (true when
+some prompt is shorter than ``prompt_len``, which gives transformers' attention mask).
 Prints predicted / measured per stage and the worst relative error; the issue's target is 15%.
 """
 
@@ -16,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from hydra_rlhf.data import load_prompts
-from hydra_rlhf.memory.estimate import ModelShape, estimate
-from hydra_rlhf.memory.levers import add_lever_arguments, levers_from_args
-from hydra_rlhf.memory.profiler import format_bytes
+from hydra_rlhf.memory.arguments import add_lever_arguments, levers_from_args
+from hydra_rlhf.memory.profile import ProfileSettings, compare, profile_mode
+from hydra_rlhf.memory.shape import ModelShape
 from hydra_rlhf.model.loading import load_tokenizer, resolve_model
 from hydra_rlhf.run import make_accelerator
-from hydra_rlhf.memory.profile import ProfileSettings, matching_estimate, profile_mode
 
 DEFAULT_RUNS = "hydra:1:64:32,hydra:4:64:32,lora:2:64:32,j-hydra:4:32:32"
 
@@ -40,30 +39,13 @@ def parse_run(text: str) -> tuple[str, int, int, int, str]:
         return mode, int(batch), int(prompt_len), int(gen_len), (objective or ["ppo"])[0]
     except ValueError:
         raise SystemExit(f"error: bad --runs entry {text!r}: use mode:batch:prompt_len:gen_len[:objective], e.g. "
-                         "hydra:4:64:32 or hydra:8:64:32:grpo") from None
-
-
-def compare(shape, run: ProfileSettings, measured: dict, tokenizer, prompts, device_type: str, mode: str,
-            objective: str = "ppo") -> dict:
-    """Estimate the run ``profile_mode`` measured; print and return predicted / measured per stage."""
-    settings = matching_estimate(mode, run, tokenizer, prompts, device_type, objective)
-    predicted = estimate(shape, settings).stages
-    print(f"\n{mode}, {objective}, batch {run.batch_size}, prompt {run.prompt_len} + gen {run.gen_len} "
-          f"(padded prompts: {settings.padded_prompts}; levers: {run.levers()})")
-    stages = {}
-    for stage in predicted:
-        got, want = predicted[stage], measured["stages"][stage]["peak_bytes"]
-        stages[stage] = {"estimated_bytes": got, "measured_bytes": want, "relative_error": got / want - 1}
-        print(f"  {stage:13s} estimate {format_bytes(got):>10s}  measured {format_bytes(want):>10s}  {got / want - 1:+6.1%}")
-    peak_error = max(predicted.values()) / measured["peak_bytes"] - 1
-    print(f"  {'peak':13s} {peak_error:+6.1%}")
-    return {"settings": asdict(settings), "stages": stages, "peak_relative_error": peak_error,
-            "worst_relative_error": max(abs(s["relative_error"]) for s in stages.values())}
+                         "hydra:4:64:32 or hydra:2:64:32:grpo") from None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default=DEFAULT_RUNS, help="Comma-separated mode:batch:prompt_len:gen_len.")
+    parser.add_argument("--runs", default=DEFAULT_RUNS,
+                        help="Comma-separated mode:batch:prompt_len:gen_len[:objective] (batch: prompts).")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--model", default="smollm2-135m", help="Model to profile (default: the bundled one).")
     parser.add_argument("--prompts", default="demo:train", help="Prompts to profile with.")
@@ -78,11 +60,11 @@ def main() -> None:
 
     results, worst = [], 0.0
     for mode, batch, prompt_len, gen_len, objective in map(parse_run, args.runs.split(",")):
-        run = ProfileSettings(model=args.model, prompts=args.prompts, modes=[mode], objectives=[objective],
-                              batch_size=batch, prompt_len=prompt_len, gen_len=gen_len,
+        run = ProfileSettings(model=args.model, prompts=args.prompts, mode=mode, objective=objective,
+                              batch_size=batch, max_prompt_length=prompt_len, max_new_tokens=gen_len,
                               gradient_checkpointing=args.gradient_checkpointing, **levers_from_args(args))
-        measured = profile_mode(mode, run, tokenizer, prompts, accelerator, objective)
-        result = compare(shape, run, measured, tokenizer, prompts, accelerator.device.type, mode, objective)
+        measured = profile_mode(run, tokenizer, prompts, accelerator)
+        result = compare(shape, run, measured, tokenizer, prompts, accelerator.device.type)
         worst = max(worst, result["worst_relative_error"])
         results.append(result)
     device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"

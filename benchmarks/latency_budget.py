@@ -2,7 +2,7 @@
 
     python benchmarks/latency_budget.py --budget-gib 1.5 --modes lora,hydra
 
-For each mode: the largest batch whose estimated peak (hydra_rlhf.memory.estimate, the same stage model the
+For each mode: the largest batch whose estimated peak (hydra_rlhf.memory.formulas, the same stage model the
 `estimate` command uses) fits the budget, capped by --max-batch; then real PPO iterations at that batch on the
 bundled model: the measured peak (checked against the budget) and the seconds per sample. The paper's claim
 (-65% latency per sample for Hydra-PPO against LoRA-PPO) comes from the larger batch the freed memory buys on a
@@ -18,11 +18,13 @@ from pathlib import Path
 import torch
 
 from hydra_rlhf.data import load_prompts
-from hydra_rlhf.memory.estimate import ModelShape, estimate, largest_batch
+from hydra_rlhf.memory.formulas import estimate
+from hydra_rlhf.memory.profile import ProfileSettings, matching_estimate, profile_mode
 from hydra_rlhf.memory.profiler import format_bytes
+from hydra_rlhf.memory.report import largest_batch
+from hydra_rlhf.memory.shape import ModelShape
 from hydra_rlhf.model.loading import load_tokenizer, resolve_model
 from hydra_rlhf.run import make_accelerator
-from hydra_rlhf.memory.profile import ProfileSettings, matching_estimate, profile_mode
 
 
 def main() -> None:
@@ -45,15 +47,15 @@ def main() -> None:
     prompts, _ = load_prompts("demo:train")
     rows = {}
     for mode in args.modes.split(","):
-        run = ProfileSettings(modes=[mode], batch_size=1, prompt_len=args.prompt_len, gen_len=args.gen_len,
+        run = ProfileSettings(mode=mode, batch_size=1, max_prompt_length=args.prompt_len, max_new_tokens=args.gen_len,
                               iterations=args.iterations)
-        settings = matching_estimate(mode, run, tokenizer, prompts, device)
+        settings = matching_estimate(run, tokenizer, prompts, device)
         batch = min(largest_batch(shape, settings, budget), args.max_batch)
         if batch == 0:
             print(f"{mode}: does not fit {args.budget_gib} GiB even at batch 1")
             continue
         predicted = estimate(shape, dataclasses.replace(settings, batch_size=batch)).peak_bytes
-        measured = profile_mode(mode, dataclasses.replace(run, batch_size=batch), tokenizer, prompts, accelerator)
+        measured = profile_mode(dataclasses.replace(run, batch_size=batch), tokenizer, prompts, accelerator)
         rows[mode] = {"batch_size": batch, "estimated_peak_bytes": predicted, "measured_peak_bytes": measured["peak_bytes"],
                       "within_budget": measured["peak_bytes"] <= budget,
                       "seconds_per_sample": measured["seconds_per_sample"]}

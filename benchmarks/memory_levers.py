@@ -16,23 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from hydra_rlhf.config import ALL_ON
+from hydra_rlhf.data import load_prompts
+from hydra_rlhf.memory.profile import ProfileSettings, compare, profile_mode
+from hydra_rlhf.memory.profiler import format_bytes
+from hydra_rlhf.memory.shape import ModelShape
+from hydra_rlhf.model.loading import load_tokenizer, resolve_model
+from hydra_rlhf.run import make_accelerator
 
-from estimate_accuracy import compare  # noqa: E402
-
-from hydra_rlhf.data import load_prompts  # noqa: E402
-from hydra_rlhf.memory.estimate import ModelShape  # noqa: E402
-from hydra_rlhf.memory.levers import ALL_ON  # noqa: E402
-from hydra_rlhf.memory.profiler import format_bytes  # noqa: E402
-from hydra_rlhf.model.loading import load_tokenizer, resolve_model  # noqa: E402
-from hydra_rlhf.run import make_accelerator  # noqa: E402
-from hydra_rlhf.memory.profile import ProfileSettings, profile_mode  # noqa: E402
 
 def lever_settings(chunk_size: int) -> dict[str, dict]:
     """Configuration name -> the one key it turns on (as ``--all-levers`` sets it)."""
@@ -53,9 +47,9 @@ def skip_reason(lever: str, device_type: str) -> str | None:
 
 def measure(name: str, settings: ProfileSettings, tokenizer, prompts, accelerator) -> dict:
     print(f"{name}: profiling memory ...", flush=True)
-    memory = profile_mode("hydra", settings, tokenizer, prompts, accelerator)
+    memory = profile_mode(settings, tokenizer, prompts, accelerator)
     print(f"{name}: timing without the accounting ...", flush=True)
-    timing = profile_mode("hydra", replace(settings, measure_memory=False), tokenizer, prompts, accelerator)
+    timing = profile_mode(replace(settings, measure_memory=False), tokenizer, prompts, accelerator)
     train = memory["stages"]["train"]["peak_bytes"]
     return {
         "levers": settings.levers(),
@@ -88,8 +82,9 @@ def main() -> int:
     tokenizer = load_tokenizer(args.model)
     prompts, _ = load_prompts("demo:train")
     shape = ModelShape.from_config(Path(resolve_model(args.model)) / "config.json")
-    base = ProfileSettings(model=args.model, modes=["hydra"], batch_size=args.batch_size, prompt_len=args.prompt_len,
-                           gen_len=args.gen_len, iterations=args.iterations, gradient_checkpointing=True)
+    base = ProfileSettings(model=args.model, mode="hydra", modes=["hydra"], batch_size=args.batch_size,
+                           max_prompt_length=args.prompt_len, max_new_tokens=args.gen_len, iterations=args.iterations,
+                           gradient_checkpointing=True)
 
     levers = lever_settings(args.chunk_size)
     all_on = replace(base, **{**ALL_ON.levers(), "logprob_chunk_size": args.chunk_size})
@@ -107,7 +102,7 @@ def main() -> int:
                 continue
             runs[lever] = measure(lever, replace(base, **keys), tokenizer, prompts, accelerator)
         runs["all"] = measure("all", all_on, tokenizer, prompts, accelerator)
-        checks = {str(batch): profile_mode("hydra", replace(all_on, batch_size=batch), tokenizer, prompts, accelerator)
+        checks = {str(batch): profile_mode(replace(all_on, batch_size=batch), tokenizer, prompts, accelerator)
                   for batch in batches if batch != args.batch_size}
         checks[str(args.batch_size)] = {"stages": runs["all"]["stages"], "peak_bytes": runs["all"]["peak_bytes"]}
 
@@ -124,8 +119,8 @@ def main() -> int:
     print(f"all levers: {cut:.0%} less above the persistent bytes (target: at least {TARGET_CUT:.0%}: "
           f"{'met' if cut >= TARGET_CUT else 'MISSED'})")
 
-    accuracy = [compare(shape, replace(all_on, batch_size=batch), checks[str(batch)], tokenizer, prompts, device_type,
-                        "hydra") for batch in batches]
+    accuracy = [compare(shape, replace(all_on, batch_size=batch), checks[str(batch)], tokenizer, prompts, device_type)
+                for batch in batches]
     worst = max(run["worst_relative_error"] for run in accuracy)
     print(f"\nestimate vs profile with every lever on: worst stage {worst:.1%} (target: within 15%)")
 
@@ -133,7 +128,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "device": device_type, "settings": {"mode": "hydra", "batch_size": args.batch_size,
-                                                "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                                                "max_prompt_length": args.prompt_len, "max_new_tokens": args.gen_len,
                                                 "gradient_checkpointing": True, "iterations": args.iterations},
             "runs": runs, "skipped": skipped, "all_levers_cut": cut, "target_cut": TARGET_CUT,
             "estimate_checks": checks, "estimate_accuracy": accuracy, "worst_estimate_error": worst,

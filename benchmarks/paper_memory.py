@@ -1,4 +1,4 @@
-"""The Hydra-RLHF paper's memory comparison, re-derived with ``hydra_rlhf.memory.estimate`` (no weights, no GPU).
+"""The Hydra-RLHF paper's memory comparison, re-derived with ``hydra-rlhf estimate``'s formulas (no weights, no GPU).
 
     python benchmarks/paper_memory.py --json runs/paper_memory.json
 
@@ -11,7 +11,7 @@ off and on (``hydra_rlhf/memory/levers.py``): the peak, and the largest batch ea
 ``llama-3.1-8b_bs8_gib`` and ``llama-3.1-70b_bs4_gib`` hold the levers-on peaks.
 
 Our numbers are live-tensor bytes (what ``torch.cuda.max_memory_allocated`` reports) in GiB; the card's budget
-is its usable memory (``hydra_rlhf.memory.estimate.GPUS``). Full PPO here keeps AdamW states in the weights' dtype, as
+is its usable memory (``hydra_rlhf.memory.shape.GPUS``). Full PPO here keeps AdamW states in the weights' dtype, as
 this toolkit does; the paper's 220 GB estimate also counts fp32 master weights and fp32 optimizer states.
 """
 
@@ -22,25 +22,28 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from hydra_rlhf.memory.estimate import GPUS, MODES, EstimateSettings, GiB, estimate, gpu_table, largest_batch, load_preset
+from hydra_rlhf.layout import MODES
+from hydra_rlhf.memory.formulas import estimate
+from hydra_rlhf.memory.report import gpu_table, largest_batch
+from hydra_rlhf.memory.shape import GPUS, EstimateSettings, GiB, load_preset
 from hydra_rlhf.memory.levers import ALL_ON
 
 PAPER_GB = {"full": 220.0, "lora": 68.0, "j-hydra": 67.9, "hydra": 71.1}
-PAPER_SETTING = EstimateSettings(batch_size=4, prompt_len=256, gen_len=128, lora_r=128, dtype="bf16")
+PAPER_SETTING = EstimateSettings(batch_size=4, max_prompt_length=256, max_new_tokens=128, lora_r=128, dtype="bf16")
 A100_80GB = next(gpu for gpu in GPUS if gpu.name == "A100 80GB")
 TARGETS = {  # the issue: Hydra-PPO, 4-bit base, LoRA r=16, batch 8, 256 + 256 tokens, gradient checkpointing
     "llama-3.1-8b": 15.0,  # GiB: fits a T4
     "llama-3.1-70b": 75.0,  # GiB: fits one 80 GB card
 }
-TARGET_SETTING = EstimateSettings(mode="hydra", quant="4bit", batch_size=8, prompt_len=256, gen_len=256, lora_r=16,
-                                  gradient_checkpointing=True, dtype="bf16")
+TARGET_SETTING = EstimateSettings(mode="hydra", quantization="4bit", batch_size=8, max_prompt_length=256,
+                                  max_new_tokens=256, lora_r=16, gradient_checkpointing=True, dtype="bf16")
 
 
 def equal_setting(shape) -> dict:
     """Every mode at the same batch: our peak beside the paper's number."""
     s = PAPER_SETTING
-    print(f"1. Llama-2-7B shape, every mode at batch {s.batch_size}, prompt {s.prompt_len} + gen {s.gen_len}, "
-          f"{s.dtype}, LoRA r={s.lora_r}, no gradient checkpointing")
+    print(f"1. Llama-2-7B shape, every mode at batch {s.batch_size}, prompt {s.max_prompt_length} + gen "
+          f"{s.max_new_tokens}, {s.dtype}, LoRA r={s.lora_r}, no gradient checkpointing")
     print(f"   {'mode':8s} {'paper (GB)':>11s} {'ours (GiB)':>11s}  peak stage  dominated by")
     peaks = {}
     for mode in MODES:
@@ -83,8 +86,8 @@ def larger_batches(shape) -> dict:
 def targets() -> dict:
     """The issue's targets; a miss names the stage and the category that dominate."""
     s = TARGET_SETTING
-    print(f"3. Targets: hydra, {s.quant}, LoRA r={s.lora_r}, batch {s.batch_size}, prompt {s.prompt_len} + gen "
-          f"{s.gen_len}, gradient checkpointing, {s.dtype}")
+    print(f"3. Targets: hydra, {s.quantization}, LoRA r={s.lora_r}, batch {s.batch_size}, prompt "
+          f"{s.max_prompt_length} + gen {s.max_new_tokens}, gradient checkpointing, {s.dtype}")
     results = {}
     for name, target in TARGETS.items():
         est = estimate(load_preset(name), s)

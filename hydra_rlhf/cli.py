@@ -1,15 +1,15 @@
-"""The ``hydra-rlhf`` command: where PPO's memory goes, measured (``profile``), predicted (``estimate``), or read
-back from a finished run (``report``); and how a run's checkpoints score on held-out prompts (``evaluate``).
+"""The ``hydra-rlhf`` command: where an RL iteration's memory goes, measured (``profile``), predicted (``estimate``),
+or read back from a finished run (``report``); and how a run's checkpoints score on held-out prompts (``evaluate``).
+``profile`` and ``estimate`` take a run's shape in the recipes' keys (``--batch-size`` counts prompts).
 
     hydra-rlhf profile --modes full,lora,j-hydra,hydra --json runs/profile.json
-    hydra-rlhf profile --modes hydra --objective ppo,grpo --json runs/profile_objectives.json
-    hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --batch-size 8 --gradient-checkpointing
-    hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --objective all
-    hydra-rlhf estimate --preset llama-3.1-70b --quant 4bit --batch-size 4 --gradient-checkpointing --all-levers
+    hydra-rlhf profile --modes hydra --objective ppo,grpo --batch-size 2 --num-samples-per-prompt 4 --json runs/obj.json
+    hydra-rlhf estimate --preset llama-3.1-8b --quantization 4bit --batch-size 8 --gradient-checkpointing
+    hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --objective all --batch-size 2 --num-samples-per-prompt 4
+    hydra-rlhf estimate --preset llama-3.1-70b --quantization 4bit --batch-size 4 --gradient-checkpointing --all-levers
     hydra-rlhf profile --modes hydra --gradient-checkpointing --logprob-chunk-size 256 --optim adamw_bnb_8bit
     hydra-rlhf report runs/demo/ppo
-    hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json
-"""
+    hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json"""
 
 from __future__ import annotations
 
@@ -23,33 +23,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from .memory.levers import add_lever_arguments
+    from .memory.arguments import add_run_shape_arguments
+    from .memory.profile import ProfileSettings
+    from .memory.report import add_estimate_arguments, run_estimate
 
-    profile = commands.add_parser("profile", help="Run a few PPO iterations per mode and compare memory per stage.")
+    profile = commands.add_parser("profile", help="Run a few iterations per mode and compare memory per stage.")
     profile.add_argument("--model", default="smollm2-135m", help="Short name, local path or hub id.")
     profile.add_argument("--modes", default="full,lora,j-hydra,hydra", help="Comma-separated modes to compare.")
-    profile.add_argument("--objective", default="ppo", help="Comma-separated objectives (ppo, rloo, grpo, online_dpo): "
-                         "ppo builds a critic, the others do not.")
-    profile.add_argument("--batch-size", type=positive_int, default=8, help="Sequences per iteration (prompts x samples per "
-                         "prompt), equal for every objective.")
-    profile.add_argument("--prompt-len", type=positive_int, default=64,
-                         help="Prompt tokens per sample: cut from the left or left-padded to exactly this.")
-    profile.add_argument("--gen-len", type=positive_int, default=32, help="Generated tokens (EOS ignored: equal work per mode).")
-    profile.add_argument("--iterations", type=positive_int, default=2)
-    profile.add_argument("--quant", default="none", choices=["none", "8bit", "4bit"])
-    profile.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    profile.add_argument("--lora-r", type=positive_int, default=16)
+    profile.add_argument("--objective", dest="objectives", default="ppo", help="Comma-separated objectives (ppo, "
+                         "rloo, grpo, online_dpo): ppo builds a critic, the others do not. Each samples its own k per "
+                         "prompt unless --num-samples-per-prompt is given.")
+    add_run_shape_arguments(profile, ProfileSettings)
+    profile.add_argument("--iterations", type=int, default=2)
     profile.add_argument("--prompts", default="demo:train", help="Prompt source (bundled name or file).")
-    profile.add_argument("--fusion", action=argparse.BooleanOptionalAction, default=False,
-                         help="Sample-level fusion: generation and scoring as one stage (generate+score).")
-    add_lever_arguments(profile)
     profile.add_argument("--json", type=Path, help="Write the results here.")
     profile.add_argument("--plot", type=Path, help="PNG bar chart (default: next to --json, or profile.png).")
     profile.set_defaults(handler=run_profile)
 
     estimate = commands.add_parser("estimate", help="Predict per-stage memory for a model you cannot load here.")
-    from .memory.estimate import add_estimate_arguments, run_estimate
-
     add_estimate_arguments(estimate)
     estimate.set_defaults(handler=run_estimate)
 
@@ -84,22 +75,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def run_profile(args) -> int:
-    from .memory.profiler import format_bytes, stage_table, wide_console
-    from .plots import plot_memory
-    from .memory.levers import levers_from_args
+    from .memory.arguments import settings_from_args
     from .memory.profile import ProfileSettings, profile
 
+    # the shape first: a refused setting is one line before torch loads
+    settings = settings_from_args(ProfileSettings, args, modes=comma_list(args.modes),
+                                  objectives=comma_list(args.objectives))
+    from .memory.profiler import format_bytes, stage_table, wide_console
+    from .plots import plot_memory
+
     console = wide_console()
-    settings = ProfileSettings(model=args.model, modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-                               objectives=[o.strip() for o in args.objective.split(",") if o.strip()],
-                               batch_size=args.batch_size, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                               iterations=args.iterations, quantization=args.quant,
-                               gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                               prompts=args.prompts, fusion=args.fusion, **levers_from_args(args))
     results = profile(settings, progress=lambda mode: console.print(f"[bold]profiling {mode}[/bold] ..."))
     modes = results["modes"]
-    console.print(stage_table({m: r["stages"] for m, r in modes.items()}, title="PPO memory per stage, by mode"))
+    console.print(stage_table({m: r["stages"] for m, r in modes.items()}, title="Memory per stage, by mode"))
     for mode, result in modes.items():
         console.print(f"{mode:8s} peak {format_bytes(result['peak_bytes']):>12s}  base copies {result['base_copies']}  "
                       f"frozen base unchanged {result['frozen_base_unchanged']}  "

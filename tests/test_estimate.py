@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -9,22 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hydra_rlhf.memory.estimate import (
-    BASE_COPIES,
-    GPUS,
-    MODES,
-    EstimateSettings,
-    ModelShape,
-    add_estimate_arguments,
-    base_weight_bytes,
-    estimate,
-    largest_batch,
-    load_preset,
-    persistent_bytes,
-    presets,
-    run_estimate,
-    shape_from_hub,
-)
+from hydra_rlhf.layout import MODES
+from hydra_rlhf.memory.formulas import BASE_COPIES, base_weight_bytes, estimate, persistent_bytes
+from hydra_rlhf.memory.report import add_estimate_arguments, largest_batch, run_estimate
+from hydra_rlhf.memory.shape import GPUS, EstimateSettings, ModelShape, load_preset, presets, shape_from_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +55,7 @@ def test_weights_follow_the_number_of_base_copies():
 
 def test_quantized_weights_are_smaller():
     shape = load_preset("llama-3.1-8b")
-    weights = {q: persistent_bytes(shape, EstimateSettings(quant=q))["weights"] for q in ("4bit", "8bit", "none")}
+    weights = {q: persistent_bytes(shape, EstimateSettings(quantization=q))["weights"] for q in ("4bit", "8bit", "none")}
     assert weights["4bit"] < weights["8bit"] < weights["none"]
     # NF4 + double quant: ~0.516 byte per linear weight; embeddings and lm_head stay in bf16.
     assert weights["4bit"] == pytest.approx(shape.linear_params * 0.5159 + shape.dense_params * 2, rel=1e-3)
@@ -81,7 +70,7 @@ def test_gradient_checkpointing_lowers_the_train_peak():
 
 
 def test_largest_batch_fits_and_the_next_does_not():
-    shape, settings = load_preset("llama-3.1-8b"), EstimateSettings(quant="4bit", gradient_checkpointing=True)
+    shape, settings = load_preset("llama-3.1-8b"), EstimateSettings(quantization="4bit", gradient_checkpointing=True)
     budgets = [12 << 30, 24 << 30, 48 << 30, 96 << 30]
     batches = [largest_batch(shape, settings, budget) for budget in budgets]
     assert batches == sorted(batches) and batches[0] >= 1
@@ -92,8 +81,9 @@ def test_largest_batch_fits_and_the_next_does_not():
 
 
 def profiled_and_estimated(model: str, prompts: str, runs: list[tuple], **levers) -> list[tuple[dict, dict]]:
-    """Profile each (mode, objective, batch, prompt_len, gen_len, checkpointing) with the toolkit's own profiler,
-    live, and estimate the same iteration from the model's config: [(measured stages, estimated stages)]."""
+    """Profile each (mode, objective, prompts per batch, max_prompt_length, max_new_tokens, checkpointing) with the
+    toolkit's own profiler, live, and estimate the same iteration from the model's config: [(measured stages,
+    estimated stages)]."""
     from hydra_rlhf.data import load_prompts
     from hydra_rlhf.model.loading import load_tokenizer, resolve_model
     from hydra_rlhf.run import make_accelerator
@@ -104,11 +94,11 @@ def profiled_and_estimated(model: str, prompts: str, runs: list[tuple], **levers
     rows, _ = load_prompts(prompts)
     found = []
     for mode, objective, batch, prompt_len, gen_len, checkpointing in runs:
-        settings = ProfileSettings(model=model, prompts=prompts, modes=[mode], objectives=[objective], batch_size=batch,
-                                   prompt_len=prompt_len, gen_len=gen_len, gradient_checkpointing=checkpointing,
-                                   lora_r=4 if "tiny" in model else 16, **levers)
-        measured = profile_mode(mode, settings, tokenizer, rows, accelerator, objective)["stages"]
-        predicted = estimate(shape, matching_estimate(mode, settings, tokenizer, rows, "cpu", objective)).stages
+        settings = ProfileSettings(model=model, prompts=prompts, mode=mode, objective=objective, batch_size=batch,
+                                   max_prompt_length=prompt_len, max_new_tokens=gen_len,
+                                   gradient_checkpointing=checkpointing, lora_r=4 if "tiny" in model else 16, **levers)
+        measured = profile_mode(settings, tokenizer, rows, accelerator)["stages"]
+        predicted = estimate(shape, matching_estimate(settings, tokenizer, rows, "cpu")).stages
         found.append(({k: v["peak_bytes"] for k, v in measured.items()}, predicted))
     return found
 
@@ -117,8 +107,9 @@ def test_matches_the_profiler_live_for_critic_and_critic_free_objectives(tiny_mo
     # Profiled now, not pinned: a change to the trainer, the model or the profiler that the estimator does not
     # follow breaks this. The persistent state (advantages, log) and the train stage are modelled exactly on the
     # tiny model; generate and scoring carry fixed per-op overheads that weigh more at tiny sizes.
-    runs = [("hydra", "ppo", 8, 32, 8, False), ("hydra", "grpo", 8, 32, 8, False),
-            ("lora", "online_dpo", 4, 32, 8, True)]
+    # (8 rows each for ppo and grpo: 8 prompts x 1 sample, 2 prompts x 4; online_dpo: 2 prompts x 2)
+    runs = [("hydra", "ppo", 8, 32, 8, False), ("hydra", "grpo", 2, 32, 8, False),
+            ("lora", "online_dpo", 2, 32, 8, True)]
     results = profiled_and_estimated(tiny_model, str(prompts_file), runs)
     for run, (measured, predicted) in zip(runs, results):
         for stage, value in measured.items():
@@ -157,7 +148,7 @@ def test_matches_the_profiler_live_with_fusion(tiny_model, prompts_file):
 
 @pytest.mark.slow
 def test_matches_the_profiler_live_on_smollm2():
-    runs = [("hydra", "ppo", 8, 64, 32, False), ("hydra", "grpo", 8, 64, 32, False), ("lora", "ppo", 4, 32, 32, False),
+    runs = [("hydra", "ppo", 8, 64, 32, False), ("hydra", "grpo", 2, 64, 32, False), ("lora", "ppo", 4, 32, 32, False),
             ("hydra", "ppo", 4, 32, 32, True)]
     for run, (measured, predicted) in zip(runs, profiled_and_estimated("smollm2-135m", "demo:train", runs)):
         for stage, value in measured.items():
@@ -165,10 +156,10 @@ def test_matches_the_profiler_live_on_smollm2():
 
 
 def test_each_memory_lever_cuts_what_it_claims():
-    from hydra_rlhf.memory.estimate import logits_bytes, optimizer_state_bytes, trainable_bytes
+    from hydra_rlhf.memory.formulas import logits_bytes, optimizer_state_bytes, trainable_bytes
 
     shape = load_preset("llama-3.1-8b")
-    base = EstimateSettings(quant="4bit", batch_size=8, gradient_checkpointing=True)
+    base = EstimateSettings(quantization="4bit", batch_size=8, gradient_checkpointing=True)
     # 8-bit AdamW: one byte per state element (+ an fp32 absmax per 256), against 4 for fp32 adapters
     eight_bit = replace(base, optim="adamw_bnb_8bit")
     lora_elements = trainable_bytes(shape, base) / 4
@@ -178,7 +169,7 @@ def test_each_memory_lever_cuts_what_it_claims():
     bf16 = replace(base, adapter_dtype="compute")
     for part in ("optimizer", "adapters_heads"):
         assert persistent_bytes(shape, bf16)[part] == pytest.approx(persistent_bytes(shape, base)[part] / 2, rel=1e-3)
-    with pytest.raises(ValueError, match="fp16 base"):
+    with pytest.raises(ValueError, match="float16 base"):
         replace(base, dtype="fp16", adapter_dtype="compute")
     # chunked log-probs: one chunk's logits instead of the minibatch's
     chunked = replace(base, logprob_chunk_size=256)
@@ -196,13 +187,13 @@ def test_each_memory_lever_cuts_what_it_claims():
 def test_every_lever_on_fits_70b_on_a_48gb_card_and_8b_in_8_gib():
     from hydra_rlhf.memory.levers import ALL_ON
 
-    setting = EstimateSettings(quant="4bit", prompt_len=256, gen_len=256, lora_r=16, gradient_checkpointing=True,
-                               **ALL_ON.levers())
+    setting = EstimateSettings(quantization="4bit", max_prompt_length=256, max_new_tokens=256, lora_r=16,
+                               gradient_checkpointing=True, **ALL_ON.levers())
     big = estimate(load_preset("llama-3.1-70b"), replace(setting, batch_size=4))
     small = estimate(load_preset("llama-3.1-8b"), replace(setting, batch_size=8))
     assert big.peak_bytes <= 44 * (1 << 30) and small.peak_bytes <= 8 * (1 << 30)
-    levers_off = estimate(load_preset("llama-3.1-70b"), EstimateSettings(quant="4bit", batch_size=4, prompt_len=256,
-                                                                         gen_len=256, gradient_checkpointing=True))
+    levers_off = estimate(load_preset("llama-3.1-70b"), EstimateSettings(
+        quantization="4bit", batch_size=4, max_prompt_length=256, max_new_tokens=256, gradient_checkpointing=True))
     assert levers_off.peak_bytes > 48 * (1 << 30)  # the issue's 49.2 GiB
     l40s = next(gpu for gpu in GPUS if gpu.name.startswith("L40S"))
     assert big.peak_bytes <= l40s.usable_bytes < levers_off.peak_bytes
@@ -210,7 +201,9 @@ def test_every_lever_on_fits_70b_on_a_48gb_card_and_8b_in_8_gib():
 
 def test_critic_free_objectives_drop_the_critic_state():
     shape = load_preset("llama-3.1-8b")
-    ppo, grpo = (estimate(shape, EstimateSettings(objective=o, quant="4bit")) for o in ("ppo", "grpo"))
+    # at equal rows: ppo 8 prompts x 1 sample, grpo 2 prompts x 4
+    ppo, grpo = (estimate(shape, EstimateSettings(objective=o, batch_size=b, quantization="4bit"))
+                 for o, b in (("ppo", 8), ("grpo", 2)))
     lora_adapter = 4 * shape.lora_params(16)
     # one adapter fewer (fp32), one value head fewer, and their two AdamW states
     assert ppo.stage_breakdown["log"]["adapters_heads"] - grpo.stage_breakdown["log"]["adapters_heads"] == \
@@ -248,7 +241,7 @@ def test_malformed_config_files_name_the_file_and_the_key(tmp_path):
 
 def test_full_mode_refuses_a_quantized_base():
     with pytest.raises(ValueError, match="trains every weight"):
-        EstimateSettings(mode="full", quant="4bit")
+        EstimateSettings(mode="full", quantization="4bit")
 
 
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
@@ -279,7 +272,7 @@ def test_cli_prints_the_tables_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert set(data["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
     assert data["peak_bytes"] == max(stage["peak_bytes"] for stage in data["stages"].values())
-    assert data["settings"]["quant"] == "4bit" and data["settings"]["gradient_checkpointing"] is True
+    assert data["settings"]["quantization"] == "4bit" and data["settings"]["gradient_checkpointing"] is True
     assert sum(data["breakdown"].values()) == data["peak_bytes"]
     assert [gpu["name"] for gpu in data["gpus"]] == [gpu.name for gpu in GPUS]
     assert all(isinstance(gpu["largest_batch"], int) for gpu in data["gpus"])
@@ -287,7 +280,9 @@ def test_cli_prints_the_tables_and_writes_json(tmp_path, capsys):
 
 def test_cli_objective_all_has_one_column_per_objective(tmp_path, capsys):
     out = tmp_path / "objectives.json"
-    assert run_estimate(parse("--preset", "llama-3.1-8b", "--quant", "4bit", "--objective", "all", "--json", str(out))) == 0
+    # every objective at equal rows (2 prompts x 4 samples; online_dpo trains on one pair per prompt)
+    assert run_estimate(parse("--preset", "llama-3.1-8b", "--quant", "4bit", "--objective", "all", "--batch-size", "2",
+                              "--num-samples-per-prompt", "4", "--json", str(out))) == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in ("ppo", "rloo", "grpo", "online_dpo"))
     data = json.loads(out.read_text())["objectives"]
@@ -311,7 +306,8 @@ def test_cli_says_when_nothing_fits_and_by_how_much(capsys):
 
 
 def test_importing_the_estimator_does_not_import_torch():
-    code = "import sys, hydra_rlhf.memory.estimate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, hydra_rlhf.memory.shape, hydra_rlhf.memory.formulas, hydra_rlhf.memory.report; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -333,13 +329,13 @@ def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_fi
     # The calibration check of the estimator against the profiler, on a tiny model (the default is the bundled one).
     out = tmp_path / "accuracy.json"
     result = subprocess.run([sys.executable, "benchmarks/estimate_accuracy.py", "--model", tiny_model,
-                             "--prompts", str(prompts_file), "--runs", "hydra:4:80:4:grpo", "--json", str(out)],
+                             "--prompts", str(prompts_file), "--runs", "hydra:1:80:4:grpo", "--json", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     (run,) = data["runs"]
     assert run["settings"]["padded_prompts"] is True  # the tiny prompts are shorter than 80 tokens
-    assert run["settings"]["objective"] == "grpo" and run["settings"]["batch_size"] == 4
+    assert run["settings"]["objective"] == "grpo" and run["settings"]["batch_size"] == 1  # 1 prompt x 4 samples
     assert set(run["stages"]) == {"generate", "score_frozen", "score_policy", "advantages", "train", "log"}
     for stage in run["stages"].values():
         assert stage["measured_bytes"] > 0 and stage["relative_error"] == pytest.approx(
@@ -348,12 +344,12 @@ def test_estimate_accuracy_benchmark_compares_every_stage(tiny_model, prompts_fi
 
 
 def test_a_vllm_engine_beside_the_learner_is_its_own_category_per_stage(capsys):
-    from hydra_rlhf.memory.estimate import engine_kv_bytes, engine_weight_bytes, kv_cache_bytes
+    from hydra_rlhf.memory.formulas import engine_kv_bytes, engine_weight_bytes, kv_cache_bytes
 
     shape = load_preset("llama-3.1-8b")
-    hf = estimate(shape, EstimateSettings(quant="4bit"))
-    vllm = estimate(shape, EstimateSettings(quant="4bit", engine="vllm"))
-    asleep = estimate(shape, EstimateSettings(quant="4bit", engine="vllm", engine_sleep=True))
+    hf = estimate(shape, EstimateSettings(quantization="4bit"))
+    vllm = estimate(shape, EstimateSettings(quantization="4bit", generation_backend="vllm"))
+    asleep = estimate(shape, EstimateSettings(quantization="4bit", generation_backend="vllm", vllm_sleep_mode=True))
     settings = vllm.settings
     held = engine_weight_bytes(shape, settings) + engine_kv_bytes(shape, settings)
     # a second (4-bit) copy of the base plus a rank-16 LoRA slot, and the batch's KV cache
@@ -367,13 +363,64 @@ def test_a_vllm_engine_beside_the_learner_is_its_own_category_per_stage(capsys):
     # the learner no longer decodes: its generate stage holds the rollout, not a KV cache
     assert vllm.stage_breakdown["generate"]["activations"] < hf.stage_breakdown["generate"]["activations"]
     assert asleep.peak_bytes < vllm.peak_bytes and asleep.host_bytes == engine_weight_bytes(shape, settings)
-    sized = estimate(shape, EstimateSettings(engine="vllm", engine_kv_cache_gib=2.0))
+    sized = estimate(shape, EstimateSettings(generation_backend="vllm", vllm_kv_cache_gib=2.0))
     assert engine_kv_bytes(shape, sized.settings) == 2 << 30
-    with pytest.raises(ValueError, match="without --fusion"):
-        EstimateSettings(engine="vllm", fusion=True)
+    with pytest.raises(ValueError, match="fusion and generation_backend vllm"):
+        EstimateSettings(generation_backend="vllm", fusion=True)
     assert run_estimate(parse("--quant", "4bit", "--generation-backend", "vllm")) == 0
     report = capsys.readouterr().out
     assert "Levers: vllm engine." in " ".join(report.split()) and "│ engine" in report.split("At the peak stage")[1]
     assert run_estimate(parse("--quant", "4bit", "--generation-backend", "vllm", "--vllm-sleep-mode")) == 0
     report = " ".join(capsys.readouterr().out.split())
     assert "vllm engine in sleep mode" in report
+
+
+# ------------------------------------------------------------------------- one RunShape behind every door
+
+
+def test_a_recipes_configs_and_the_same_flags_give_the_same_estimate(tmp_path):
+    from trl import TrlParser
+
+    from hydra_rlhf.config import HydraModelConfig, RLConfig
+
+    configs = TrlParser((HydraModelConfig, RLConfig)).parse_args_and_config(
+        ["--config", str(ROOT / "recipes" / "configs" / "ppo_smollm2.yaml")])
+    expected = estimate(load_preset("smollm2-135m"), EstimateSettings.of(*configs, device="cpu")).to_dict()
+    out = tmp_path / "flags.json"
+    assert run_estimate(parse("--preset", "smollm2-135m", "--mode", "hydra", "--objective", "ppo", "--lora-r", "16",
+                              "--batch-size", "16", "--minibatch-size", "8", "--max-prompt-length", "64",
+                              "--max-new-tokens", "48", "--generation-backend", "hf", "--device", "cpu",
+                              "--json", str(out))) == 0
+    found = json.loads(out.read_text())
+    assert found["settings"] == expected["settings"] and found["stages"] == expected["stages"]
+
+
+RULES = [  # the keys that break a rule (config.check_*), the same as flags, and the rule's words
+    ({"mode": "full", "quantization": "4bit"}, ["--quant", "4bit"], "mode 'full' trains every weight"),
+    ({"dtype": "fp16", "adapter_dtype": "compute"}, ["--dtype", "fp16", "--adapter-dtype", "compute"],
+     "adapter_dtype compute with a float16 base"),
+    ({"generation_backend": "vllm", "fusion": True}, ["--generation-backend", "vllm", "--fusion"],
+     "fusion and generation_backend vllm"),
+    ({"mode": "full", "generation_backend": "vllm"}, ["--generation-backend", "vllm"], "mode full has none"),
+    ({"batch_size": 4, "minibatch_size": 8}, ["--batch-size", "4", "--minibatch-size", "8"],
+     "must be a multiple of minibatch_size (8)"),
+]
+
+
+@pytest.mark.parametrize(("keys", "flags", "words"), RULES)
+def test_each_rule_says_the_same_from_the_run_shape_estimate_and_profile(keys, flags, words, capsys):
+    from hydra_rlhf.cli import main
+    from hydra_rlhf.config import RunShape
+    from hydra_rlhf.memory.profile import ProfileSettings
+
+    with pytest.raises(ValueError, match=re.escape(words)) as refused:
+        RunShape(**keys)
+    message = str(refused.value)
+    for settings in (EstimateSettings, ProfileSettings):
+        with pytest.raises(ValueError, match=re.escape(message)) as refused:
+            settings(**keys)
+        assert str(refused.value) == message
+    mode = keys.get("mode", "hydra")
+    assert run_estimate(parse("--mode", mode, *flags)) == 2
+    assert main(["profile", "--modes", mode, *flags]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"] * 2

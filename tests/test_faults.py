@@ -51,8 +51,8 @@ def one_line_error(result, *expected: str, code: int = 2) -> str:
     (lambda: __import__("hydra_rlhf.config").config.ModelConfig(lora_r=0), "lora_r must be > 0"),
     (lambda: __import__("hydra_rlhf.config").config.ModelConfig(dtype="fp8"), "Unknown dtype 'fp8'"),
     (lambda: __import__("hydra_rlhf.memory.profile").memory.profile.ProfileSettings(batch_size=0), "batch_size"),
-    (lambda: __import__("hydra_rlhf.memory.estimate").memory.estimate.EstimateSettings(batch_size=4, minibatch_size=8),
-     "minibatch_size (8) must not exceed batch_size (4)"),
+    (lambda: __import__("hydra_rlhf.memory.shape").memory.shape.EstimateSettings(batch_size=4, minibatch_size=8),
+     "must be a multiple of minibatch_size (8)"),
 ])
 def test_impossible_settings_are_refused_before_anything_loads(make, message):
     with pytest.raises(ValueError) as error:
@@ -272,9 +272,9 @@ def test_cli_answers_bad_input_in_one_line(tmp_path):
     one_line_error(run([CLI, "report", str(tmp_path), "--json", str(tmp_path / "r.json")], check=False),
                    "holds no memory records yet")
     one_line_error(run([CLI, "estimate", "--minibatch-size", "8", "--batch-size", "4"], check=False),
-                   "minibatch_size (8) must not exceed batch_size (4)")
-    one_line_error(run([CLI, "profile", "--batch-size", "3", "--objective", "grpo"], check=False),
-                   "must be a multiple of 4")
+                   "must be a multiple of minibatch_size (8)")
+    one_line_error(run([CLI, "profile", "--num-samples-per-prompt", "1", "--objective", "grpo"], check=False),
+                   "num_samples_per_prompt must be at least 2, got 1")
 
 
 def test_resume_skips_a_truncated_checkpoint_and_refuses_other_settings(tiny_model, prompts_file, tmp_path):

@@ -1,6 +1,6 @@
 """Memory levers: what is left to cut once Hydra has removed the base copies. Each is one config key, measured by
-``hydra-rlhf profile`` and modelled by ``hydra-rlhf estimate`` (flag in brackets); all are off by default, so a
-run without them computes exactly what it always did.
+``hydra-rlhf profile`` and modelled by ``hydra-rlhf estimate`` (flag in brackets, declared in ``memory/arguments.py``);
+all are off by default, so a run without them computes exactly what it always did.
 
 * ``logprob_chunk_size`` (``--logprob-chunk-size``): log-probs without whole logits. The LM head, log-softmax,
   the gather of the sampled tokens and the entropy run over chunks of response tokens, each chunk checkpointed
@@ -20,35 +20,14 @@ run without them computes exactly what it always did.
 
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch loads when a lever runs: ``hydra-rlhf estimate`` reads the flags without it
+if TYPE_CHECKING:  # torch loads when a lever runs, not on import
     import torch
     from torch import nn
 
-from ..config import ADAPTER_DTYPES, ALL_ON, ALL_ON_CHUNK_SIZE, OPTIMIZERS, Levers, check_adapter_dtype  # noqa: F401
-
-
-def add_lever_arguments(parser: argparse.ArgumentParser) -> None:
-    """The lever flags shared by ``hydra-rlhf profile`` and ``hydra-rlhf estimate``."""
-    parser.add_argument("--logprob-chunk-size", type=int, default=0, metavar="TOKENS",
-                        help=f"Log-probs over chunks of this many tokens, no whole logits (0: off; e.g. {ALL_ON_CHUNK_SIZE}).")
-    parser.add_argument("--optim", default="adamw_torch", choices=OPTIMIZERS, help="adamw_bnb_8bit: 8-bit AdamW states.")
-    parser.add_argument("--activation-offload", action=argparse.BooleanOptionalAction, default=False,
-                        help="CUDA: saved activations wait for backward in host memory.")
-    parser.add_argument("--adapter-dtype", default="float32", choices=ADAPTER_DTYPES,
-                        help="LoRA weights in fp32 or in the compute dtype (bf16 on a GPU).")
-    parser.add_argument("--all-levers", action="store_true", help="Every lever on (chunks of "
-                        f"{ALL_ON_CHUNK_SIZE} tokens, 8-bit AdamW, offload, adapters in the compute dtype).")
-
-
-def levers_from_args(args: argparse.Namespace) -> dict:
-    if args.all_levers:
-        return ALL_ON.levers()
-    return {f.name: getattr(args, f.name) for f in fields(Levers)}
+from ..config import ADAPTER_DTYPES, ALL_ON, OPTIMIZERS, check_adapter_dtype  # noqa: F401 - ALL_ON: for its users
 
 
 # ------------------------------------------------------------------------------------------------ log-probs

@@ -1,10 +1,11 @@
 """``hydra-rlhf profile``: a few iterations per mode (and objective) at identical settings, memory measured per
-stage. ``batch_size`` counts generated sequences, so PPO (1 sample per prompt) and a critic-free objective (k
-samples of batch_size / k prompts) train on the same number of rows: the difference is the critic.
+stage. The run's shape is a ``config.RunShape``, in the recipes' words: ``batch_size`` counts prompts, each sampled
+the objective's k times unless ``num_samples_per_prompt`` says otherwise, so to compare objectives at equal rows
+set ``num_samples_per_prompt`` (e.g. batch 2 x 4 samples against PPO's batch 8 x 1 is batch 2 x 4 for both).
 
 Fairness: every mode runs the same trainer code on the same prompts with the same seed, and generation ignores
-EOS so every mode scores exactly ``gen_len`` tokens. ``base_copies`` is counted from distinct parameter storages
-and ``frozen_base_unchanged`` from a hash of every frozen base before and after the iterations.
+EOS so every mode scores exactly ``max_new_tokens`` tokens. ``base_copies`` is counted from distinct parameter
+storages and ``frozen_base_unchanged`` from a hash of every frozen base before and after the iterations.
 """
 
 from __future__ import annotations
@@ -12,74 +13,76 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
+from itertools import product
 
-import torch
-
-from ..config import HydraModelConfig
-
-from ..model.hydra import HydraModel
+from ..config import HydraModelConfig, RLConfig, RunShape
 from ..errors import check_at_least_one
-from ..layout import MODES, objective_info
-from .levers import Levers
-from .profiler import persistent_bytes, summarize
+from ..layout import MODES, check_mode, objective_info
+
+# torch loads in the functions that run something: the CLI reads ProfileSettings' defaults without it
 
 
 @dataclass
-class ProfileSettings(Levers):
+class ProfileSettings(RunShape):
+    """A ``RunShape`` (``mode`` and ``objective``: the run :func:`profile_mode` makes) plus what the profiler
+    needs: the model, which modes and objectives :func:`profile` runs, how many iterations, the prompts."""
+
+    max_new_tokens: int = 32
     model: str = "smollm2-135m"
     modes: list[str] = field(default_factory=lambda: list(MODES))
     objectives: list[str] = field(default_factory=lambda: ["ppo"])
-    batch_size: int = 8  # sequences per iteration: prompts x the objective's samples per prompt
-    prompt_len: int = 64  # every prompt is cut from the left or left-padded to exactly this many tokens
-    gen_len: int = 32
     iterations: int = 2
-    quantization: str = "none"
-    gradient_checkpointing: bool = False
-    lora_r: int = 16
     prompts: str = "demo:train"
     seed: int = 0
-    fusion: bool = False  # generation and scoring fused (fusion.py): one stage, generate+score
     measure_memory: bool = True  # False: time the iterations without the CPU's live-tensor accounting (slower)
 
     def __post_init__(self):
-        unknown = [m for m in self.modes if m not in MODES]
-        if unknown:
-            raise ValueError(f"Unknown mode {unknown[0]!r}: use a comma-separated subset of {','.join(MODES)}.")
-        check_at_least_one(self, "batch_size", "prompt_len", "gen_len", "iterations", "lora_r")
-        self.check_levers()
+        for mode in self.modes:
+            check_mode(mode)
         for objective in self.objectives:
-            k = objective_info(objective).default_samples_per_prompt
-            if self.batch_size % k:
-                raise ValueError(f"batch_size {self.batch_size} must be a multiple of {k}, the samples per prompt of "
-                                 f"objective {objective}.")
-        if "full" in self.modes and self.quantization != "none":
-            raise ValueError("mode 'full' trains every weight and cannot use a quantized base; drop it from --modes.")
+            objective_info(objective)
+        check_at_least_one(self, "iterations")
+        super().__post_init__()
+        for mode, objective in product(self.modes, self.objectives):  # every run profile() makes, refused now
+            RunShape.of(self, mode=mode, objective=objective)
+
+    def runs(self) -> list[ProfileSettings]:
+        """One settings per run of :func:`profile`: every mode for every objective."""
+        return [replace(self, mode=mode, objective=objective)
+                for mode, objective in product(self.modes, self.objectives)]
 
 
-def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accelerator, objective: str = "ppo") -> dict:
-    """Run ``settings.iterations`` iterations of ``objective`` in ``mode``; return its memory and invariants."""
-    from ..config import RLConfig
+def same_names(config: type, *sources, **values):
+    """``config`` built from every field of ``sources`` that has one of its names (later sources winning), then
+    ``values``: a run's configs from its shape, with no per-field translation."""
+    names = {f.name for f in fields(config)}
+    found = {}
+    for source in sources:
+        found.update({name: getattr(source, name) for name in names if hasattr(source, name)})
+    return config(**{**found, **values})
+
+
+def profile_mode(settings: ProfileSettings, tokenizer, prompts, accelerator) -> dict:
+    """Run ``settings.iterations`` iterations of ``settings.objective`` in ``settings.mode``; return its memory
+    and invariants. Prompts are padded to ``max_prompt_length`` and EOS ignored: the shape is the one asked."""
+    import torch
+
+    from ..model.hydra import HydraModel
     from ..trainer import RLTrainer
+    from .profiler import persistent_bytes, summarize
 
-    model_config = HydraModelConfig(model_name_or_path=settings.model, mode=mode, quantization=settings.quantization,
-                                    gradient_checkpointing=settings.gradient_checkpointing, lora_r=settings.lora_r,
-                                    logprob_chunk_size=settings.logprob_chunk_size,
-                                    activation_offload=settings.activation_offload, adapter_dtype=settings.adapter_dtype)
+    model_config = same_names(HydraModelConfig, settings, model_name_or_path=settings.model)
     with tempfile.TemporaryDirectory() as scratch:
-        info = objective_info(objective)
-        k = info.default_samples_per_prompt
-        ppo_config = RLConfig(
-            objective=objective, num_samples_per_prompt=k, prompts_path=settings.prompts, eval_prompts_path=None,
-            batch_size=settings.batch_size // k, minibatch_size=info.train_rows(settings.batch_size // k, k), max_prompt_length=settings.prompt_len,
-            pad_prompts_to_max_length=True, max_new_tokens=settings.gen_len,
-            stop_at_eos=False, max_iterations=settings.iterations, num_epochs=1, save_every=0, save_final=False,
-            output_dir=scratch, seed=settings.seed, optim=settings.optim, profile_memory=settings.measure_memory,
-            fusion=settings.fusion,
-        )
-        model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed, critic=info.critic)
+        config = same_names(
+            RLConfig, settings, minibatch_size=settings.minibatch_size or settings.train_rows,
+            prompts_path=settings.prompts, eval_prompts_path=None, pad_prompts_to_max_length=True, stop_at_eos=False,
+            max_iterations=settings.iterations, num_epochs=1, save_every=0, save_final=False, output_dir=scratch,
+            profile_memory=settings.measure_memory)
+        model = HydraModel.from_config(model_config, device=accelerator.device, seed=settings.seed,
+                                       critic=objective_info(settings.objective).critic)
         fingerprint = model.frozen_fingerprint()
-        trainer = RLTrainer(model, tokenizer, ppo_config, prompts, accelerator)
+        trainer = RLTrainer(model, tokenizer, config, prompts, accelerator)
         started = time.perf_counter()
         for _ in range(settings.iterations):
             trainer.step()
@@ -93,7 +96,7 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
             "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
             "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
             "seconds_per_iteration": seconds / settings.iterations,
-            "seconds_per_sample": seconds / (settings.iterations * settings.batch_size),
+            "seconds_per_sample": seconds / (settings.iterations * settings.sequences),
             "stages": {name: {"peak_bytes": v["peak_bytes"], "delta_bytes": v["delta_bytes"]} for name, v in stages.items()},
         }
     del model, trainer
@@ -103,49 +106,65 @@ def profile_mode(mode: str, settings: ProfileSettings, tokenizer, prompts, accel
     return result
 
 
-def matching_estimate(mode: str, settings: ProfileSettings, tokenizer, prompts, device_type: str, objective: str = "ppo"):
-    """The ``hydra-rlhf estimate`` settings for the iteration :func:`profile_mode` runs, to compare the two: the
-    same shape and precision (bf16 on CUDA, fp32 on CPU), and an attention mask exactly when some prompt is
-    shorter than ``prompt_len`` (the profiler left-pads every prompt to it)."""
+def matching_estimate(settings: ProfileSettings, tokenizer, prompts, device_type: str):
+    """The ``hydra-rlhf estimate`` settings of the iteration :func:`profile_mode` runs: the same RunShape, the
+    device, and an attention mask exactly when some prompt is shorter than ``max_prompt_length`` (the profiler
+    left-pads every prompt to it). dtype auto resolves alike in both (bf16 on CUDA, fp32 on CPU)."""
     from ..data import encode_prompts
-    from .estimate import EstimateSettings
+    from .shape import EstimateSettings
 
     shortest = min(len(ids) for ids in encode_prompts(tokenizer, prompts, 1 << 20)[0])
-    on_cuda = device_type == "cuda"
-    return EstimateSettings(
-        mode=mode, objective=objective, quant=settings.quantization, batch_size=settings.batch_size, prompt_len=settings.prompt_len,
-        gen_len=settings.gen_len, lora_r=settings.lora_r, gradient_checkpointing=settings.gradient_checkpointing,
-        dtype="bf16" if on_cuda else "fp32", device="cuda" if on_cuda else "cpu",
-        padded_prompts=shortest < settings.prompt_len, fusion=settings.fusion, **settings.levers(),
-    )
+    return EstimateSettings.of(settings, device="cuda" if device_type == "cuda" else "cpu",
+                               padded_prompts=shortest < settings.max_prompt_length)
+
+
+def compare(shape, settings: ProfileSettings, measured: dict, tokenizer, prompts, device_type: str) -> dict:
+    """The estimate of the run :func:`profile_mode` measured (``measured``), stage by stage, printed and
+    returned: estimated and measured bytes and the relative error per stage, the worst one, the peak's."""
+    from .formulas import estimate
+    from .profiler import format_bytes
+
+    estimated = matching_estimate(settings, tokenizer, prompts, device_type)
+    predicted = estimate(shape, estimated).stages
+    print(f"\n{settings.mode}, {settings.objective}, batch {settings.batch_size} x {settings.samples_per_prompt}, "
+          f"prompt {settings.max_prompt_length} + {settings.max_new_tokens} new tokens (padded prompts: "
+          f"{estimated.padded_prompts}; levers: {settings.levers()})")
+    stages = {}
+    for stage, got in predicted.items():
+        want = measured["stages"][stage]["peak_bytes"]
+        stages[stage] = {"estimated_bytes": got, "measured_bytes": want, "relative_error": got / want - 1}
+        print(f"  {stage:13s} estimate {format_bytes(got):>10s}  measured {format_bytes(want):>10s}  {got / want - 1:+6.1%}")
+    peak_error = max(predicted.values()) / measured["peak_bytes"] - 1
+    print(f"  {'peak':13s} {peak_error:+6.1%}")
+    return {"settings": asdict(estimated), "stages": stages, "peak_relative_error": peak_error,
+            "worst_relative_error": max(abs(s["relative_error"]) for s in stages.values())}
 
 
 def profile(settings: ProfileSettings, progress=None) -> dict:
     """Profile every mode in ``settings.modes`` for every objective in ``settings.objectives``; the dict is what
     ``--json`` writes. Its "modes" are keyed by mode, or by ``mode/objective`` when several objectives run."""
+    import torch
+
     from ..data import load_prompts
     from ..model.loading import load_tokenizer, resolve_model
     from ..run import make_accelerator
+    from .profiler import CPU_MEASURE, CUDA_MEASURE
 
     accelerator = make_accelerator()
     resolve_model(settings.model)
     tokenizer = load_tokenizer(settings.model)
     prompts, _ = load_prompts(settings.prompts)
     modes = {}
-    for mode in settings.modes:
-        for objective in settings.objectives:
-            label = mode if len(settings.objectives) == 1 else f"{mode}/{objective}"
-            if progress:
-                progress(label)
-            modes[label] = profile_mode(mode, settings, tokenizer, prompts, accelerator, objective)
-            modes[label]["objective"] = objective
-    measure_device = accelerator.device
-    from .profiler import CPU_MEASURE, CUDA_MEASURE
-
+    for run in settings.runs():
+        label = run.mode if len(settings.objectives) == 1 else f"{run.mode}/{run.objective}"
+        if progress:
+            progress(label)
+        modes[label] = profile_mode(run, tokenizer, prompts, accelerator) | {"objective": run.objective}
+    on_cuda = accelerator.device.type == "cuda"
     return {
         "settings": asdict(settings),
-        "device": torch.cuda.get_device_name(measure_device) if measure_device.type == "cuda" else "cpu",
-        "measure": CUDA_MEASURE if measure_device.type == "cuda" else CPU_MEASURE,
+        "device": torch.cuda.get_device_name(accelerator.device) if on_cuda else "cpu",
+        "measure": CUDA_MEASURE if on_cuda else CPU_MEASURE,
         "modes": modes,
         "ratios": ratios(modes),
     }
