@@ -26,7 +26,7 @@ from hydra_rlhf.layout import MODES
 from hydra_rlhf.memory.formulas import estimate
 from hydra_rlhf.memory.report import gpu_table, largest_batch
 from hydra_rlhf.memory.shape import GPUS, EstimateSettings, GiB, load_preset
-from hydra_rlhf.memory.levers import ALL_ON
+from hydra_rlhf.config import ALL_ON
 
 PAPER_GB = {"full": 220.0, "lora": 68.0, "j-hydra": 67.9, "hydra": 71.1}
 PAPER_SETTING = EstimateSettings(batch_size=4, max_prompt_length=256, max_new_tokens=128, lora_r=128, dtype="bf16")

@@ -89,6 +89,16 @@ def renamed(owner, old: str, new: str) -> None:
     setattr(owner, old, None)
 
 
+def from_fields(cls, *sources, **overrides):
+    """``cls`` built from every field of ``sources`` that has one of its names (later sources winning), then
+    ``overrides``: one run described in another of these dataclasses, with no per-field translation."""
+    names = {f.name for f in fields(cls)}
+    values = {}
+    for source in sources:
+        values.update({name: getattr(source, name) for name in names if hasattr(source, name)})
+    return cls(**{**values, **overrides})
+
+
 # ----------------------------------------------------------------------------------------------- the levers
 
 
@@ -394,11 +404,7 @@ class RunShape(Levers):
     def of(cls, *configs, **overrides) -> "RunShape":
         """The shape of a run described by ``configs`` (e.g. a HydraModelConfig and an RLConfig): every field
         of the same name, later configs and then ``overrides`` winning."""
-        names = {f.name for f in fields(cls)}
-        values = {}
-        for config in configs:
-            values.update({name: getattr(config, name) for name in names if hasattr(config, name)})
-        return cls(**{**values, **overrides})
+        return from_fields(cls, *configs, **overrides)
 
     def __post_init__(self):
         check_mode(self.mode)

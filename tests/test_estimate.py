@@ -185,7 +185,7 @@ def test_each_memory_lever_cuts_what_it_claims():
 
 
 def test_every_lever_on_fits_70b_on_a_48gb_card_and_8b_in_8_gib():
-    from hydra_rlhf.memory.levers import ALL_ON
+    from hydra_rlhf.config import ALL_ON
 
     setting = EstimateSettings(quantization="4bit", max_prompt_length=256, max_new_tokens=256, lora_r=16,
                                gradient_checkpointing=True, **ALL_ON.levers())

@@ -128,7 +128,7 @@ def test_hydra_sft_checkpoint_serves_as_a_plain_causal_lm_and_the_engine_follows
 
     from vllm.config.lora import MaxLoRARanks
 
-    from hydra_rlhf.memory.estimate import VLLM_LORA_RANKS
+    from hydra_rlhf.memory.formulas import VLLM_LORA_RANKS
 
     assert VLLM_LORA_RANKS == get_args(MaxLoRARanks)  # the estimator's copy of vLLM's LoRA slots
     engine = VLLMEngine.for_model(model, config, eos, tokenizer.pad_token_id)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch loads when a lever runs, not on import
     import torch
     from torch import nn
 
-from ..config import ADAPTER_DTYPES, ALL_ON, OPTIMIZERS, check_adapter_dtype  # noqa: F401 - ALL_ON: for its users
+from ..config import ADAPTER_DTYPES, OPTIMIZERS, check_adapter_dtype
 
 
 # ------------------------------------------------------------------------------------------------ log-probs

@@ -13,10 +13,10 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import product
 
-from ..config import HydraModelConfig, RLConfig, RunShape
+from ..config import HydraModelConfig, RLConfig, RunShape, from_fields
 from ..errors import check_at_least_one
 from ..layout import MODES, check_mode, objective_info
 
@@ -53,16 +53,6 @@ class ProfileSettings(RunShape):
                 for mode, objective in product(self.modes, self.objectives)]
 
 
-def same_names(config: type, *sources, **values):
-    """``config`` built from every field of ``sources`` that has one of its names (later sources winning), then
-    ``values``: a run's configs from its shape, with no per-field translation."""
-    names = {f.name for f in fields(config)}
-    found = {}
-    for source in sources:
-        found.update({name: getattr(source, name) for name in names if hasattr(source, name)})
-    return config(**{**found, **values})
-
-
 def profile_mode(settings: ProfileSettings, tokenizer, prompts, accelerator) -> dict:
     """Run ``settings.iterations`` iterations of ``settings.objective`` in ``settings.mode``; return its memory
     and invariants. Prompts are padded to ``max_prompt_length`` and EOS ignored: the shape is the one asked."""
@@ -72,9 +62,9 @@ def profile_mode(settings: ProfileSettings, tokenizer, prompts, accelerator) -> 
     from ..trainer import RLTrainer
     from .profiler import persistent_bytes, summarize
 
-    model_config = same_names(HydraModelConfig, settings, model_name_or_path=settings.model)
+    model_config = from_fields(HydraModelConfig, settings, model_name_or_path=settings.model)
     with tempfile.TemporaryDirectory() as scratch:
-        config = same_names(
+        config = from_fields(
             RLConfig, settings, minibatch_size=settings.minibatch_size or settings.train_rows,
             prompts_path=settings.prompts, eval_prompts_path=None, pad_prompts_to_max_length=True, stop_at_eos=False,
             max_iterations=settings.iterations, num_epochs=1, save_every=0, save_final=False, output_dir=scratch,
