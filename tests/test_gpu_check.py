@@ -1,0 +1,97 @@
+"""The GPU check's dry pass: without CUDA, benchmarks/gpu_check.py says so in one line, runs its own plumbing on a
+tiny random model, and writes every key (null where not measured, with the reason per part)."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import PYTHON, ROOT, run
+
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
+spec.loader.exec_module(gpu_check)
+
+TOP_KEYS = {"device", "cuda", "dry_run", "measure", "deadline_seconds", "wall_seconds", "versions", "note", "parts"}
+STATUS_KEYS = {"budget_seconds", "seconds", "skipped", "error"}
+
+
+@pytest.fixture(scope="module")
+def dry_pass(tmp_path_factory):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the check would measure, not dry-run")
+    path = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
+    result = run([PYTHON, "benchmarks/gpu_check.py", "--json", str(path)], timeout=900, check=False)
+    assert path.is_file(), result.stderr[-3000:]
+    return result, json.loads(path.read_text())
+
+
+def test_dry_pass_says_so_in_one_line_and_exits_0(dry_pass):
+    result, results = dry_pass
+    errors = {name: part["error"] for name, part in results["parts"].items() if part["error"]}
+    assert result.returncode == 0 and not errors, errors
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("No CUDA device")
+
+
+def test_dry_pass_writes_every_key(dry_pass):
+    _, results = dry_pass
+    assert set(results) == TOP_KEYS and results["dry_run"] and not results["cuda"]
+    assert list(results["parts"]) == [part.name for part in gpu_check.PARTS]
+    for part in gpu_check.PARTS:
+        assert set(results["parts"][part.name]) == set(part.keys) | STATUS_KEYS, part.name
+        assert results["parts"][part.name]["error"] is None, results["parts"][part.name]["error"]
+
+
+def test_parts_that_run_on_a_cpu_have_numbers(dry_pass):
+    _, results = dry_pass
+    parts = results["parts"]
+    for mode in ("lora", "hydra"):
+        entry = parts["memory_modes"]["modes"][mode]
+        assert entry["peak_bytes"] > 0 and entry["estimated_peak_bytes"] > 0 and entry["ratio"] > 0
+        assert entry["stages"]["train"]["estimated_bytes"] > 0 and entry["reserved_peak_bytes"] is None  # CUDA only
+    preset = parts["random_presets"]["presets"]["tiny-llama"]
+    assert preset["settings"]["quantization"] == "4bit" and preset["levers_on"]["peak_bytes"] > 0
+    assert isinstance(parts["random_presets"]["all_within_10pct"], bool)
+    assert parts["sampling"]["hf_tokens_per_second"] > 0 and parts["sampling"]["fused_tokens_per_second"] > 0
+    assert parts["sampling"]["vllm_tokens_per_second"] is None and parts["sampling"]["vllm_skipped"]
+    assert parts["fused_second_stream"]["tokens_per_second"] is None
+    assert "not implemented" in parts["fused_second_stream"]["skipped"]
+    assert parts["fusion"]["speedup"] > 0 and parts["fusion"]["same_tokens"] and parts["fusion"]["equal_scores"]
+    assert parts["latency"]["hydra_vs_lora_time"] > 0
+    assert parts["async"]["speedup"] > 0 and parts["async"]["base_bytes"] > 0
+    assert parts["async"]["peak_memory_bytes"]["async"] > 0 and parts["async"]["base_counted_once"] is None
+
+
+def test_a_missing_package_skips_a_part_with_its_reason(tmp_path):
+    check = gpu_check.Check(cuda=True, deadline=gpu_check.time.monotonic() + 1000, scratch=tmp_path)
+    part = gpu_check.Part("needs_nothing_here", 10, ("value",), lambda *args: None, needs=("no_such_package_xyz",))
+    result = gpu_check.run_part(check, part, {})
+    assert result["value"] is None and result["skipped"] == "needs no_such_package_xyz (not installed)"
+
+
+def test_a_part_past_the_deadline_is_skipped(tmp_path):
+    check = gpu_check.Check(cuda=True, deadline=gpu_check.time.monotonic() + 30, scratch=tmp_path)
+    part = gpu_check.Part("too_long", 60, ("value",), lambda *args: None, needs=())
+    result = gpu_check.run_part(check, part, {})
+    assert "would pass the deadline" in result["skipped"] and result["seconds"] is None
+
+
+def test_a_failing_part_records_one_line_and_the_levers_map_to_both_clis(tmp_path):
+    from hydra_rlhf.config import ALL_ON
+
+    def broken(check, models, out):
+        out["value"] = 1
+        raise RuntimeError("recipes/ppo.py: error: something broke\nsecond line")
+
+    check = gpu_check.Check(cuda=True, deadline=gpu_check.time.monotonic() + 1000, scratch=tmp_path)
+    result = gpu_check.run_part(check, gpu_check.Part("broken", 10, ("value",), broken, needs=()), {})
+    assert result["value"] == 1 and result["error"] == "RuntimeError: recipes/ppo.py: error: something broke"
+    recipe, estimate = gpu_check.lever_flags(ALL_ON.levers())
+    assert recipe == ["--logprob_chunk_size", "256", "--optim", "adamw_bnb_8bit", "--activation_offload", "true",
+                      "--adapter_dtype", "compute"]
+    assert estimate == ["--logprob-chunk-size", "256", "--optim", "adamw_bnb_8bit", "--activation-offload",
+                        "--adapter-dtype", "compute"]
