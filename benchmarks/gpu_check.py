@@ -133,8 +133,8 @@ class Check:
         timeout = self.remaining()
         if timeout < 5:
             raise Deadline(f"no time left for {' '.join(args[:2])}")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried wheels stay
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([self.python, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.memory_in_use = 0
@@ -207,7 +207,8 @@ def read_run(output: Path, shape: Shape) -> dict:
     iterations after the first, which pays for CUDA's warm-up (kernel selection, allocator growth). Sampling
     seconds are the profiled stage's, ``generate`` or the fused loop's ``generate+score`` (which scores too)."""
     stages = {}
-    records = [json.loads(line)["stages"] for line in (output / "memory.jsonl").read_text().splitlines() if line.strip()]
+    lines = (output / "memory.jsonl").read_text().splitlines()
+    records = [json.loads(line)["stages"] for line in lines if line.strip()]
     for record in records:
         for name, values in record.items():
             entry = stages.setdefault(name, {"peak_bytes": 0, "reserved_peak_bytes": None, "engine_bytes": None})
@@ -471,7 +472,8 @@ def fusion_worker(settings: dict) -> None:
         if measure == "speed":
             bench.compare(model, batches[:1], kwargs, eos, tokenizer.eos_token_id, 0.2, 0)  # warm-up
             timed = bench.compare(model, batches, kwargs, eos, tokenizer.eos_token_id, 0.2, 0)
-            result.update({key: timed[key] for key in ("speedup", "seconds_per_iteration", "response_tokens_per_second")})
+            keys = ("speedup", "seconds_per_iteration", "response_tokens_per_second")
+            result.update({key: timed[key] for key in keys})
         else:
             same = bench.same_results(model, *batches[0], kwargs, eos, tokenizer.eos_token_id, 0.2)
             result.update(same, equal_scores=same["same_tokens"] and same["max_score_difference"] <= SCORE_TOLERANCE)
@@ -502,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         fusion_worker(json.loads(args.fusion_worker))
         return 0
 
+    started = time.monotonic()
     import torch
 
-    started = time.monotonic()
     cuda = torch.cuda.is_available()
     if not cuda:
         print("No CUDA device: nothing is measured; a dry pass of the check's plumbing runs on the CPU "

@@ -391,8 +391,8 @@ def random_model_dir(spec: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
     config = json.loads(source.read_text())
     if config.get("vocab_size", 0) < len(tokenizer):
-        raise ValueError(f"{RANDOM_PREFIX}{spec}: its vocab_size {config.get('vocab_size')} is smaller than the bundled "
-                         f"tokenizer's {len(tokenizer)}, so token ids would fall outside its embedding.")
+        raise ValueError(f"{RANDOM_PREFIX}{spec}: its vocab_size {config.get('vocab_size')} is smaller than the "
+                         f"bundled tokenizer's {len(tokenizer)}, so token ids would fall outside its embedding.")
     config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
@@ -428,7 +428,9 @@ def random_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, quant
 
     config = AutoConfig.from_pretrained(path)
     device = torch.device(device or "cpu")
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []  # fork_rng's CUDA generators to save and restore
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices, device_type=device.type), device:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
