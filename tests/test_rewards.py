@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hydra_rlhf.rewards import (ExternalRewardModel, RewardSources, call_reward_function, check_columns, describe,
-                                resolve_reward_function, unique_names)
+                                resolve_reward_function, resolve_reward_functions, unique_names)
 
 PROMPTS_TEXT = ["What is 5+7?", "What is 6+7?"]
 PROMPTS_CHAT = [[{"role": "user", "content": p}] for p in PROMPTS_TEXT]
@@ -75,6 +75,9 @@ def test_unique_names_suffix_repeats():
     f = fn_of(lambda completions, **kw: [0.0] * len(completions), "f")
     g = fn_of(lambda completions, **kw: [1.0] * len(completions), "g")
     assert [x.name for x in unique_names([f, g, f, f])] == ["f", "g", "f_2", "f_3"]
+    options = {"max_new_tokens": 8}
+    assert [x.name for x in resolve_reward_functions(["format", "overlong", "format"], options)] == [
+        "format", "overlong", "format_2"]
 
 
 @pytest.mark.parametrize("spec, error_type, expected", [
@@ -316,6 +319,7 @@ def test_external_model_combines_with_functions(tiny_reward_model):
     combined, per_source = sources.score(None, PROMPTS_TEXT, COMPLETIONS_TEXT, IDS, {})
     expected = per_source["format"] + 2.0 * per_source["reward_model"]
     assert torch.allclose(combined, expected) and per_source["format"].tolist() == [1.0, 0.0]
+    assert sources.reward_model is model and sources.names == ["format", "reward_model"]
 
 
 def test_external_model_refuses_several_labels_and_missing_paths(tmp_path, tiny_model):

@@ -10,10 +10,10 @@ weighted sum and its metrics.
 from .builtins import BUILTINS, DEFAULT_FORMAT_PATTERN, completion_text
 from .combine import RewardSources
 from .functions import (RewardFunction, call_reward_function, check_columns, describe, resolve_reward_function,
-                        unique_names)
+                        resolve_reward_functions, unique_names)
 from .reward_model import ExternalRewardModel
 
 
 __all__ = ["BUILTINS", "DEFAULT_FORMAT_PATTERN", "ExternalRewardModel", "RewardFunction", "RewardSources",
            "call_reward_function", "check_columns", "completion_text", "describe", "resolve_reward_function",
-           "unique_names"]
+           "resolve_reward_functions", "unique_names"]

@@ -29,6 +29,7 @@ class RewardSources:
         if len(weights) != len(functions):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(functions)} reward functions; give "
                              "one weight per function, in the same order.")
+        self.reward_model = reward_model  # the caller's, e.g. for the profiler's resident bytes
         self.sources: list[tuple[str, float, object]] = []  # (name, weight, what gives the values); weight != 0
         named = [(HEAD, float(head_weight), None), *((fn.name, w, fn) for fn, w in zip(functions, weights))]
         if reward_model is not None:
