@@ -76,6 +76,20 @@ def check_batch(objective: str, batch_size: int, samples_per_prompt: int, miniba
                          f"gradient_accumulation_steps ({micro}) must be even.")
 
 
+def check_reward_sources(config) -> None:
+    """At least one source with a weight; one weight per reward function."""
+    funcs, weights = config.reward_funcs or [], config.reward_weights
+    if weights is not None and len(weights) != len(funcs):
+        raise ValueError(f"reward_weights has {len(weights)} values for {len(funcs)} reward_funcs: give one weight "
+                         "per function.")
+    check_choice("reward_model_quantization", config.reward_model_quantization, QUANTIZATIONS)
+    check_positive(config, "reward_head_weight", "reward_model_weight", allow_zero=True)
+    check_at_least_one(config, "overlong_buffer")
+    if config.head_weight == 0 and not funcs and not config.reward_model_name_or_path:
+        raise ValueError("reward_head_weight is 0 and no other reward source is given: set reward_funcs, "
+                         "reward_model_name_or_path, or a reward_head_weight above 0.")
+
+
 def renamed(owner, old: str, new: str) -> None:
     """A key renamed this release: still read, with one warning, into ``new`` (set both: an error)."""
     value = getattr(owner, old)
@@ -262,7 +276,30 @@ class RLConfig:
     max_staleness: int = field(default=1, metadata={
         "help": "async_generation: batch i is sampled by the actor of update i - max_staleness (1: the paper's one "
                 "step off-policy; 0: synchronous). Samples staler than this are dropped and counted."})
-    # --- rewards and KL
+    # --- where the reward comes from (hydra_rlhf/rewards/): weighted sources, each logged as reward/<name>/...
+    reward_funcs: list[str] | None = field(default=None, metadata={
+        "help": "Reward functions, each 'package.module:function', 'path/to/file.py:function' or a built-in "
+                "(accuracy: the final answer against the data's answer column, through math-verify; format: "
+                "format_pattern matches; overlong: a penalty in the last overlong_buffer tokens). TRL's signature: "
+                "f(prompts, completions, **columns) -> one float per completion, or None where the function does "
+                "not apply (the other sources' weighted sum stands for that sample)."})
+    reward_weights: list[float] | None = field(default=None, metadata={
+        "help": "One weight per reward function (default: 1 each)."})
+    reward_head_weight: float | None = field(default=None, metadata={
+        "help": "Weight of the Hydra reward head, read in the adapters-off pass that gives the reference (default: "
+                "1 when no other source is given, else 0). 0: not read, so any causal LM can be the base."})
+    reward_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "An external reward model: a sequence-classification checkpoint with one label (local or hub), "
+                "frozen, read with its own tokenizer and chat template. One more base in memory."})
+    reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the external reward model."})
+    reward_model_quantization: str = field(default="none", metadata={
+        "help": "The external reward model's precision: none, 8bit or 4bit (bitsandbytes)."})
+    format_pattern: str = field(default=r"(?is)\banswer\s*(?:is|:)\s*-?\$?\d[\d,]*(?:\.\d+)?", metadata={
+        "help": "The built-in format reward: 1 where a completion matches this regex, else 0."})
+    overlong_buffer: int = field(default=16, metadata={
+        "help": "The built-in overlong reward: 0 up to max_new_tokens - overlong_buffer tokens, then down to -1 "
+                "at max_new_tokens (DAPO's soft overlong punishment)."})
+    # --- shaping and KL
     kl_coef: float = field(default=0.05, metadata={"help": "Initial KL coefficient: ppo, a per-token reward penalty; "
                                                       "rloo, a penalty on the sequence reward; grpo, the weight of the "
                                                       "k3 KL loss term; online_dpo: unused (see dpo_beta)."})
@@ -332,6 +369,13 @@ class RLConfig:
         return self.num_samples_per_prompt or objective_info(self.objective).default_samples_per_prompt
 
     @property
+    def head_weight(self) -> float:
+        """The reward head's weight: as set, or 1 when it is the only source."""
+        if self.reward_head_weight is not None:
+            return self.reward_head_weight
+        return 0.0 if self.reward_funcs or self.reward_model_name_or_path else 1.0
+
+    @property
     def train_rows(self) -> int:
         """Sequences the learner trains on per iteration, per process (online DPO: 2 per prompt, its pair)."""
         return objective_info(self.objective).train_rows(self.batch_size, self.samples_per_prompt)
@@ -352,6 +396,7 @@ class RLConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
+        check_reward_sources(self)
         check_engine(self.generation_backend, self.fusion)
         if self.missing_eos_penalty and not self.stop_at_eos:
             raise ValueError("missing_eos_penalty needs stop_at_eos: with stop_at_eos false no response ends at EOS, "
@@ -399,6 +444,8 @@ class RunShape(Levers):
     generation_backend: str = "hf"
     vllm_sleep_mode: bool = False
     vllm_kv_cache_gib: float | None = None
+    reward_model_name_or_path: str | None = None  # an external reward model: one more frozen base in memory
+    reward_model_quantization: str = "none"
 
     @classmethod
     def of(cls, *configs, **overrides) -> "RunShape":
@@ -410,6 +457,7 @@ class RunShape(Levers):
         check_mode(self.mode)
         objective_info(self.objective)
         check_choice("quantization", self.quantization, QUANTIZATIONS)
+        check_choice("reward_model_quantization", self.reward_model_quantization, QUANTIZATIONS)
         check_choice("dtype", self.dtype, ("auto", *DTYPES))
         self.check_levers()
         check_at_least_one(self, "batch_size", "num_samples_per_prompt", "minibatch_size",

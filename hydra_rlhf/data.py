@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HubUnreachable
@@ -21,6 +22,8 @@ BUNDLED = {
     "demo:eval": "demo_prompts_eval.jsonl",
     "demo:preferences-train": "demo_preferences_train.jsonl",
     "demo:preferences-eval": "demo_preferences_eval.jsonl",
+    "arithmetic:train": "arithmetic_train.jsonl",  # verifiable task: word problems with an answer column
+    "arithmetic:eval": "arithmetic_eval.jsonl",
 }
 
 
@@ -110,22 +113,59 @@ def message_text(messages: list[dict]) -> str:
     return "\n".join(str(m["content"]) for m in messages)
 
 
-def load_prompts(source: str, column: str = "prompt", limit: int | None = None) -> tuple[list[list[dict]], Counter]:
-    """Prompts as message lists, with a count of skipped rows by reason."""
+@dataclass
+class PromptRows:
+    """Usable prompt rows: each prompt as a message list, and every other column of the data, aligned with them
+    (what reward functions receive as keyword lists, e.g. ``answer``). ``conversational``: the prompt column held
+    message lists (TRL's conversational format: completions then reach reward functions as messages too);
+    otherwise text, kept in ``texts``."""
+
+    prompts: list[list[dict]]
+    columns: dict[str, list]
+    conversational: bool
+    texts: list[str]
+    skipped: Counter
+
+    @classmethod
+    def of(cls, prompts: list[list[dict]]) -> "PromptRows":
+        """Prompts alone (no other columns), as message lists."""
+        return cls(prompts, {}, True, [message_text(m) for m in prompts], Counter())
+
+    def head(self, limit: int | None) -> "PromptRows":
+        if not limit:
+            return self
+        return PromptRows(self.prompts[:limit], {k: v[:limit] for k, v in self.columns.items()}, self.conversational,
+                          self.texts[:limit], self.skipped)
+
+
+def load_prompt_rows(source: str, column: str = "prompt", limit: int | None = None) -> PromptRows:
+    """Prompts as message lists with the rest of their rows; empty or non-text prompts are skipped and counted."""
     rows = load_rows(source)
     require_columns(rows, [column], source)
-    prompts, skipped = [], Counter()
-    for value in rows[column]:
+    others = [name for name in rows.column_names if name != column]
+    prompts, texts, columns, skipped = [], [], {name: [] for name in others}, Counter()
+    values = {name: rows[name] for name in others}  # whole columns: one read each, not one per row
+    for index, value in enumerate(rows[column]):
         messages = as_messages(value, "user")
         if messages is None:
             skipped[f"{skip_reason(value)} prompt"] += 1
             continue
         prompts.append(messages)
+        texts.append(value.strip() if isinstance(value, str) else message_text(messages))
+        for name in others:
+            columns[name].append(values[name][index])
     if skipped:
         logger.warning("%s: skipped %s", source, dict(skipped))
     if not prompts:
         raise ValueError(f"{source}: no usable prompts in column {column!r} (skipped {dict(skipped)}).")
-    return prompts[:limit] if limit else prompts, skipped
+    conversational = not isinstance(rows[0][column], str)
+    return PromptRows(prompts, columns, conversational, texts, skipped).head(limit)
+
+
+def load_prompts(source: str, column: str = "prompt", limit: int | None = None) -> tuple[list[list[dict]], Counter]:
+    """Prompts as message lists, with a count of skipped rows by reason."""
+    rows = load_prompt_rows(source, column, limit)
+    return rows.prompts, rows.skipped
 
 
 def load_preferences(

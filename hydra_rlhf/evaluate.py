@@ -90,6 +90,36 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
     }
 
 
+@torch.no_grad()
+def evaluate_rewards(model, tokenizer, rows, scorer, max_new_tokens: int = 48, max_prompt_length: int = 64,
+                     batch_size: int = 32, eos_token_ids=None, samples_to_keep: int = 5) -> dict:
+    """The run's own reward sources on held-out prompts (``data.PromptRows``), greedy, the start (adapters off)
+    against the trained policy: each source's mean before and after (e.g. ``accuracy`` on a verifiable task) and
+    the weighted sum's. Used instead of the demo's gold judge when a run has reward functions or a reward model."""
+    results, texts = {}, {}
+    for side, role in (("before", "reference"), ("after", "policy")):
+        texts[side], batches = sample_responses(model, tokenizer, rows.prompts, role, max_new_tokens,
+                                                max_prompt_length, batch_size, eos_token_ids)
+        combined, per_source, start = [], [], 0
+        for batch in batches:
+            if scorer.config.head_weight:  # the head's score, read in the adapters-off pass as in training
+                experience.score_frozen(model, batch, 1.0, tokenizer.eos_token_id)
+            else:
+                batch.raw_scores = torch.zeros(len(batch.input_ids), device=batch.input_ids.device)
+            scorer.score(batch, list(range(start, start + len(batch.input_ids))))
+            start += len(batch.input_ids)
+            combined.append(batch.raw_scores.cpu())
+            per_source.append(batch.source_scores.cpu())
+        sources = torch.cat(per_source)
+        results[f"reward_{side}"] = float(torch.cat(combined).mean())
+        for column, name in enumerate(scorer.names):
+            applied = sources[:, column][~sources[:, column].isnan()]
+            results[f"{name}_{side}"] = float(applied.mean()) if len(applied) else None
+    return {"num_prompts": len(rows.prompts), **results,
+            "samples": [{"prompt": rows.texts[i], "before": texts["before"][i], "after": texts["after"][i]}
+                        for i in range(min(samples_to_keep, len(rows.prompts)))]}
+
+
 def checkpoint_dirs(paths) -> list[Path]:
     """Checkpoint directories as given; a run's output_dir stands for all its checkpoints, oldest first."""
     from .checkpoints import saved_checkpoints
@@ -156,3 +186,22 @@ def quality(summary: dict) -> dict:
     }
     row["meets_targets"] = all(row[key] >= bound for key, bound in TARGETS.items())
     return row
+
+
+@torch.no_grad()
+def answer_accuracy(model, tokenizer, prompts: list[list[dict]], answers: list[str], max_new_tokens: int = 48,
+                    max_prompt_length: int = 64, role: str = "policy", batch_size: int = 16) -> dict:
+    """Held-out accuracy on a verifiable task: ``role``'s greedy responses ("policy": the trained actor,
+    "reference": the start, adapters off) checked against ``answers`` by the ``accuracy`` reward itself, so the
+    figure a run reports and the reward it trained on judge answers the same way. A gold answer that cannot be
+    parsed counts as wrong here (the reward leaves it out instead), so ``total`` is always ``len(prompts)``.
+    ``mean_length``: generated tokens per response (EOS included), to see a gain that comes with longer answers."""
+    from .rewards.builtins import accuracy_reward
+
+    if len(prompts) != len(answers):
+        raise ValueError(f"answer_accuracy: {len(prompts)} prompts but {len(answers)} answers; give one answer each.")
+    texts, batches = sample_responses(model, tokenizer, prompts, role, max_new_tokens, max_prompt_length, batch_size)
+    correct = sum(score == 1.0 for score in accuracy_reward(texts, list(answers)))
+    lengths = [n for batch in batches for n in batch.response_mask.sum(-1).tolist()]  # generated tokens
+    return {"accuracy": correct / max(len(texts), 1), "correct": correct, "total": len(texts),
+            "mean_length": sum(lengths) / max(len(lengths), 1)}

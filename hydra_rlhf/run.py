@@ -1,4 +1,4 @@
-"""``run_rl``: a whole PPO run (load, train, evaluate, report), shared by ``recipes/ppo.py``, the demo and the
+"""``run_rl``: a whole RL run (load, train, evaluate, report), shared by ``recipes/ppo.py``, the demo and the
 notebooks. Writes into ``output_dir``: ``metrics.jsonl``, ``memory.jsonl``, ``checkpoints/``, ``final/`` (the
 trained adapters and heads), ``eval.json``, ``training.png``, ``memory.png`` and ``summary.json``."""
 
@@ -34,8 +34,8 @@ def make_accelerator(report_to: str = "none", output_dir: str = "runs"):
 def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, console=None) -> dict:
     """Train, evaluate on held-out prompts, print the memory table, and return the run's summary."""
     from .checkpoints import record_or_check_run_settings, run_settings, write_atomically
-    from .data import load_prompts
-    from .evaluate import evaluate
+    from .data import load_prompt_rows
+    from .evaluate import evaluate, evaluate_rewards
     from .memory.profiler import summarize
     from .model.loading import check_context, load_tokenizer, resolve_model
     from .plots import plot_memory, plot_training
@@ -57,12 +57,12 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         from .experience.vllm_engine import import_vllm
 
         import_vllm()
-    prompts, _ = load_prompts(config.prompts_path, config.prompt_column)
+    prompts = load_prompt_rows(config.prompts_path, config.prompt_column)
     if accelerator.is_main_process:  # the fingerprint reads the bases' files: once, not once per process
         record_or_check_run_settings(output, run_settings(model_config, config), config.resume)
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed,
-                                   critic=objective_info(config.objective).critic)
+                                   critic=objective_info(config.objective).critic, reward_head=config.head_weight > 0)
     accelerator.init_trackers("hydra-rlhf", config={**asdict(model_config), **asdict(config)})
 
     trainer = RLTrainer(model, tokenizer, config, prompts, accelerator)
@@ -88,9 +88,14 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
     if accelerator.is_main_process:
         write_atomically(output / "final", model.save_pretrained)  # a kill while writing never leaves a mix
         if config.eval_prompts_path:
-            eval_prompts, _ = load_prompts(config.eval_prompts_path, config.prompt_column, config.num_eval_prompts)
-            results = evaluate(model, tokenizer, eval_prompts, config.eval_max_new_tokens or config.max_new_tokens,
-                               config.max_prompt_length)
+            eval_rows = load_prompt_rows(config.eval_prompts_path, config.prompt_column, config.num_eval_prompts)
+            max_new_tokens = config.eval_max_new_tokens or config.max_new_tokens
+            scorer = trainer.experience.scorer
+            if scorer is not None:  # the run's own reward sources, on held-out rows (their columns too)
+                results = evaluate_rewards(model, tokenizer, eval_rows, scorer.for_rows(eval_rows), max_new_tokens,
+                                           config.max_prompt_length)
+            else:  # the demo's judge: gold score, win-rate, distinct-2, the reward head
+                results = evaluate(model, tokenizer, eval_rows.prompts, max_new_tokens, config.max_prompt_length)
             (output / "eval.json").write_text(json.dumps(results, indent=2))
             summary["eval"] = results
         history = _read_history(output / "metrics.jsonl") or history  # a resumed run plots the whole run

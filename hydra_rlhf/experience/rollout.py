@@ -7,6 +7,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
+# The (B, R) tensors: one column per response step, trimmed and padded with the responses.
+RESPONSE_FIELDS = ("response_mask", "ref_logprobs", "logprobs", "values", "rewards", "advantages", "returns",
+                   "engine_logprobs")
+SEQUENCE_FIELDS = ("input_ids", "attention_mask")  # (B, P + R): the prompt, then the responses
+
 
 @dataclass
 class Rollout:
@@ -29,6 +34,7 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, R) PPO: advantages + values, the critic's targets
     policy_version: torch.Tensor | None = None  # (B,) learner updates the sampling actor had seen (async mode)
     engine_logprobs: torch.Tensor | None = None  # (B, R) the vLLM engine's log-probs of its samples (a check)
+    source_scores: torch.Tensor | None = None  # (B, S) each reward source's score, NaN where it did not apply
 
     # ------------------------------------------------------------------------------------------------ views
 
@@ -69,9 +75,9 @@ class Rollout:
         width = max(int(self.response_mask.sum(-1).max()), 1)
         trimmed = {}
         for name, value in self._tensors().items():
-            if name in ("input_ids", "attention_mask"):
+            if name in SEQUENCE_FIELDS:
                 value = value[:, first : self.prompt_len + width]
-            elif value.dim() == 2:  # (B, R) response tensors
+            elif name in RESPONSE_FIELDS:
                 value = value[:, :width]
             trimmed[name] = value
         return self._with(**trimmed, prompt_len=self.prompt_len - first)
@@ -87,8 +93,8 @@ class Rollout:
             pieces = []
             for part in parts:
                 value = getattr(part, name)
-                offset = first.prompt_len if name in ("input_ids", "attention_mask") else 0
-                missing = offset + width - value.shape[1] if value.dim() > 1 else 0
+                offset = first.prompt_len if name in SEQUENCE_FIELDS else 0
+                missing = offset + width - value.shape[1] if name in (*SEQUENCE_FIELDS, *RESPONSE_FIELDS) else 0
                 fill = pad_token_id if name == "input_ids" else 0
                 pieces.append(torch.nn.functional.pad(value, (0, missing), value=fill) if missing else value)
             merged[name] = torch.cat(pieces)

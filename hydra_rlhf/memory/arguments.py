@@ -50,6 +50,12 @@ def add_run_shape_arguments(parser: argparse.ArgumentParser, settings: type[RunS
          help="vllm: the engine's weights go to host memory and its KV cache is freed outside generate.")
     flag("--vllm-kv-cache-gib", dest="vllm_kv_cache_gib", type=float, default=None,
          help="vllm: the engine's KV cache (default: what one batch needs).")
+    flag("--reward-model", "--reward-model-name-or-path", dest="reward_model_name_or_path", default=None,
+         metavar="NAME", help="An external reward model beside the base (reward_model_name_or_path): one more "
+         "frozen copy of the base's shape in memory, the cost of leaving the one-base layout.")
+    flag("--reward-model-quantization", dest="reward_model_quantization",
+         default=default["reward_model_quantization"], choices=QUANTIZATIONS, help="The external reward model's "
+         "precision.")
     add_lever_arguments(parser)
 
 

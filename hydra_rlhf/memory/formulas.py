@@ -83,20 +83,21 @@ BNB_BLOCK = 256  # elements per fp32 absmax of its block-wise 8-bit states
 # ------------------------------------------------------------------------------------------ persistent state
 
 
-def base_weight_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+def base_weight_bytes(shape: ModelShape, s: EstimateSettings, quantization: str | None = None) -> int:
     """One copy of the base: quantized linear layers plus embeddings, lm_head and norms in the compute dtype."""
-    return quantized_linear_bytes(shape, s) + shape.dense_params * s.dtype_bytes
+    return quantized_linear_bytes(shape, s, quantization) + shape.dense_params * s.dtype_bytes
 
 
-def quantized_linear_bytes(shape: ModelShape, s: EstimateSettings) -> int:
-    n = shape.linear_params
-    if s.quantization == "4bit":
+def quantized_linear_bytes(shape: ModelShape, s: EstimateSettings, quantization: str | None = None) -> int:
+    """The decoder's linear layers in ``quantization`` (default: the run's)."""
+    n, quantization = shape.linear_params, quantization or s.quantization
+    if quantization == "4bit":
         # NF4: two weights per byte; double quant stores one uint8 absmax per 64-weight block and one fp32
         # absmax per 256 of those blocks, plus a fixed quant state per linear layer (the fp32 256-entry code of
         # the nested quantization and its offset: 1096 bytes measured with bitsandbytes 0.50).
         linears = 7 * shape.num_layers
         return math.ceil(n / 2 + n / 64 + 4 * n / (64 * 256)) + 1096 * linears
-    if s.quantization == "8bit":
+    if quantization == "8bit":
         # LLM.int8: one int8 per weight plus one fp32 scale per output row (SCB).
         rows = shape.num_layers * sum(o for _, o in shape.linear_shapes())
         return n + 4 * rows
@@ -155,11 +156,21 @@ def persistent_bytes(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     heads = 1 + layout["value_heads"]  # the reward head, and the value head where there is a critic
     adapters = s.adapter_bytes * layout["adapters"] * shape.lora_params(s.lora_r) + 4 * heads * (shape.hidden_size + 1)
     return {
-        "weights": layout["base_copies"] * base_weight_bytes(shape, s),
+        "weights": layout["base_copies"] * base_weight_bytes(shape, s) + reward_model_bytes(shape, s),
         "adapters_heads": adapters,
         "gradients": 0,  # set to None after every optimizer step: only inside train (see train_phases)
         "optimizer": optimizer_state_bytes(shape, s),
     }
+
+
+def reward_model_bytes(shape: ModelShape, s: EstimateSettings) -> int:
+    """An external reward model (``reward_model_name_or_path``), counted as a frozen base of the same shape in
+    ``reward_model_quantization`` whose LM head is a one-label score head. Its no-grad forward in score_frozen
+    runs after the reference's and keeps no vocabulary-sized logits, so it adds no activation peak of its own."""
+    if not s.reward_model_name_or_path:
+        return 0
+    lm_head = 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size * s.dtype_bytes
+    return base_weight_bytes(shape, s, s.reward_model_quantization) - lm_head
 
 
 # -------------------------------------------------------------------------------------- activation terms

@@ -169,7 +169,9 @@ def _describe_levers(s: EstimateSettings) -> str:
           "8-bit AdamW" if s.optim == "adamw_bnb_8bit" else "",
           ("activation offload" + ("" if s.offload else " (no effect on cpu)")) if s.activation_offload else "",
           f"{s.compute_dtype} adapters" if s.adapter_dtype == "compute" else "",
-          f"vllm engine{' in sleep mode' if s.vllm_sleep_mode else ''}" if s.generation_backend == "vllm" else ""]
+          f"vllm engine{' in sleep mode' if s.vllm_sleep_mode else ''}" if s.generation_backend == "vllm" else "",
+          f"an external reward model ({s.reward_model_quantization}, the base's shape)"
+          if s.reward_model_name_or_path else ""]
     return ", ".join(filter(None, on)) or "none"
 
 

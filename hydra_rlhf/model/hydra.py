@@ -75,11 +75,12 @@ class HydraModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0,
-                    critic: bool = True) -> "HydraModel":
+                    critic: bool = True, reward_head: bool = True) -> "HydraModel":
         """Load the base(s) the mode's role plan names, add its adapters, and read the reward head from the base's
         ``hydra/heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init,
         so every process of a multi-process run starts identical. ``critic=False`` (RLOO, GRPO, online DPO)
-        builds no critic adapter, no critic base and no value head."""
+        builds no critic adapter, no critic base and no value head. ``reward_head=False``: the run takes its reward
+        from other sources, so a base without a trained head (any causal LM) is expected, not warned about."""
         device = torch.device(device)
         dtype = resolve_dtype(config.dtype, device)
         load = lambda path: load_causal_lm(  # noqa: E731
@@ -103,7 +104,7 @@ class HydraModel(nn.Module):
             bases[name] = with_lora_adapters(base, adapters[name], config) if name in adapters else base
         model = cls(bases, config.mode, policy_base.config.hidden_size, config, critic=critic)
         model.to_heads_device(device)  # the bases are already placed (bitsandbytes places at load time)
-        model.load_reward_head(reward_path)
+        model.load_reward_head(reward_path, required=reward_head)
         for base in model.bases.values():
             _disable_dropout(base)
             if config.gradient_checkpointing:
@@ -125,17 +126,24 @@ class HydraModel(nn.Module):
         for head in self.heads().values():
             head.to(device)
 
-    def load_reward_head(self, base_path: str) -> None:
-        """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy."""
+    def load_reward_head(self, base_path: str, required: bool = True) -> None:
+        """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy. Without one, the
+        value head starts at zero: a random head would hand the critic random values to unlearn, while zero is an
+        unbiased first guess that GAE corrects from the first batch on."""
         heads = heads_path(resolve_model(base_path))
         if heads.is_file():
             state = self._load_heads(heads)
             self.reward_head.load_state_dict(with_prefix(state, "reward_head."))
-        else:
+            if self.has_critic:
+                self.value_head.load_state_dict(self.reward_head.state_dict())
+            return
+        if required:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
-                           "meaningful rewards.", base_path, HEADS_FILE)
+                           "meaningful rewards, or give reward_funcs and set reward_head_weight 0.", base_path,
+                           HEADS_FILE)
         if self.has_critic:
-            self.value_head.load_state_dict(self.reward_head.state_dict())
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
 
     def _remember_trainable(self) -> None:
         # peft's set_adapter() flips requires_grad; we restore this set after every switch.

@@ -57,27 +57,34 @@ class RewardSources:
     def score(self, head_scores: torch.Tensor | None, prompts: list, completions: list, completion_ids: list[list[int]],
               columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(combined (B,), {source name: values (B,), NaN where it gave None}), float32 on ``head_scores``' device
-        (the CPU without one)."""
+        (the CPU without one). A None leaves the source out of that row's sum; a NaN or inf a source returned
+        stays in it, so the trainer's non-finite guard sees (and counts) it instead of a silently smaller reward."""
         device = head_scores.device if head_scores is not None else torch.device("cpu")
-        per_source = {name: self._values(name, source, head_scores, prompts, completions, completion_ids, columns,
-                                         device) for name, _, source in self.sources}
-        values = torch.stack(list(per_source.values()), dim=1)  # (B, sources)
-        weights = torch.tensor([w for _, w, _ in self.sources], dtype=torch.float32, device=device)
-        return (values * weights).nansum(dim=1), per_source
+        per_source, combined = {}, torch.zeros(len(prompts), device=device)
+        for name, weight, source in self.sources:
+            values, applied = self._values(name, source, head_scores, prompts, completions, completion_ids, columns,
+                                           device)
+            per_source[name] = values
+            combined = combined + torch.where(applied, weight * values, torch.zeros_like(values))
+        return combined, per_source
 
-    def _values(self, name, source, head_scores, prompts, completions, completion_ids, columns, device) -> torch.Tensor:
+    def _values(self, name, source, head_scores, prompts, completions, completion_ids, columns,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values (B,) with NaN where the source gave None, applied (B,) bool: it gave a value)."""
         rows = len(prompts)
         if name == HEAD:
             if head_scores is None or head_scores.shape != (rows,):
                 shape = None if head_scores is None else tuple(head_scores.shape)
                 raise ValueError(f"the reward head has a weight, so score() needs its scores, shape ({rows},); got "
                                  f"{shape}.")
-            return head_scores.detach().float()
+            scores = head_scores.detach().float()
+            return scores, torch.ones_like(scores, dtype=torch.bool)
         if isinstance(source, RewardFunction):
             values = call_reward_function(source, prompts, completions, completion_ids, columns)
         else:  # the external reward model: its own (not a user's) failures are not reworded
             values = checked(name, source(prompts, completions), rows)
-        return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32, device=device)
+        applied = torch.tensor([v is not None for v in values], dtype=torch.bool, device=device)
+        return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32, device=device), applied
 
     @staticmethod
     def metrics(per_source: dict[str, torch.Tensor]) -> dict[str, float]:

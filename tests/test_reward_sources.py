@@ -1,0 +1,166 @@
+"""Reward sources in the loop: a user's function on a plain base (no Hydra head), everywhere samples are made
+(the synchronous maker, the fused loop, the asynchronous generator), weighted with the head, and bad functions
+ending in one line before anything half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import PYTHON, run
+
+# A reward the tests can check exactly: a tenth of the completion's token count (EOS included), and the data's
+# `bonus` column added where the row has one (None elsewhere: the function does not apply there).
+REWARD_FILE = '''
+def length_reward(prompts, completions, completion_ids, bonus, **kwargs):
+    return [len(ids) / 10 + float(b) for ids, b in zip(completion_ids, bonus)]
+
+
+def picky(prompts, completions, bonus, **kwargs):
+    return [None if b == 0 else 1.0 for b in bonus]
+
+
+def broken(prompts, completions, **kwargs):
+    raise KeyError("answer")
+
+
+def short(prompts, completions, **kwargs):
+    return [1.0]
+'''
+
+
+@pytest.fixture
+def rewards_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARD_FILE)
+    return path
+
+
+def prompt_rows(count: int = 24):
+    from hydra_rlhf.data import PromptRows
+
+    texts = [f"Give me tip number {i}." for i in range(count)]
+    return PromptRows([[{"role": "user", "content": t}] for t in texts], {"bonus": [i % 2 for i in range(count)]},
+                      False, texts, {})
+
+
+def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", **overrides):
+    from hydra_rlhf.config import HydraModelConfig, RLConfig
+    from hydra_rlhf.layout import objective_info
+    from hydra_rlhf.model import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
+
+    config = RLConfig(**{"objective": objective, "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 6,
+                         "max_iterations": 2, "save_every": 0, "output_dir": str(tmp_path / "run"), "seed": 3,
+                         **overrides})
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4),
+                                   critic=objective_info(objective).critic, reward_head=config.head_weight > 0)
+    return RLTrainer(model, tokenizer, config, prompt_rows())
+
+
+def expected_scores(trainer, rollout, iteration: int = 0) -> torch.Tensor:
+    """What length_reward gives the rollout's rows: their response lengths / 10 plus their prompts' bonus."""
+    k = trainer.config.samples_per_prompt
+    bonus = torch.tensor([i % 2 for i in trainer.experience.batch(iteration)]).repeat_interleave(k).float()
+    return rollout.response_mask.sum(-1).float() / 10 + bonus
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+def test_a_function_is_the_reward_where_the_rows_are_scored(tiny_model, tokenizer, tmp_path, rewards_file, fusion):
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, reward_funcs=[f"{rewards_file}:length_reward"],
+                           fusion=fusion)
+    try:
+        rollout, metrics = trainer.experience.make(trainer.model, 0)
+    finally:
+        trainer.profiler.close()
+    assert torch.allclose(rollout.raw_scores, expected_scores(trainer, rollout))
+    assert rollout.source_scores.shape == (4, 1)
+    assert metrics["reward/length_reward/mean"] == pytest.approx(float(rollout.raw_scores.mean()), abs=1e-6)
+    assert "reward/head/mean" not in metrics  # the head has weight 0: never read
+
+
+def test_the_head_and_functions_are_weighted_and_none_leaves_a_source_out(tiny_model, tokenizer, tmp_path,
+                                                                          rewards_file):
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, reward_head_weight=0.5,
+                           reward_funcs=[f"{rewards_file}:length_reward", f"{rewards_file}:picky"],
+                           reward_weights=[2.0, -1.0])
+    try:
+        rollout, metrics = trainer.experience.make(trainer.model, 0)
+    finally:
+        trainer.profiler.close()
+    head, lengths, picky = rollout.source_scores.unbind(1)
+    assert torch.allclose(lengths, expected_scores(trainer, rollout))
+    assert torch.equal(picky.isnan(), lengths == rollout.response_mask.sum(-1) / 10)  # None where bonus is 0
+    expected = 0.5 * head + 2.0 * lengths - torch.nan_to_num(picky)
+    assert torch.allclose(rollout.raw_scores, expected, atol=1e-6)
+    assert {"reward/head/mean", "reward/length_reward/mean", "reward/picky/mean", "reward/none_applied"} <= set(metrics)
+
+
+def test_the_asynchronous_generator_scores_with_the_functions_too(tiny_model, tokenizer, tmp_path, rewards_file):
+    # the generator is a child process: the function travels by its spec (a file path here) and runs there
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, objective="rloo", num_samples_per_prompt=2,
+                           reward_funcs=[f"{rewards_file}:length_reward"], async_generation=True)
+    try:
+        history = trainer.train()
+    finally:
+        trainer.profiler.close()
+    assert len(history) == 2
+    for metrics in history:
+        assert metrics["objective/reward"] == pytest.approx(metrics["reward/length_reward/mean"], abs=1e-6)
+
+
+def test_a_plain_base_gets_a_zero_value_head_and_no_warning_about_the_head(tiny_model, caplog):
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model import HydraModel
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4), reward_head=False)
+    assert not model.value_head.weight.any() and not model.value_head.bias.any()
+    assert "reward head is untrained" not in caplog.text
+    HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4))  # the head is the reward
+    assert "reward head is untrained" in caplog.text
+
+
+def test_a_missing_column_is_refused_before_training(tiny_model, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="reward function 'accuracy' takes column 'answer', which the prompts "
+                                         "data lacks"):
+        make_trainer(tiny_model, tokenizer, tmp_path, reward_funcs=["accuracy"])
+
+
+def test_the_recipe_trains_on_a_function_and_evaluates_with_it(tiny_model, prompts_file, tmp_path, rewards_file):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tip {i}, please.", "bonus": i % 2}) + "\n" for i in range(16)))
+    config = tmp_path / "rl.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": tiny_model, "prompts_path": str(data), "eval_prompts_path": str(data),
+        "num_eval_prompts": 6, "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 6, "max_iterations": 2,
+        "save_every": 0, "lora_r": 4, "reward_funcs": [f"{rewards_file}:length_reward"],
+        "output_dir": str(tmp_path / "run")}))
+    result = run([PYTHON, "recipes/ppo.py", "--config", str(config)])
+    assert "reward head is untrained" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    evaluation = summary["eval"]
+    assert {"reward_before", "reward_after", "length_reward_before", "length_reward_after"} <= set(evaluation)
+    assert evaluation["reward_after"] == pytest.approx(evaluation["length_reward_after"])
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/length_reward/std" in m for m in metrics)
+
+
+@pytest.mark.parametrize("function, message", [
+    ("broken", "error: reward function 'broken' raised KeyError: 'answer'"),
+    ("short", "error: reward function 'short' returned 1 values for 4 completions"),
+    ("missing", "error: reward_funcs '{file}:missing': "),
+])
+def test_a_bad_function_ends_the_run_in_one_line_and_writes_no_checkpoint(tiny_model, prompts_file, tmp_path,
+                                                                          rewards_file, function, message):
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, "recipes/ppo.py", "--model_name_or_path", tiny_model, "--prompts_path",
+                             str(prompts_file), "--eval_prompts_path", "", "--batch_size", "4", "--minibatch_size", "4",
+                             "--max_new_tokens", "4", "--lora_r", "4", "--output_dir", str(output),
+                             "--reward_funcs", f"{rewards_file}:{function}"], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(message.format(file=rewards_file)), last
+    assert not (output / "checkpoints").exists() and not (output / "final").exists()
