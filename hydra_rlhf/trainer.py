@@ -369,7 +369,7 @@ class RLTrainer:
             "kl_controller": self.kl_controller.state_dict(),
             "moments": self.moments.state_dict(),
             "recent_kl": self.recent_kl,
-            "config": json.dumps(vars(self.config)),
+            "config": json.dumps(vars(self.config), default=repr),  # a function in reward_funcs by its repr
         }
 
     def resume(self) -> bool:

@@ -164,3 +164,18 @@ def test_a_bad_function_ends_the_run_in_one_line_and_writes_no_checkpoint(tiny_m
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(message.format(file=rewards_file)), last
     assert not (output / "checkpoints").exists() and not (output / "final").exists()
+
+
+def test_from_python_a_reward_function_may_be_the_function_itself(tiny_model, tokenizer, tmp_path):
+    # the notebook way: define it in a cell and pass it, as TRL's reward_funcs allows
+    def ends_with_eos(prompts, completions, completion_ids, **kwargs):
+        return [float(ids[-1] == tokenizer.eos_token_id) for ids in completion_ids]
+
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, reward_funcs=[ends_with_eos], save_every=1)
+    try:
+        metrics = trainer.step()
+    finally:
+        trainer.profiler.close()
+    assert metrics["objective/reward"] == pytest.approx(metrics["response/eos_fraction"])
+    assert metrics["reward/ends_with_eos/mean"] == pytest.approx(metrics["response/eos_fraction"])
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # its state saves although the config holds a function

@@ -75,13 +75,21 @@ class ExperienceMaker:
 
     def reward_scoring(self, iteration: int):
         """``score(rollout, batch_rows)``: the reward sources for rows of batch ``iteration`` (row r of its k x B
-        samples is prompt r // k); None when the head alone is the reward (its score stands as read)."""
+        samples is prompt r // k), timing itself into ``score.seconds``; None when the head alone is the reward
+        (its score stands as read)."""
         if self.scorer is None:
             return None
         rows = self.rows or list(range(len(self.prompt_ids)))
         prompt_rows = [rows[i] for i in self.batch(iteration)]
         k = self.config.samples_per_prompt
-        return lambda rollout, batch_rows: self.scorer.score(rollout, [prompt_rows[int(r) // k] for r in batch_rows])
+
+        def score(rollout: Rollout, batch_rows) -> None:
+            started = time.perf_counter()
+            self.scorer.score(rollout, [prompt_rows[int(r) // k] for r in batch_rows])
+            score.seconds += time.perf_counter() - started
+
+        score.seconds = 0.0
+        return score
 
     def make(self, model, iteration: int, stage=no_stage, values: bool = True,
              policy_version: int | None = None) -> tuple[Rollout, dict[str, float]]:
@@ -102,7 +110,7 @@ class ExperienceMaker:
                                                self.eos_token_ids, config.temperature, self.eos_token_id,
                                                config.fusion_tail_fraction, config.samples_per_prompt, stats, values,
                                                score_rewards)
-            return rollout, {**stats.metrics(), **self.reward_metrics(rollout)}
+            return rollout, {**stats.metrics(), **self.reward_metrics(rollout, score_rewards)}
         # step 1. generate: the actor samples k responses for each prompt of a batch (in vLLM: once the engine
         # has the actor adapter of this version)
         if self.engine is not None:
@@ -129,11 +137,15 @@ class ExperienceMaker:
         metrics["score/padded_fraction"] = rollout.padded_fraction()  # the scoring passes' share of padding
         if self.engine is not None:
             metrics.update(self.engine.stats)
-        return rollout, {**metrics, **self.reward_metrics(rollout)}
+        return rollout, {**metrics, **self.reward_metrics(rollout, score_rewards)}
 
     def resident_tensors(self) -> list[torch.Tensor]:
         """Tensors this maker keeps loaded in this process (the external reward model's), for the profiler."""
         return self.scorer.tensors() if self.scorer is not None else []
 
-    def reward_metrics(self, rollout: Rollout) -> dict[str, float]:
-        return self.scorer.metrics(rollout.source_scores) if self.scorer is not None else {}
+    def reward_metrics(self, rollout: Rollout, score_rewards) -> dict[str, float]:
+        """Each reward source's mean and spread, and the seconds the sources took (reward functions and the
+        external model; the head is read in the adapters-off pass and costs nothing extra)."""
+        if score_rewards is None:
+            return {}
+        return {**self.scorer.metrics(rollout.source_scores), "speed/reward_seconds": score_rewards.seconds}

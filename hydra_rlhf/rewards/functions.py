@@ -89,9 +89,11 @@ def resolve_reward_function(spec: str, options: dict | None = None) -> RewardFun
     return describe(function, getattr(function, "__name__", attribute), spec, origin=origin)
 
 
-def resolve_reward_functions(specs: list[str], options: dict | None = None) -> list[RewardFunction]:
-    """Every spec resolved, names made unique (:func:`unique_names`): what a run's ``reward_funcs`` list becomes."""
-    return unique_names([resolve_reward_function(spec, options) for spec in specs])
+def resolve_reward_functions(specs: list, options: dict | None = None) -> list[RewardFunction]:
+    """Every spec resolved, names made unique (:func:`unique_names`): what a run's ``reward_funcs`` list becomes.
+    From Python (a notebook) an entry may also be the function itself, as TRL allows."""
+    return unique_names([resolve_reward_function(spec, options) if isinstance(spec, str)
+                         else describe(spec, getattr(spec, "__name__", type(spec).__name__)) for spec in specs])
 
 
 def _import_module(spec: str, name: str):
