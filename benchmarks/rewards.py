@@ -65,7 +65,7 @@ def memory_runs(args, flags: list[str]) -> dict:
               "--eval_prompts_path", "", "--save_every", "0", "--save_final", "false", "--stop_at_eos", "false",
               *flags]
     variants = {"reward_function": [],
-                "reward_head": ["--reward_head_weight", "1", "--reward_weights", "0"],  # the function off
+                "reward_head": ["--reward_head_weight", "1", "--reward_funcs", "accuracy", "--reward_weights", "0"],
                 "reward_model": ["--reward_model_name_or_path", str(rm_dir)]}
     results = {}
     for name, extra in variants.items():

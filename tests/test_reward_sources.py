@@ -179,3 +179,41 @@ def test_from_python_a_reward_function_may_be_the_function_itself(tiny_model, to
     assert metrics["objective/reward"] == pytest.approx(metrics["response/eos_fraction"])
     assert metrics["reward/ends_with_eos/mean"] == pytest.approx(metrics["response/eos_fraction"])
     assert (tmp_path / "run" / "checkpoints").is_dir()  # its state saves although the config holds a function
+
+
+def tiny_flags(tiny_model: str) -> list[str]:
+    return ["--model_name_or_path", tiny_model, "--max_iterations", "1", "--num_eval_prompts", "4",
+            "--max_new_tokens", "4", "--batch_size", "4", "--minibatch_size", "4", "--lora_layers", "1",
+            "--lora_r", "4", "--max_prompt_length", "96"]
+
+
+def test_the_demo_runs_the_verifiable_task(tiny_model, tmp_path):
+    # the docstring's command, shrunk: a tiny base, one iteration, 4 held-out problems
+    config = tmp_path / "grpo.yaml"
+    config.write_text(open("recipes/configs/grpo_arithmetic.yaml").read()
+                      + f"\nmodel_name_or_path: {tiny_model}\nmax_iterations: 1\nnum_eval_prompts: 4\n"
+                        "max_new_tokens: 4\nlora_layers: 1\nlora_r: 4\nbatch_size: 2\nminibatch_size: 8\n")
+    output = tmp_path / "arithmetic"
+    run([PYTHON, "recipes/demo.py", "--task", "arithmetic", "--objective", "grpo", "--ppo_config", str(config),
+         "--output_dir", str(output)])
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["task"] == "arithmetic" and summary["num_eval_prompts"] == 4
+    assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    assert summary["accuracy_gain"] == pytest.approx(summary["accuracy_after"] - summary["accuracy_before"])
+    assert summary["frozen_base_unchanged"] and summary["base_copies"] == 1
+
+
+def test_the_rewards_benchmark_on_a_tiny_model(tiny_model, tmp_path):
+    flags = sum((["--set", f"{key.lstrip('-')}={value}"] for key, value in zip(*[iter(tiny_flags(tiny_model)[2:])] * 2)),
+                [])
+    out = tmp_path / "rewards.json"
+    run([PYTHON, "benchmarks/rewards.py", "--objectives", "ppo", "--seeds", "0", "--base", tiny_model,
+         "--output_dir", str(tmp_path / "runs"), "--memory_iterations", "1", "--json", str(out), *flags])
+    results = json.loads(out.read_text())
+    row = results["runs"]["ppo"][0]
+    assert results["min_accuracy_gain"] == pytest.approx(row["accuracy_gain"])
+    assert row["reward_seconds_per_iteration"] > 0
+    memory = results["memory"]
+    assert memory["reward_function"]["base_copies"] == memory["reward_head"]["base_copies"] == 1
+    extra = memory["reward_model_extra"]
+    assert extra["measured_bytes"] > 0 and abs(extra["estimate_error"]) < 0.05  # one more copy, as estimated
