@@ -217,3 +217,11 @@ def test_the_rewards_benchmark_on_a_tiny_model(tiny_model, tmp_path):
     assert memory["reward_function"]["base_copies"] == memory["reward_head"]["base_copies"] == 1
     extra = memory["reward_model_extra"]
     assert extra["measured_bytes"] > 0 and abs(extra["estimate_error"]) < 0.05  # one more copy, as estimated
+
+
+def test_the_example_reward_file_resolves_and_scores():
+    from hydra_rlhf.rewards import call_reward_function, resolve_reward_function
+
+    brevity = resolve_reward_function("recipes/example_rewards.py:brevity")
+    values = call_reward_function(brevity, ["q"] * 3, ["a", "b", "c"], [[1] * 10, [1] * 36, [1] * 60], {})
+    assert values == [1.0, 0.5, 0.0]
