@@ -5,7 +5,7 @@ configs into ``--config recipe.yaml`` plus flags. Plain data: importing this mod
 * ``RLConfig``: one RL run (PPO, RLOO, GRPO or online DPO): data, sampling, objective, optimisation, logging.
 * ``RunShape``: what sets one iteration's memory, in the same words as the two configs (``RunShape.of(model_config,
   config)`` reads their fields by name); ``hydra-rlhf profile`` and ``hydra-rlhf estimate`` build from it too.
-* The rules that tie settings together (``check_*`` below) are written once and called by all three.
+* The rules that tie settings together (``layout.check_*``) are written once and called by all three.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass, field, fields
 
 from .errors import check_at_least_one, check_choice, check_positive
-from .layout import GENERATION_BACKENDS, MODES, OBJECTIVES, check_mode, objective_info
+from .layout import (MODES, OBJECTIVES, check_adapter_dtype, check_batch, check_engine,
+                     check_mode, check_quantized_full, objective_info)
 
 logger = logging.getLogger(__name__)
 
@@ -24,56 +25,6 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # the names transformers' TrainingArguments.optim uses
 ADAPTER_DTYPES = ("float32", "compute")
 ALL_ON_CHUNK_SIZE = 256  # tokens per log-prob chunk when every lever is on: 256 x a 128k vocabulary is 128 MiB of fp32 logits
-
-
-# ---------------------------------------------------------------------------- rules that tie settings together
-
-
-def check_quantized_full(mode: str, quantization: str) -> None:
-    if mode == "full" and quantization != "none":
-        raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {quantization} "
-                         "bitsandbytes base cannot (its weights are frozen); use quantization none, or mode lora, "
-                         "j-hydra or hydra.")
-
-
-def check_adapter_dtype(adapter_dtype: str, dtype: str) -> None:
-    """``dtype`` as resolved (a config's ``auto`` is checked again once the device is known)."""
-    if adapter_dtype == "compute" and DTYPES.get(dtype) == "float16":
-        raise ValueError("adapter_dtype compute with a float16 base (a T4) would train fp16 weights without loss "
-                         "scaling; keep adapter_dtype float32 there.")
-
-
-def check_engine(generation_backend: str, fusion: bool, mode: str | None = None) -> None:
-    check_choice("generation_backend", generation_backend, GENERATION_BACKENDS)
-    if generation_backend != "vllm":
-        return
-    if fusion:
-        raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
-                         "leave at once, new ones join), so our fused decode loop has nothing to add there. "
-                         "Set one of them.")
-    if mode == "full":
-        raise ValueError("generation_backend vllm serves the actor adapter, and mode full has none: use mode lora, "
-                         "j-hydra or hydra.")
-
-
-def check_batch(objective: str, batch_size: int, samples_per_prompt: int, minibatch_size: int,
-                gradient_accumulation_steps: int) -> None:
-    """k samples per prompt where the objective compares them; minibatches that tile the iteration's rows;
-    micro-batches that tile a minibatch (and keep online DPO's pairs whole)."""
-    info = objective_info(objective)
-    if samples_per_prompt < info.min_samples_per_prompt:
-        raise ValueError(f"objective {objective} compares samples of the same prompt: num_samples_per_prompt "
-                         f"must be at least {info.min_samples_per_prompt}, got {samples_per_prompt}.")
-    rows = info.train_rows(batch_size, samples_per_prompt)
-    micro = minibatch_size // gradient_accumulation_steps
-    if rows % minibatch_size or micro * gradient_accumulation_steps != minibatch_size:
-        raise ValueError(
-            f"the {rows} sequences an iteration trains on (batch_size {batch_size} x {rows // batch_size} per "
-            f"prompt) must be a multiple of minibatch_size ({minibatch_size}), which must be a multiple of "
-            f"gradient_accumulation_steps ({gradient_accumulation_steps}).")
-    if micro % info.rows_per_unit:
-        raise ValueError(f"objective {objective} keeps each chosen/rejected pair together: minibatch_size / "
-                         f"gradient_accumulation_steps ({micro}) must be even.")
 
 
 def check_reward_sources(config) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import check_choice
+
 MODES = ("full", "lora", "j-hydra", "hydra")
 ROLES = ("policy", "reference", "reward", "critic")
 FROZEN_ROLES = ("reference", "reward")
@@ -136,3 +138,53 @@ def counts(plan: dict) -> dict[str, int]:
         "train_graphs": len(trainable),
         "value_heads": int("critic" in plan),
     }
+
+
+# ------------------------------------------------- what combines: each rule once, for the configs and the estimator
+
+
+def check_quantized_full(mode: str, quantization: str) -> None:
+    if mode == "full" and quantization != "none":
+        raise ValueError(f"mode 'full' trains every weight of the policy and the critic, which a {quantization} "
+                         "bitsandbytes base cannot (its weights are frozen); use quantization none, or mode lora, "
+                         "j-hydra or hydra.")
+
+
+def check_adapter_dtype(adapter_dtype: str, dtype: str) -> None:
+    """``dtype`` as resolved (a config's ``auto`` is checked again once the device is known)."""
+    if adapter_dtype == "compute" and dtype in ("float16", "fp16"):
+        raise ValueError("adapter_dtype compute with a float16 base (a T4) would train fp16 weights without loss "
+                         "scaling; keep adapter_dtype float32 there.")
+
+
+def check_engine(generation_backend: str, fusion: bool, mode: str | None = None) -> None:
+    check_choice("generation_backend", generation_backend, GENERATION_BACKENDS)
+    if generation_backend != "vllm":
+        return
+    if fusion:
+        raise ValueError("fusion and generation_backend vllm: vLLM schedules its own batches (finished requests "
+                         "leave at once, new ones join), so our fused decode loop has nothing to add there. "
+                         "Set one of them.")
+    if mode == "full":
+        raise ValueError("generation_backend vllm serves the actor adapter, and mode full has none: use mode lora, "
+                         "j-hydra or hydra.")
+
+
+def check_batch(objective: str, batch_size: int, samples_per_prompt: int, minibatch_size: int,
+                gradient_accumulation_steps: int) -> None:
+    """k samples per prompt where the objective compares them; minibatches that tile the iteration's rows;
+    micro-batches that tile a minibatch (and keep online DPO's pairs whole)."""
+    info = objective_info(objective)
+    if samples_per_prompt < info.min_samples_per_prompt:
+        raise ValueError(f"objective {objective} compares samples of the same prompt: num_samples_per_prompt "
+                         f"must be at least {info.min_samples_per_prompt}, got {samples_per_prompt}.")
+    rows = info.train_rows(batch_size, samples_per_prompt)
+    micro = minibatch_size // gradient_accumulation_steps
+    if rows % minibatch_size or micro * gradient_accumulation_steps != minibatch_size:
+        raise ValueError(
+            f"the {rows} sequences an iteration trains on (batch_size {batch_size} x {rows // batch_size} per "
+            f"prompt) must be a multiple of minibatch_size ({minibatch_size}), which must be a multiple of "
+            f"gradient_accumulation_steps ({gradient_accumulation_steps}).")
+    if micro % info.rows_per_unit:
+        raise ValueError(f"objective {objective} keeps each chosen/rejected pair together: minibatch_size / "
+                         f"gradient_accumulation_steps ({micro}) must be even.")

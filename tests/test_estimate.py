@@ -395,7 +395,7 @@ def test_a_recipes_configs_and_the_same_flags_give_the_same_estimate(tmp_path):
     assert found["settings"] == expected["settings"] and found["stages"] == expected["stages"]
 
 
-RULES = [  # the keys that break a rule (config.check_*), the same as flags, and the rule's words
+RULES = [  # the keys that break a rule (layout.check_*), the same as flags, and the rule's words
     ({"mode": "full", "quantization": "4bit"}, ["--quant", "4bit"], "mode 'full' trains every weight"),
     ({"dtype": "fp16", "adapter_dtype": "compute"}, ["--dtype", "fp16", "--adapter-dtype", "compute"],
      "adapter_dtype compute with a float16 base"),

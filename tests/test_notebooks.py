@@ -101,6 +101,10 @@ def test_quickstart_runs_sft_ppo_and_saves_adapters(tmp_path, monkeypatch):
         assert not (run_dir / objective / "final" / "shared" / "critic").exists()
         # what persists between stages (weights, adapters, optimizer state): one adapter and its AdamW states fewer
         assert other["memory"]["log"]["peak_bytes"] < summary["memory"]["log"]["peak_bytes"]
+    # section 9: a reward function defined in a cell, beside the built-in accuracy, on the plain base
+    assert re.search(r"held-out accuracy \(greedy\): \d+\.\d% -> \d+\.\d% on \d+ problems", text), text[-2000:]
+    arithmetic = json.loads((run_dir / "arithmetic" / "summary.json").read_text())
+    assert {"reward/accuracy/mean", "reward/answer_is_short/mean"} <= set(arithmetic["final_metrics"])
 
 
 def test_memory_notebook_estimates_and_profiles_the_four_modes(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def levers_from_args(args: argparse.Namespace) -> dict:
 
 def settings_from_args(settings: type[RunShape], args: argparse.Namespace, **values):
     """``settings`` from every parsed flag named after one of its fields (``--all-levers`` turning every lever
-    on); ``values`` win. The settings' own checks (``config.check_*``) word any refusal."""
+    on); ``values`` win. The settings' own checks (``layout.check_*``) word any refusal."""
     found = {f.name: getattr(args, f.name) for f in fields(settings) if hasattr(args, f.name)}
     if hasattr(args, "all_levers"):
         found.update(levers_from_args(args))

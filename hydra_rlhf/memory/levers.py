@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # torch loads when a lever runs, not on import
     import torch
     from torch import nn
 
-from ..config import ADAPTER_DTYPES, OPTIMIZERS, check_adapter_dtype
+from ..config import ADAPTER_DTYPES, OPTIMIZERS
+from ..layout import check_adapter_dtype
 
 
 # ------------------------------------------------------------------------------------------------ log-probs

@@ -26,7 +26,7 @@ from .shape import CUDA_RESERVED_BYTES, DEVICES, GPUS, EstimateSettings, GiB, Mo
 
 def batch_step(settings: EstimateSettings) -> int:
     """The fewest prompts a batch of these settings may hold: its rows must tile a fixed ``minibatch_size`` and
-    ``gradient_accumulation_steps`` (``config.check_batch``); the valid batches are the multiples of it."""
+    ``gradient_accumulation_steps`` (``layout.check_batch``); the valid batches are the multiples of it."""
     for prompts in range(1, settings.batch_size):
         try:
             replace(settings, batch_size=prompts)

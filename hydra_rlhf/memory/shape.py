@@ -162,7 +162,7 @@ class EstimateSettings(RunShape):
     padded_prompts: bool = True  # prompts of unequal length -> an attention mask -> k, v repeated to all heads
 
     def __post_init__(self):
-        super().__post_init__()  # the run's own rules (config.check_*), worded once
+        super().__post_init__()  # the run's own rules (layout.check_*), worded once
         check_choice("device", self.device, DEVICES)
 
     @property
