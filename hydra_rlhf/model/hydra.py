@@ -127,21 +127,23 @@ class HydraModel(nn.Module):
             head.to(device)
 
     def load_reward_head(self, base_path: str, required: bool = True) -> None:
-        """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy. Without one, the
-        value head starts at zero: a random head would hand the critic random values to unlearn, while zero is an
-        unbiased first guess that GAE corrects from the first batch on."""
+        """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy. A run that takes its
+        reward from other sources (``required=False``) on a base without a head starts its value head at zero: a
+        random head would hand the critic random values to unlearn, while zero is an unbiased first guess that
+        GAE corrects from the first batch on."""
         heads = heads_path(resolve_model(base_path))
         if heads.is_file():
             state = self._load_heads(heads)
             self.reward_head.load_state_dict(with_prefix(state, "reward_head."))
-            if self.has_critic:
-                self.value_head.load_state_dict(self.reward_head.state_dict())
-            return
-        if required:
+        elif required:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
                            "meaningful rewards, or give reward_funcs and set reward_head_weight 0.", base_path,
                            HEADS_FILE)
-        if self.has_critic:
+        if not self.has_critic:
+            return
+        if heads.is_file() or required:
+            self.value_head.load_state_dict(self.reward_head.state_dict())
+        else:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
