@@ -232,11 +232,23 @@ def test_head_combines_and_an_unscored_row_scores_zero_and_is_counted():
     gold = fn_of(lambda **kw: [1.0, None, None], "gold")
     sources = RewardSources([gold], weights=[2.0], head_weight=0.5)
     assert sources.needs_head and sources.names == ["head", "gold"]
-    head = torch.tensor([2.0, math.nan, 4.0])
+    head = torch.tensor([2.0, 6.0, 4.0])
     combined, per_source = sources.score(head, ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
-    assert combined.tolist() == [3.0, 0.0, 2.0]
+    assert combined.tolist() == [3.0, 3.0, 2.0]  # where gold gave None, the head's share stands alone
     assert set(per_source) == {"head", "gold"}
-    assert sources.metrics(per_source)["reward/none_applied"] == 1.0
+    assert sources.metrics(per_source)["reward/none_applied"] == 0.0
+    alone = RewardSources([gold], weights=[2.0])  # no head: a row no source applies to scores 0, counted
+    combined, per_source = alone.score(None, ["p"] * 3, ["c"] * 3, [[1]] * 3, {})
+    assert combined.tolist() == [2.0, 0.0, 0.0] and alone.metrics(per_source)["reward/none_applied"] == 2.0
+
+
+def test_a_non_finite_value_is_not_a_none_it_reaches_the_guard():
+    # None: the source does not apply. NaN or inf: something went wrong, and the trainer's non-finite guard must see
+    # it (skip the update, count it) rather than a silently smaller reward.
+    broken = fn_of(lambda **kw: [math.nan, 1.0, math.inf], "broken")
+    combined, _ = RewardSources([broken], head_weight=1.0).score(torch.tensor([1.0, 1.0, 1.0]), ["p"] * 3,
+                                                                  ["c"] * 3, [[1]] * 3, {})
+    assert math.isnan(combined[0]) and combined[1] == 2.0 and math.isinf(combined[2])
 
 
 def test_a_zero_weight_is_never_computed_and_the_head_never_read():

@@ -2,9 +2,10 @@
 
 The sources are the Hydra reward head (scores the caller already has), reward functions, and an external reward
 model (any callable ``model(prompts, completions) -> list[float]``, see ``reward_model.py``). Each gives one value a
-row or None ("does not apply"), held as NaN; the combined score sums ``weight * value`` over the sources that gave a
-value (``nansum``, as TRL does), so a None neither rewards nor punishes. A row no source applies to scores 0 and is
-counted (``reward/none_applied``) so a spec that never fires is seen, not silently trained on. A source of weight 0 is
+row or None ("does not apply"), held as NaN in the per-source scores; the combined score sums ``weight * value``
+over the sources that gave a value (as TRL does), so a None neither rewards nor punishes. Unlike TRL, a NaN or inf a
+source *returned* stays in the sum: the trainer's non-finite guard then skips and counts that update instead of
+training on a silently smaller reward. A row no source applies to scores 0 and is counted (``reward/none_applied``) so a spec that never fires is seen, not silently trained on. A source of weight 0 is
 not computed at all: no call, no head read. No model code here: the caller owns devices and models.
 """
 
