@@ -90,3 +90,16 @@ def test_a_model_config_alone_refuses_what_it_can_tell():
         HydraModelConfig(mode="full", quantization="8bit")
     with pytest.raises(ValueError, match="adapter_dtype compute with a float16 base"):
         ModelConfig(adapter_dtype="compute", dtype="fp16")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(reward_funcs=["accuracy"], reward_weights=[1.0, 2.0]), "reward_weights has 2 values for 1 reward_funcs"),
+    (dict(reward_head_weight=0), "reward_head_weight is 0 and no other reward source is given"),
+    (dict(reward_funcs=["accuracy"], reward_model_quantization="3bit"), "Unknown reward_model_quantization '3bit'"),
+    (dict(reward_funcs=["accuracy"], overlong_buffer=0), "overlong_buffer must be at least 1"),
+    (dict(reward_head_weight=-1), "reward_head_weight must be >= 0"),
+])
+def test_bad_reward_settings_are_one_line_errors(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**settings)
+    assert RLConfig(reward_funcs=["accuracy"]).head_weight == 0 and RLConfig().head_weight == 1  # the defaults
