@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hydra_rlhf.data import load_prompts
-from hydra_rlhf.memory.arguments import add_lever_arguments, levers_from_args
+from hydra_rlhf.memory.arguments import add_lever_arguments, settings_from_args
 from hydra_rlhf.memory.profile import ProfileSettings, compare, profile_mode
 from hydra_rlhf.memory.shape import ModelShape
 from hydra_rlhf.model.loading import load_tokenizer, resolve_model
@@ -60,9 +60,9 @@ def main() -> None:
 
     results, worst = [], 0.0
     for mode, batch, prompt_len, gen_len, objective in map(parse_run, args.runs.split(",")):
-        run = ProfileSettings(model=args.model, prompts=args.prompts, mode=mode, objective=objective,
-                              batch_size=batch, max_prompt_length=prompt_len, max_new_tokens=gen_len,
-                              gradient_checkpointing=args.gradient_checkpointing, **levers_from_args(args))
+        run = settings_from_args(ProfileSettings, args, model=args.model, prompts=args.prompts, mode=mode,
+                                 objective=objective, batch_size=batch, max_prompt_length=prompt_len,
+                                 max_new_tokens=gen_len, gradient_checkpointing=bool(args.gradient_checkpointing))
         measured = profile_mode(run, tokenizer, prompts, accelerator)
         result = compare(shape, run, measured, tokenizer, prompts, accelerator.device.type)
         worst = max(worst, result["worst_relative_error"])

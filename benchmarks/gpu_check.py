@@ -270,7 +270,7 @@ def part_random_presets(check: Check, models: dict, out: dict) -> None:
     for name, shape in models["presets"].items():
         out["presets"][name] = entry = {"settings": {**shape.settings(), "mode": "hydra", "objective": "ppo"}}
         for label, levers in (("levers_off", Levers()), ("levers_on", ALL_ON))[-models["lever_settings"]:]:
-            recipe_flags, estimate_flags = lever_flags(levers.levers())
+            recipe_flags, estimate_flags = lever_flags(levers.lever_values())
             estimate = check.estimate(shape.model, shape, extra=estimate_flags)
             entry[label] = against_estimate(check.recipe(replace(shape, extra=tuple(recipe_flags))), estimate)
     results = [result for entry in out["presets"].values() for label, result in entry.items() if label != "settings"]

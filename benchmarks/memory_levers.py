@@ -52,7 +52,7 @@ def measure(name: str, settings: ProfileSettings, tokenizer, prompts, accelerato
     timing = profile_mode(replace(settings, measure_memory=False), tokenizer, prompts, accelerator)
     train = memory["stages"]["train"]["peak_bytes"]
     return {
-        "levers": settings.levers(),
+        "levers": settings.lever_values(),
         "train_peak_bytes": train,
         "persistent_bytes": memory["persistent_bytes"],
         "train_above_persistent_bytes": train - memory["persistent_bytes"],
@@ -87,7 +87,7 @@ def main() -> int:
                            gradient_checkpointing=True)
 
     levers = lever_settings(args.chunk_size)
-    all_on = replace(base, **{**ALL_ON.levers(), "logprob_chunk_size": args.chunk_size})
+    all_on = replace(base, **{**ALL_ON.lever_values(), "logprob_chunk_size": args.chunk_size})
     batches = [int(b) for b in args.estimate_batches.split(",")]
     if args.reuse:
         previous = json.loads(args.json.read_text())

@@ -116,13 +116,13 @@ LEVER_SETTING = replace(TARGET_SETTING, batch_size=1)  # 256 + 256 tokens, 4-bit
 
 def levers() -> dict:
     """Every lever off and on at the issue's shapes: peak, verdict, and the largest batch per card."""
-    print(f"4. Memory levers off / on (on: {', '.join(f'{k}={v}' for k, v in ALL_ON.levers().items())}); hydra, 4bit, "
+    print(f"4. Memory levers off / on (on: {', '.join(f'{k}={v}' for k, v in ALL_ON.lever_values().items())}); hydra, 4bit, "
           "LoRA r=16, 256 + 256 tokens, gradient checkpointing, bf16, CUDA")
     results = {}
     for (name, batch), target in LEVER_TARGETS.items():
         shape = load_preset(name)
         off = replace(LEVER_SETTING, batch_size=batch)
-        on = replace(off, **ALL_ON.levers())
+        on = replace(off, **ALL_ON.lever_values())
         peaks = {label: estimate(shape, setting) for label, setting in (("off", off), ("on", on))}
         verdict = "met" if peaks["on"].peak_bytes / GiB <= target else "MISSED"
         print(f"   {name:14s} batch {batch}: off {peaks['off'].peak_bytes / GiB:6.2f} GiB, on "

@@ -8,6 +8,8 @@ or read back from a finished run (``report``); and how a run's checkpoints score
     hydra-rlhf estimate --preset llama-3.1-8b --quant 4bit --objective all --batch-size 2 --num-samples-per-prompt 4
     hydra-rlhf estimate --preset llama-3.1-70b --quantization 4bit --batch-size 4 --gradient-checkpointing --all-levers
     hydra-rlhf profile --modes hydra --gradient-checkpointing --logprob-chunk-size 256 --optim adamw_bnb_8bit
+    hydra-rlhf profile --modes hydra --objective grpo --batch-size 4 --memory-budget 1GiB
+    hydra-rlhf estimate --preset llama-3.1-8b --quantization 4bit --batch-size 8 --gpu T4
     hydra-rlhf report runs/demo/ppo
     hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json"""
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from .memory.arguments import add_run_shape_arguments
+    from .memory.arguments import add_budget_arguments, add_run_shape_arguments
     from .memory.profile import ProfileSettings
     from .memory.report import add_estimate_arguments, run_estimate
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rloo, grpo, online_dpo): ppo builds a critic, the others do not. Each samples its own k per "
                          "prompt unless --num-samples-per-prompt is given.")
     add_run_shape_arguments(profile, ProfileSettings)
+    add_budget_arguments(profile, gpu=False)
     profile.add_argument("--iterations", type=int, default=2)
     profile.add_argument("--prompts", default="demo:train", help="Prompt source (bundled name or file).")
     profile.add_argument("--json", type=Path, help="Write the results here.")
@@ -80,12 +83,12 @@ def comma_list(text: str) -> list[str]:
 
 
 def run_profile(args) -> int:
-    from .memory.arguments import settings_from_args
+    from .memory.arguments import set_levers, settings_from_args
     from .memory.profile import ProfileSettings, profile
 
     # the shape first: a refused setting is one line before torch loads
     settings = settings_from_args(ProfileSettings, args, modes=comma_list(args.modes),
-                                  objectives=comma_list(args.objectives))
+                                  objectives=comma_list(args.objectives), fixed_levers=set_levers(args))
     from .memory.profiler import format_bytes, stage_table, wide_console
     from .plots import plot_memory
 

@@ -11,6 +11,7 @@ configs into ``--config recipe.yaml`` plus flags. Plain data: importing this mod
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, fields
 
 from .errors import check_at_least_one, check_choice, check_positive
@@ -55,13 +56,31 @@ def renamed(owner, old: str, new: str) -> None:
 
 
 def from_fields(cls, *sources, **overrides):
-    """``cls`` built from every field of ``sources`` that has one of its names (later sources winning), then
-    ``overrides``: one run described in another of these dataclasses, with no per-field translation."""
+    """``cls`` built from every field of ``sources`` that has one of its names and is set (not None; later sources
+    winning), then ``overrides``: one run described in another of these dataclasses, with no per-field
+    translation."""
     names = {f.name for f in fields(cls)}
     values = {}
-    for source in sources:
-        values.update({name: getattr(source, name) for name in names if hasattr(source, name)})
+    for source in sources:  # a source's None is unset (e.g. a lever left to levers auto): cls's default stands
+        values.update({name: getattr(source, name) for name in names
+                       if getattr(source, name, None) is not None})
     return cls(**{**values, **overrides})
+
+
+LEVER_CHOICES = ("auto", "off")
+# what levers auto decides where a run leaves them unset (hydra_rlhf/memory/plan.py), in no particular order
+AUTO_LEVERS = ("logprob_chunk_size", "gradient_checkpointing", "activation_offload", "gradient_accumulation_steps")
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int | float, key: str = "memory_budget") -> int:
+    """'16GB' (10^9), '15.5GiB' (2^30), '900MiB', or a number of bytes; anything else is a one-line error."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match and match.group(2).lower()
+    if not match or unit not in UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{key} {text!r}: give a positive size such as 16GB, 15.5GiB or 900MiB.")
+    return int(float(match.group(1)) * UNITS[unit])
 
 
 # ----------------------------------------------------------------------------------------------- the levers
@@ -88,7 +107,7 @@ class Levers:
         check_choice("optim", self.optim, OPTIMIZERS)
         check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
 
-    def levers(self) -> dict:
+    def lever_values(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(Levers)}
 
 
@@ -120,7 +139,9 @@ class ModelConfig:
     lora_layers: int | None = field(
         default=None, metadata={"help": "LoRA on the top N decoder layers only (default: all). Backward then stops "
                                 "N layers down, which makes every training step cheaper."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Recompute activations in backward (less memory, more time). Unset: an RL run's levers auto chooses; "
+                "off in SFT."})
     adapter_dtype: str = field(default="float32", metadata={"help": Levers.__dataclass_fields__["adapter_dtype"]
                                                             .metadata["help"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
@@ -146,10 +167,10 @@ class HydraModelConfig(ModelConfig):
         default=None,
         metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
     )
-    logprob_chunk_size: int = field(default=0, metadata={"help": Levers.__dataclass_fields__["logprob_chunk_size"]
-                                                         .metadata["help"]})
-    activation_offload: bool = field(default=False, metadata={"help": Levers.__dataclass_fields__["activation_offload"]
-                                                              .metadata["help"]})
+    logprob_chunk_size: int | None = field(default=None, metadata={
+        "help": Levers.__dataclass_fields__["logprob_chunk_size"].metadata["help"] + " Unset: levers auto chooses (off with levers off)."})
+    activation_offload: bool | None = field(default=None, metadata={
+        "help": Levers.__dataclass_fields__["activation_offload"].metadata["help"] + " Unset: levers auto chooses (off with levers off)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -279,7 +300,17 @@ class RLConfig:
                                                       "calls this num_iterations)."})
     minibatch_size: int = field(default=8, metadata={"help": "Sequences per optimizer step (after accumulation); "
                                                           "online_dpo: 2 per pair."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={
+        "help": "Micro-batches per optimizer step (the optimizer sees the same minibatch either way). Unset: levers auto chooses (off with levers off)."})
+    levers: str = field(default="auto", metadata={
+        "help": "auto: before the first step, the fastest memory levers that fit the memory the run has (memory_budget, "
+                "else the GPU's free memory or the machine's available RAM) with 10% kept free, from the estimate of "
+                "its shape: log-prob chunks, then gradient checkpointing, activation offload (CUDA), then a smaller "
+                "micro-batch with more accumulation steps. A lever set by hand stays as set; the plan is printed and "
+                "written to memory_plan.json (hydra_rlhf/memory/plan.py). off: unset levers stay off."})
+    memory_budget: str | None = field(default=None, metadata={
+        "help": "levers auto: plan for this much memory per process instead of what the device has free, e.g. 16GB, "
+                "15.5GiB or 900MiB (tensor bytes, as the profiler counts them)."})
     actor_lr: float = field(default=1e-4, metadata={"help": "Learning rate of the actor adapter."})
     critic_lr: float = field(default=3e-4, metadata={"help": "Learning rate of the critic adapter and value head "
                                                           "(ppo only)."})
@@ -364,8 +395,11 @@ class RLConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma} and {self.lam}.")
+        check_choice("levers", self.levers, LEVER_CHOICES)
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
         check_batch(self.objective, self.batch_size, self.samples_per_prompt, self.minibatch_size,
-                    self.gradient_accumulation_steps)
+                    self.gradient_accumulation_steps or 1)
 
 
 # ---------------------------------------------------------------------------------------- the run's shape
@@ -383,6 +417,7 @@ class RunShape(Levers):
     quantization: str = "none"
     dtype: str = "auto"  # auto: bf16 on a GPU (fp16 where bf16 is missing), fp32 on a CPU
     lora_r: int = 16
+    lora_layers: int | None = None  # LoRA on the top N decoder layers (default: all): backward stops there
     gradient_checkpointing: bool = False
     batch_size: int = 8  # prompts per iteration (per process)
     num_samples_per_prompt: int | None = None
@@ -412,7 +447,7 @@ class RunShape(Levers):
         check_choice("dtype", self.dtype, ("auto", *DTYPES))
         self.check_levers()
         check_at_least_one(self, "batch_size", "num_samples_per_prompt", "minibatch_size",
-                           "gradient_accumulation_steps", "max_prompt_length", "max_new_tokens", "lora_r")
+                           "gradient_accumulation_steps", "max_prompt_length", "max_new_tokens", "lora_r", "lora_layers")
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")
         check_positive(self, "vllm_kv_cache_gib")

@@ -10,10 +10,15 @@ import os
 import sys
 
 DEBUG_VARIABLE = "HYDRA_RLHF_DEBUG"
+OUT_OF_MEMORY = " out of memory"  # in the message of torch's OutOfMemoryError (CUDA, HIP, XPU)
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite updates in a row; the last good checkpoint is kept."""
+
+
+class OutOfMemory(RuntimeError):
+    """A training step ran out of memory even at one row per micro-batch; the last checkpoint is kept."""
 
 
 class Interrupted(RuntimeError):
@@ -64,7 +69,11 @@ def error_boundary(run, *args) -> int:
         if isinstance(error, (*USER_ERRORS, yaml.YAMLError)):
             print(f"error: {one_line(error)}", file=sys.stderr)
             return 2
-        if isinstance(error, NonFiniteError):
+        if isinstance(error, RuntimeError) and not isinstance(error, OutOfMemory) and OUT_OF_MEMORY in str(error):
+            print(f"error: out of memory ({one_line(error)[:160]}): lower batch_size, max_new_tokens or "
+                  "max_prompt_length, or plan for less with memory_budget.", file=sys.stderr)
+            return 1
+        if isinstance(error, (NonFiniteError, OutOfMemory)):
             print(f"error: {one_line(error)}", file=sys.stderr)
             return 1
         print(f"error: {type(error).__name__}: {one_line(error)} (set {DEBUG_VARIABLE}=1 for the traceback)",

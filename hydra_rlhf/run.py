@@ -16,9 +16,11 @@ from .config import RLConfig
 from .config import HydraModelConfig
 from .model.hydra import HydraModel
 from .layout import objective_info
+from .memory.plan import AUTO_LEVERS, plan_memory
 from .memory.profiler import stage_table, wide_console
 
 logger = logging.getLogger(__name__)
+PLAN_FILE = "memory_plan.json"  # what levers auto chose for the run, and from which budget
 
 
 def make_accelerator(report_to: str = "none", output_dir: str = "runs"):
@@ -49,6 +51,8 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         raise ValueError(f"{output} already holds a run: pass --resume true to continue it, or choose another output_dir.")
     with accelerator.main_process_first():  # the bundled model converts once, on the main process
         resolve_model(model_config.model_name_or_path)
+    # levers auto: the levers left unset, chosen from the estimate for the memory this process has
+    model_config, config, plan = plan_memory(model_config, config, accelerator, console)
     # everything that can be checked before the weights load: the context, the data, the run's own settings
     check_context(model_config.model_name_or_path, config.max_prompt_length + config.max_new_tokens + 1,
                   "max_prompt_length + max_new_tokens (+1 for the EOS the reward is read at)",
@@ -60,6 +64,8 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
     prompts = load_prompt_rows(config.prompts_path, config.prompt_column)
     if accelerator.is_main_process:  # the fingerprint reads the bases' files: once, not once per process
         record_or_check_run_settings(output, run_settings(model_config, config), config.resume)
+        if plan is not None:
+            (output / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed,
                                    critic=objective_info(config.objective).critic, reward_head=config.head_weight > 0)
@@ -82,6 +88,8 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
         "trainable_hash_per_rank": rank_hashes,
         "memory": memory,
+        "memory_plan": plan.to_dict() if plan else None,
+        "levers": {lever: getattr(config if hasattr(config, lever) else model_config, lever) for lever in AUTO_LEVERS},
         "peak_bytes": max((s["peak_bytes"] for s in memory.values()), default=0),
         "final_metrics": history[-1] if history else {},
     }

@@ -27,7 +27,7 @@ import torch
 from . import checkpoints
 from .checkpoints import clean_staging, latest_intact_checkpoint
 from .data import PromptRows, encode_prompts
-from .errors import Interrupted, NonFiniteError
+from .errors import Interrupted, NonFiniteError, OutOfMemory
 from .experience.maker import ExperienceMaker
 from .experience.rollout import Rollout
 from .experience.sources import make_source
@@ -94,6 +94,8 @@ class RLTrainer:
             if config.kl_controller == "adaptive" else F.FixedKLController(config.kl_coef)
         )
         self.moments = F.RunningMoments()
+        # rows of one training forward: the plan's, halved for the rest of the run after an out-of-memory error
+        self.micro_batch = config.minibatch_size // (config.gradient_accumulation_steps or 1)
         self.iteration = 0
         self.nonfinite_in_a_row = 0
         self.recent_kl: list[float] = []  # stop_at_kl's window
@@ -222,7 +224,6 @@ class RLTrainer:
         config, objective = self.config, self.objective
         generator = torch.Generator().manual_seed(self.experience.seed(self.iteration, "shuffle"))
         unit = objective.info.rows_per_unit
-        micro_size = config.minibatch_size // config.gradient_accumulation_steps
         stats = defaultdict(list)
         skipped = 0
         batch = targets.batch
@@ -232,15 +233,50 @@ class RLTrainer:
                 if config.fusion:  # length-bucketed micro-batches: the longest units together
                     units = units[batch.response_mask.sum(-1).view(-1, unit).amax(-1)[units].argsort(descending=True)]
                 rows = (units[:, None] * unit + torch.arange(unit)).flatten()
-                normalizer = objective.normalizer(batch.response_mask[rows])
-                for micro in rows.split(micro_size):
-                    micro_targets = targets.select(micro).trimmed() if config.fusion else targets.select(micro)
-                    stats["train/padded_fraction"].append(micro_targets.batch.padded_fraction())
-                    objective.loss(self.model, micro_targets, normalizer, stats).backward()
+                self._accumulate(targets, rows, stats)
                 skipped += not self._optimizer_step(stats)
         summary = {key: sum(values) / len(values) for key, values in stats.items()}
         summary["train/skipped_nonfinite_updates"] = float(skipped)
+        summary["train/micro_batch"] = float(self.micro_batch)
         return summary
+
+    def _accumulate(self, targets: Targets, rows: torch.Tensor, stats: dict) -> None:
+        """One minibatch's gradients, in micro-batches of ``self.micro_batch`` rows. Out of memory (what accelerate's
+        ``should_reduce_batch_size`` recognises: CUDA, or a CPU allocation that failed): the partial gradients go,
+        the micro-batch halves for the rest of the run (accumulation keeps the minibatch, so the step is the same up
+        to float order) and the minibatch runs again; below one unit, one ``error:`` line."""
+        from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
+
+        normalizer = self.objective.normalizer(targets.batch.response_mask[rows])
+        unit = self.objective.info.rows_per_unit
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            attempt = defaultdict(list)
+            try:
+                for micro in rows.split(self.micro_batch):
+                    micro_targets = targets.select(micro).trimmed() if self.config.fusion else targets.select(micro)
+                    attempt["train/padded_fraction"].append(micro_targets.batch.padded_fraction())
+                    self.objective.loss(self.model, micro_targets, normalizer, attempt).backward()
+                break
+            except RuntimeError as error:
+                if not should_reduce_batch_size(error):
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)
+            clear_device_cache(garbage_collection=True)
+            self._halve_micro_batch(unit)
+        for key, values in attempt.items():
+            stats[key].extend(values)
+
+    def _halve_micro_batch(self, unit: int) -> None:
+        half = self.micro_batch // 2 // unit * unit
+        if not half:
+            raise OutOfMemory(f"out of memory in train at one {'pair' if unit == 2 else 'row'} per micro-batch "
+                              f"(iteration {self.iteration + 1}): shorten max_new_tokens or max_prompt_length, turn on "
+                              "gradient_checkpointing and logprob_chunk_size, or quantize the base (quantization: "
+                              "4bit); `hydra-rlhf estimate` shows what fits.")
+        logger.warning("Iteration %d: out of memory in train at micro-batch %d; micro-batch %d (accumulating to "
+                       "the same minibatch) from now on.", self.iteration + 1, self.micro_batch, half)
+        self.micro_batch = half
 
     def _optimizer_step(self, stats: dict) -> bool:
         """Average gradients across processes, clip, step. A non-finite gradient skips the step."""

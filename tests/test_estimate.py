@@ -188,7 +188,7 @@ def test_every_lever_on_fits_70b_on_a_48gb_card_and_8b_in_8_gib():
     from hydra_rlhf.config import ALL_ON
 
     setting = EstimateSettings(quantization="4bit", max_prompt_length=256, max_new_tokens=256, lora_r=16,
-                               gradient_checkpointing=True, **ALL_ON.levers())
+                               gradient_checkpointing=True, **ALL_ON.lever_values())
     big = estimate(load_preset("llama-3.1-70b"), replace(setting, batch_size=4))
     small = estimate(load_preset("llama-3.1-8b"), replace(setting, batch_size=8))
     assert big.peak_bytes <= 44 * (1 << 30) and small.peak_bytes <= 8 * (1 << 30)
@@ -388,6 +388,7 @@ def test_a_recipes_configs_and_the_same_flags_give_the_same_estimate(tmp_path):
     expected = estimate(load_preset("smollm2-135m"), EstimateSettings.of(*configs, device="cpu")).to_dict()
     out = tmp_path / "flags.json"
     assert run_estimate(parse("--preset", "smollm2-135m", "--mode", "hydra", "--objective", "ppo", "--lora-r", "16",
+                              "--lora-layers", "12",
                               "--batch-size", "16", "--minibatch-size", "8", "--max-prompt-length", "64",
                               "--max-new-tokens", "48", "--generation-backend", "hf", "--device", "cpu",
                               "--json", str(out))) == 0

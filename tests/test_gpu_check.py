@@ -90,7 +90,7 @@ def test_a_failing_part_records_one_line_and_the_levers_map_to_both_clis(tmp_pat
     check = gpu_check.Check(cuda=True, deadline=gpu_check.time.monotonic() + 1000, scratch=tmp_path)
     result = gpu_check.run_part(check, gpu_check.Part("broken", 10, ("value",), broken, needs=()), {})
     assert result["value"] == 1 and result["error"] == "RuntimeError: recipes/ppo.py: error: something broke"
-    recipe, estimate = gpu_check.lever_flags(ALL_ON.levers())
+    recipe, estimate = gpu_check.lever_flags(ALL_ON.lever_values())
     assert recipe == ["--logprob_chunk_size", "256", "--optim", "adamw_bnb_8bit", "--activation_offload", "true",
                       "--adapter_dtype", "compute"]
     assert estimate == ["--logprob-chunk-size", "256", "--optim", "adamw_bnb_8bit", "--activation-offload",

@@ -122,7 +122,7 @@ def trainable_tensors(shape: ModelShape, s: EstimateSettings) -> list[tuple[int,
         weights = [(i * o, a, copies * shape.num_layers) for i, o in shape.linear_shapes()]
         weights += [(shape.vocab_size * h, a, copies * (1 + lm_head)), (h, a, copies * (2 * shape.num_layers + 1))]
         return weights + heads
-    count = layout["adapters"] * shape.num_layers
+    count = layout["adapters"] * shape.adapted_layers(s.lora_layers)
     lora = [(s.lora_r * size, s.adapter_bytes, count) for i, o in shape.linear_shapes() for size in (i, o)]
     return lora + heads
 
@@ -147,14 +147,15 @@ def critic_trainable_bytes(shape: ModelShape, s: EstimateSettings) -> int:
         return 0
     if s.mode == "full":
         return shape.num_params * s.dtype_bytes + 4 * (shape.hidden_size + 1)
-    return s.adapter_bytes * shape.lora_params(s.lora_r) + 4 * (shape.hidden_size + 1)
+    return s.adapter_bytes * shape.lora_params(s.lora_r, s.lora_layers) + 4 * (shape.hidden_size + 1)
 
 
 def persistent_bytes(shape: ModelShape, s: EstimateSettings) -> dict[str, int]:
     """What lives in every stage (from the second iteration on): weights, adapters + heads, AdamW states."""
     layout = s.layout
     heads = 1 + layout["value_heads"]  # the reward head, and the value head where there is a critic
-    adapters = s.adapter_bytes * layout["adapters"] * shape.lora_params(s.lora_r) + 4 * heads * (shape.hidden_size + 1)
+    adapters = (s.adapter_bytes * layout["adapters"] * shape.lora_params(s.lora_r, s.lora_layers)
+                + 4 * heads * (shape.hidden_size + 1))
     return {
         "weights": layout["base_copies"] * base_weight_bytes(shape, s) + reward_model_bytes(shape, s),
         "adapters_heads": adapters,
@@ -235,14 +236,16 @@ def _trainable_inputs_per_token(shape: ModelShape, s: EstimateSettings) -> int:
 
 
 def graph_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
-    """One role's forward-with-grad, as kept until backward: every layer's saved tensors, or with gradient
-    checkpointing only each layer's input hidden states; plus the final norm's fp32 input and the final hidden
-    states (the value head keeps a view of them)."""
+    """One role's forward-with-grad, as kept until backward: every trained layer's saved tensors, or with gradient
+    checkpointing only each one's input hidden states; plus the final norm's fp32 input and the final hidden
+    states (the value head keeps a view of them). With LoRA on the top ``lora_layers`` only, the layers below
+    see no tensor that needs a gradient and save nothing."""
     h, a = shape.hidden_size, s.dtype_bytes
     if s.offload:  # everything saved for backward waits in host memory
         return 0
     per_layer = tokens * h * a if s.gradient_checkpointing else layer_saved_bytes(shape, s, tokens)
-    return shape.num_layers * per_layer + tokens * h * (4 + a)
+    layers = shape.num_layers if s.mode == "full" else shape.adapted_layers(s.lora_layers)
+    return layers * per_layer + tokens * h * (4 + a)
 
 
 def backward_layer_bytes(shape: ModelShape, s: EstimateSettings, tokens: int) -> int:
@@ -376,7 +379,7 @@ def engine_weight_bytes(shape: ModelShape, s: EstimateSettings) -> int:
     """The vllm engine's own copy of the base (quantized as the learner's is) and its one LoRA slot, at vLLM's
     smallest rank slot that holds lora_r, in the compute dtype."""
     slot = next(r for r in (*VLLM_LORA_RANKS, s.lora_r) if r >= s.lora_r)
-    return base_weight_bytes(shape, s) + shape.lora_params(slot) * s.dtype_bytes
+    return base_weight_bytes(shape, s) + shape.lora_params(slot, s.lora_layers) * s.dtype_bytes
 
 
 def engine_kv_bytes(shape: ModelShape, s: EstimateSettings) -> int:

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from itertools import product
 
-from ..config import HydraModelConfig, RLConfig, RunShape, from_fields
+from ..config import HydraModelConfig, RLConfig, RunShape, from_fields, parse_bytes
 from ..errors import check_at_least_one
 from ..layout import MODES, check_mode, objective_info
 
@@ -36,6 +36,8 @@ class ProfileSettings(RunShape):
     prompts: str = "demo:train"
     seed: int = 0
     measure_memory: bool = True  # False: time the iterations without the CPU's live-tensor accounting (slower)
+    memory_budget: str | None = None  # plan the levers not in fixed_levers for this budget, as levers auto does
+    fixed_levers: tuple = ()
 
     def __post_init__(self):
         for mode in self.modes:
@@ -43,6 +45,8 @@ class ProfileSettings(RunShape):
         for objective in self.objectives:
             objective_info(objective)
         check_at_least_one(self, "iterations")
+        if self.memory_budget:
+            parse_bytes(self.memory_budget)
         super().__post_init__()
         for mode, objective in product(self.modes, self.objectives):  # every run profile() makes, refused now
             RunShape.of(self, mode=mode, objective=objective)
@@ -108,6 +112,19 @@ def matching_estimate(settings: ProfileSettings, tokenizer, prompts, device_type
                                padded_prompts=shortest < settings.max_prompt_length)
 
 
+def planned(settings: ProfileSettings, tokenizer, prompts, device_type: str):
+    """What levers auto would choose for this run under ``settings.memory_budget`` (None without a budget)."""
+    if not settings.memory_budget:
+        return None
+    from ..model.loading import resolve_model
+    from .plan import plan_levers
+    from .shape import ModelShape
+
+    shape = ModelShape.from_config(resolve_model(settings.model))
+    return plan_levers(shape, matching_estimate(settings, tokenizer, prompts, device_type),
+                       parse_bytes(settings.memory_budget), settings.fixed_levers)
+
+
 def compare(shape, settings: ProfileSettings, measured: dict, tokenizer, prompts, device_type: str) -> dict:
     """The estimate of the run :func:`profile_mode` measured (``measured``), stage by stage, printed and
     returned: estimated and measured bytes and the relative error per stage, the worst one, the peak's."""
@@ -118,7 +135,7 @@ def compare(shape, settings: ProfileSettings, measured: dict, tokenizer, prompts
     predicted = estimate(shape, estimated).stages
     print(f"\n{settings.mode}, {settings.objective}, batch {settings.batch_size} x {settings.samples_per_prompt}, "
           f"prompt {settings.max_prompt_length} + {settings.max_new_tokens} new tokens (padded prompts: "
-          f"{estimated.padded_prompts}; levers: {settings.levers()})")
+          f"{estimated.padded_prompts}; levers: {settings.lever_values()})")
     stages = {}
     for stage, got in predicted.items():
         want = measured["stages"][stage]["peak_bytes"]
@@ -147,9 +164,13 @@ def profile(settings: ProfileSettings, progress=None) -> dict:
     modes = {}
     for run in settings.runs():
         label = run.mode if len(settings.objectives) == 1 else f"{run.mode}/{run.objective}"
+        plan = planned(run, tokenizer, prompts, accelerator.device.type)
+        run = replace(run, **plan.levers) if plan else run
         if progress:
-            progress(label)
+            progress(label + (f" ({plan.line()})" if plan else ""))
         modes[label] = profile_mode(run, tokenizer, prompts, accelerator) | {"objective": run.objective}
+        if plan:
+            modes[label]["plan"] = plan.to_dict()
     on_cuda = accelerator.device.type == "cuda"
     return {
         "settings": asdict(settings),

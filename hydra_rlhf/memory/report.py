@@ -16,10 +16,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..layout import MODES, OBJECTIVES
-from .arguments import add_run_shape_arguments, settings_from_args
+from ..config import parse_bytes
+from .arguments import add_budget_arguments, add_run_shape_arguments, set_levers, settings_from_args
 from .formulas import CATEGORIES, Estimate, estimate
-from .shape import CUDA_RESERVED_BYTES, DEVICES, GPUS, EstimateSettings, GiB, ModelShape, load_preset, presets, \
-    shape_from_hub
+from .plan import Plan, plan_levers
+from .shape import CUDA_RESERVED_BYTES, DEVICES, GPUS, EstimateSettings, GiB, ModelShape, find_gpu, load_preset, \
+    presets, shape_from_hub
 
 # ----------------------------------------------------------------------------------------------- the cards
 
@@ -80,6 +82,7 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="What is trained: ppo builds a critic, rloo/grpo/online_dpo do not; all: one column each "
                         "(each at its own k unless --num-samples-per-prompt is given).")
     add_run_shape_arguments(parser, EstimateSettings)
+    add_budget_arguments(parser)
     parser.add_argument("--device", default="cuda", choices=DEVICES, help="Where it would run.")
     parser.add_argument("--padded-prompts", action=argparse.BooleanOptionalAction, default=True,
                         help="Prompts of unequal length (an attention mask); --no-padded-prompts: all equally long.")
@@ -95,20 +98,37 @@ def run_estimate(args: argparse.Namespace) -> int:
         modes = list(MODES) if args.mode == "all" else [args.mode]
         objectives = list(OBJECTIVES) if args.objective == "all" else [args.objective]
         skipped = [m for m in modes if m == "full" and args.quantization != "none" and args.mode == "all"]
-        estimates = {  # one column per mode, or per objective
+        columns = {  # one column per mode, or per objective
             (objective if args.objective == "all" else mode):
-                estimate(shape, settings_from_args(EstimateSettings, args, mode=mode, objective=objective))
+                settings_from_args(EstimateSettings, args, mode=mode, objective=objective)
             for mode in modes if mode not in skipped for objective in objectives
         }
+        plans = {label: plan_for_args(shape, settings, args) for label, settings in columns.items()}
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    estimates = {label: estimate(shape, replace(settings, **plans[label].levers) if plans[label] else settings)
+                 for label, settings in columns.items()}
     gpus = {label: gpu_table(shape, est.settings) for label, est in estimates.items()}
     _print_report(shape, estimates, gpus, skipped)
+    for label, plan in plans.items():
+        if plan is not None:
+            print(f"{label}: {plan.line()}")
     if args.json:
         group = "objectives" if args.objective == "all" else "modes" if args.mode == "all" else None
-        _write_json(args.json, shape, estimates, gpus, group)
+        _write_json(args.json, shape, estimates, gpus, group, plans)
     return 0
+
+
+def plan_for_args(shape: ModelShape, settings: EstimateSettings, args: argparse.Namespace) -> Plan | None:
+    """The plan levers auto would make for ``--memory-budget`` or ``--gpu`` (None without either); levers given
+    as flags stay as given."""
+    if args.gpu:
+        card = find_gpu(args.gpu)
+        return plan_levers(shape, settings, card.usable_bytes, set_levers(args), f"{card.name}, usable")
+    if args.memory_budget:
+        return plan_levers(shape, settings, parse_bytes(args.memory_budget), set_levers(args))
+    return None
 
 
 def model_shape_from_args(args: argparse.Namespace) -> ModelShape:
@@ -120,10 +140,11 @@ def model_shape_from_args(args: argparse.Namespace) -> ModelShape:
     return shape_from_hub(args.config)
 
 
-def _write_json(path: Path, shape: ModelShape, estimates: dict, gpus: dict, group: str | None) -> None:
+def _write_json(path: Path, shape: ModelShape, estimates: dict, gpus: dict, group: str | None, plans: dict) -> None:
     """A single estimate: its keys at the top level. ``--mode all`` / ``--objective all``: one entry per column
-    under "modes" / "objectives"."""
-    entries = {label: est.to_dict() | {"gpus": gpus[label]} for label, est in estimates.items()}
+    under "modes" / "objectives". With a budget, each entry's "plan" is what levers auto would choose."""
+    entries = {label: est.to_dict() | {"gpus": gpus[label]} | ({"plan": plans[label].to_dict()} if plans[label] else {})
+               for label, est in estimates.items()}
     data = next(iter(entries.values())) if group is None else {"model": asdict(shape), group: entries}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -88,9 +88,14 @@ class ModelShape:
     def num_params(self) -> int:
         return self.linear_params + self.dense_params
 
-    def lora_params(self, r: int) -> int:
-        """One adapter on all seven linears: A (r x in) + B (out x r) each, no bias."""
-        return self.num_layers * r * sum(i + o for i, o in self.linear_shapes())
+    def lora_params(self, r: int, layers: int | None = None) -> int:
+        """One adapter on all seven linears of ``layers`` decoder layers (default: all): A (r x in) + B (out x r)
+        each, no bias."""
+        return self.adapted_layers(layers) * r * sum(i + o for i, o in self.linear_shapes())
+
+    def adapted_layers(self, lora_layers: int | None) -> int:
+        """How many decoder layers carry LoRA: the top ``lora_layers``, or all."""
+        return min(lora_layers or self.num_layers, self.num_layers)
 
     @property
     def largest_linear(self) -> int:
@@ -227,3 +232,15 @@ GPUS = (
     GPU("A100 80GB", 81920),
     GPU("H100 80GB", 81559),
 )
+
+
+def find_gpu(name: str) -> GPU:
+    """The card of ``GPUS`` whose name starts with ``name`` (any case: 'T4', 'rtx 4090', 'A100 80'); ambiguous or
+    unknown names are one-line errors that list the cards."""
+    matches = [gpu for gpu in GPUS if gpu.name.lower().startswith(name.strip().lower())]
+    exact = [gpu for gpu in matches if gpu.name.lower() == name.strip().lower()]
+    if len(exact or matches) != 1:
+        problem = "matches several cards" if matches else "is not in the GPU table"
+        raise ValueError(f"--gpu {name!r} {problem}: use one of {', '.join(repr(gpu.name) for gpu in GPUS)}, or "
+                         "--memory-budget for another card.")
+    return (exact or matches)[0]
