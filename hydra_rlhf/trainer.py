@@ -244,7 +244,8 @@ class RLTrainer:
         """One minibatch's gradients, in micro-batches of ``self.micro_batch`` rows. Out of memory (what accelerate's
         ``should_reduce_batch_size`` recognises: CUDA, or a CPU allocation that failed): the partial gradients go,
         the micro-batch halves for the rest of the run (accumulation keeps the minibatch, so the step is the same up
-        to float order) and the minibatch runs again; below one unit, one ``error:`` line."""
+        to float order) and the minibatch runs again; below one unit, one ``error:`` line. In one process only: with
+        several, the error ends the run (``memory_budget`` then plans for less)."""
         from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
         normalizer = self.objective.normalizer(targets.batch.response_mask[rows])
@@ -259,7 +260,8 @@ class RLTrainer:
                     self.objective.loss(self.model, micro_targets, normalizer, attempt).backward()
                 break
             except RuntimeError as error:
-                if not should_reduce_batch_size(error):
+                # several processes run their forwards in step (collectives): one alone cannot start over
+                if not should_reduce_batch_size(error) or self.world > 1:
                     raise
             self.optimizer.zero_grad(set_to_none=True)
             clear_device_cache(garbage_collection=True)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import PYTHON, ROOT, run
+from hydra_rlhf.config import AUTO_LEVERS
 
 spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # (its dataclasses look it up)
@@ -56,6 +57,9 @@ def test_parts_that_run_on_a_cpu_have_numbers(dry_pass):
     preset = parts["random_presets"]["presets"]["tiny-llama"]
     assert preset["settings"]["quantization"] == "4bit" and preset["levers_on"]["peak_bytes"] > 0
     assert isinstance(parts["random_presets"]["all_within_10pct"], bool)
+    planned = parts["planned_memory"]["runs"]["tiny-llama"]  # levers auto, planning for a T4's usable memory
+    assert planned["plan"]["budget_source"] == "memory_budget" and set(planned["plan"]["levers"]) == set(AUTO_LEVERS)
+    assert planned["peak_bytes"] > 0 and planned["ratio"] > 0 and isinstance(planned["within_10pct"], bool)
     assert parts["sampling"]["hf_tokens_per_second"] > 0 and parts["sampling"]["fused_tokens_per_second"] > 0
     assert parts["sampling"]["vllm_tokens_per_second"] is None and parts["sampling"]["vllm_skipped"]
     assert parts["fused_second_stream"]["tokens_per_second"] is None
