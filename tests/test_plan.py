@@ -224,3 +224,11 @@ def test_profile_runs_under_a_budget(tiny_model, tmp_path):
     hydra = json.loads(out.read_text())["modes"]["hydra"]
     assert hydra["plan"]["levers"]["gradient_checkpointing"] is True
     assert hydra["peak_bytes"] <= budget
+
+
+@pytest.mark.parametrize("name, card", [("T4", "T4 16GB"), ("l4", "L4 24GB"), ("L40S", "L40S 48GB"),
+                                        ("a100 80", "A100 80GB"), ("RTX 4090 24GB", "RTX 4090 24GB")])
+def test_a_card_by_its_short_name(name, card):
+    from hydra_rlhf.memory.shape import find_gpu
+
+    assert find_gpu(name).name == card

@@ -235,12 +235,17 @@ GPUS = (
 
 
 def find_gpu(name: str) -> GPU:
-    """The card of ``GPUS`` whose name starts with ``name`` (any case: 'T4', 'rtx 4090', 'A100 80'); ambiguous or
-    unknown names are one-line errors that list the cards."""
-    matches = [gpu for gpu in GPUS if gpu.name.lower().startswith(name.strip().lower())]
-    exact = [gpu for gpu in matches if gpu.name.lower() == name.strip().lower()]
-    if len(exact or matches) != 1:
+    """The card of ``GPUS`` named ``name`` (any case), or whose name starts with it as whole words ('T4', 'L4',
+    'rtx 4090', 'A100 80'), or failing that as a plain prefix ('RTX A6'); ambiguous or unknown names are one-line
+    errors that list the cards."""
+    query = " ".join(name.lower().split())
+    names = {gpu: gpu.name.lower() for gpu in GPUS}
+    for rule in (lambda n: n == query, lambda n: (n + " ").startswith(query + " "), lambda n: n.startswith(query)):
+        matches = [gpu for gpu, lowered in names.items() if rule(lowered)]
+        if matches:
+            break
+    if len(matches) != 1:
         problem = "matches several cards" if matches else "is not in the GPU table"
         raise ValueError(f"--gpu {name!r} {problem}: use one of {', '.join(repr(gpu.name) for gpu in GPUS)}, or "
                          "--memory-budget for another card.")
-    return (exact or matches)[0]
+    return matches[0]
