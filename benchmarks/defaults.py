@@ -57,7 +57,9 @@ LORA_R, LORA_ALPHA, LORA_LAYERS = 16, 32, 12
 LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPTIMIZER_STEPS_PER_ITERATION = PASSES * PROMPTS * SAMPLES // MINIBATCH  # 4: what one of our iterations does
 BY_HAND = ["--gradient_checkpointing", "true", "--logprob_chunk_size", "64", "--gradient_accumulation_steps", "4"]
-DEFAULT_BUDGETS = "4GiB,2GiB,1.5GiB,1.25GiB,1GiB,900MiB,800MiB,700MiB"
+# The budget sweeps, generous first: each budget where levers auto's plan changes on this task (``hydra-rlhf
+# estimate --memory-budget``), down to one that fits nothing (refused before the weights load).
+DEFAULT_BUDGETS = {"grpo": "4GiB,1.25GiB,800MiB,700MiB", "ppo": "4GiB,1GiB,800MiB,700MiB"}
 # The targets: our tightest peak RSS against TRL's most frugal, by TRL's reward source.
 TARGETS = {"function": 0.8, "reward_model": 0.6}
 
@@ -246,7 +248,8 @@ def run_ours(name: str, config: str, flags: list[str], iterations: int, work: Pa
         return {**run, "returncode": child.returncode, "error": (error or [child.output[-2000:]])[-1]}
     summary = json.loads((directory / "summary.json").read_text())
     metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    stage_rss = [stage.get("rss_peak_bytes") or 0 for stage in summary.get("memory", {}).values()]
+    records = [json.loads(line) for line in (directory / "memory.jsonl").read_text().splitlines() if line.strip()]
+    stage_rss = [stage.get("rss_peak_bytes") or 0 for record in records for stage in record["stages"].values()]
     child.extra_peaks = stage_rss
     plan = summary.get("memory_plan")
     run.update({
@@ -256,7 +259,8 @@ def run_ours(name: str, config: str, flags: list[str], iterations: int, work: Pa
         "seconds_per_iteration": median_after_first([m["speed/iteration_seconds"] for m in metrics]),
         "iteration_seconds": [m["speed/iteration_seconds"] for m in metrics],
         "peak_tensor_bytes": summary.get("peak_bytes"),
-        "stages": {name: {key: stage.get(key) for key in ("peak_bytes", "rss_peak_bytes")}
+        "stages": {name: {"peak_bytes": stage.get("peak_bytes"), "rss_peak_bytes": max(
+                   (r["stages"].get(name, {}).get("rss_peak_bytes") or 0 for r in records), default=0)}
                    for name, stage in summary.get("memory", {}).items()},
         "wall_seconds": child.seconds,
     })
@@ -313,17 +317,18 @@ def planned_runs(args, auto: bool) -> list[tuple[str, callable]]:
         trl("trl-reward_model-default", "reward_model", False),
         ours("ours-ppo-default", PPO_CONFIG, off),
     ]
-    if auto:
-        budgets = args.budgets.split(",")
-        runs += [(f"ours-{kind}-auto", lambda kind=kind, config=config: sweep_budgets(
-            f"ours-{kind}-auto", config, budgets, n, work, threads)) for kind, config in (("grpo", GRPO_CONFIG),
-                                                                                          ("ppo", PPO_CONFIG))]
+    if auto:  # after the TRL frugal runs and our levers by hand, before the defaults
+        sweeps = [(f"ours-{kind}-auto", lambda kind=kind, config=config: sweep_budgets(
+            f"ours-{kind}-auto", config, getattr(args, f"{kind}_budgets").split(","), n, work, threads))
+            for kind, config in (("grpo", GRPO_CONFIG), ("ppo", PPO_CONFIG))]
+        runs = runs[:3] + sweeps + runs[3:]
     return runs
 
 
 def report(name: str, run: dict) -> None:
     if "error" in run:
-        print(f"{name:32s} error: {run['error'].strip().splitlines()[-1] if run['error'].strip() else '?'}", flush=True)
+        last = (run["error"].strip().splitlines() or ["?"])[-1]
+        print(f"{name:32s} {last if last.startswith('error:') else 'error: ' + last}", flush=True)
         return
     seconds = run.get("seconds_per_iteration")
     line = f"{name:32s} peak RSS {gib(run.get('peak_rss_bytes')):>10s}  {seconds or 0:6.1f} s/iteration"
@@ -364,12 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every run (one run at a time).")
     parser.add_argument("--trl_micro_batch", type=int, default=1, help="TRL's frugal per-device micro-batch; "
                         "accumulation makes up the 8 samples of an optimizer step.")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="levers auto: the memory_budget sweep, generous "
-                        "first (it stops at the first budget that fits nothing).")
+    for kind, budgets in DEFAULT_BUDGETS.items():
+        parser.add_argument(f"--{kind}_budgets", default=budgets, help=f"levers auto: the {kind} recipe's memory_budget "
+                            "sweep, generous first (it stops at the first budget that fits nothing).")
     parser.add_argument("--only", help="Comma-separated run names (see the list printed with --list).")
     parser.add_argument("--list", action="store_true", help="Print the run names and exit.")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/defaults"))
     parser.add_argument("--json", type=Path, help="Write the results here.")
+    parser.add_argument("--resume", action="store_true", help="Keep the runs already in --json and run the rest "
+                        "(the comparisons cover both).")
     parser.add_argument("--trl_worker", help=argparse.SUPPRESS)  # internal: one TRL run's settings, in a subprocess
     parser.add_argument("--worker_result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -391,9 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir = args.output_dir.resolve()
     print(f"{len(runs)} runs, {args.iterations} iterations each, OMP_NUM_THREADS={args.threads}; levers auto "
           f"{'available' if auto else 'not in this checkout: levers by hand'}", flush=True)
-    results = {}
+    results = json.loads(args.json.read_text())["runs"] if args.resume and args.json and args.json.is_file() else {}
     for name, thunk in runs:
+        if name in results:
+            continue
         results[name] = thunk()
+        write_json(args.json, {"runs": results})  # each run kept as it finishes: a later --resume starts after it
         if not name.endswith("-auto"):
             report(name, results[name])
     compared = comparisons(results)
