@@ -90,3 +90,33 @@ def test_child_peak_rss_is_measured(defaults):
     assert child.exit_maxrss_bytes > 200 << 20
     assert child.polled_peak_bytes > 150 << 20
     assert child.peak_rss_bytes >= child.exit_maxrss_bytes
+
+
+# The cuts to our peak RSS that the benchmark measures (hydra_rlhf/model/hydra.py) change nothing else:
+
+
+def test_frozen_hash_in_place_equals_the_hash_of_copied_bytes():
+    import hashlib
+
+    import torch
+
+    from hydra_rlhf.model.hydra import _hash_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2).to(torch.bfloat16))
+    model[0].weight.data = model[0].weight.data.t().contiguous().t()  # a non-contiguous weight
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):  # what the hash was before: a copy of every weight
+        digest.update(name.encode() + str(tensor.dtype).encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    assert _hash_weights(model) == digest.hexdigest()
+
+
+def test_dropout_off_and_heap_trim_is_harmless():
+    import torch
+
+    from hydra_rlhf.model.hydra import _disable_dropout, release_freed_host_memory
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.3), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    _disable_dropout(model)
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0, 0]
+    release_freed_host_memory()  # a no-op where the C library is not glibc
