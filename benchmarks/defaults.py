@@ -56,6 +56,10 @@ LORA_R, LORA_ALPHA, LORA_LAYERS = 16, 32, 12
 # names with layers_to_transform).
 LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPTIMIZER_STEPS_PER_ITERATION = PASSES * PROMPTS * SAMPLES // MINIBATCH  # 4: what one of our iterations does
+# A candidate cut outside the code: glibc's mmap threshold fixed at 4 MiB (it otherwise rises to 32 MiB as large
+# tensors come and go, and freed blocks under it stay in the heap, fragmented): the 25 MB log-prob chunks are mapped
+# and unmapped whole, while generation's small key-value cache steps stay on the heap.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(8 << 20)}
 BY_HAND = ["--gradient_checkpointing", "true", "--logprob_chunk_size", "64", "--gradient_accumulation_steps", "4"]
 # The budget sweeps, generous first: each budget where levers auto's plan changes on this task (``hydra-rlhf
 # estimate --memory-budget``), down to one that fits nothing (refused before the weights load).
@@ -95,10 +99,10 @@ def vm_rss_bytes(pid: int) -> int:
     return 0
 
 
-def run_measured(args: list[str], threads: int, poll_seconds: float = 0.005) -> Child:
+def run_measured(args: list[str], threads: int, poll_seconds: float = 0.005, env: dict | None = None) -> Child:
     """``python *args`` in the checkout, its RSS polled until it exits; the kernel's maxrss from ``wait4``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -236,13 +240,14 @@ def levers_auto_available() -> bool:
     return {"levers", "memory_budget"} <= names
 
 
-def run_ours(name: str, config: str, flags: list[str], iterations: int, work: Path, threads: int) -> dict:
+def run_ours(name: str, config: str, flags: list[str], iterations: int, work: Path, threads: int,
+             env: dict | None = None) -> dict:
     """One recipe run: peak RSS, s/iteration, the profiler's stages, and the memory plan where it made one."""
     directory = work / name
     shutil.rmtree(directory, ignore_errors=True)
     child = run_measured(["recipes/ppo.py", "--config", config, "--output_dir", str(directory), "--max_iterations",
-                          str(iterations), "--eval_prompts_path", "", "--save_every", "0", *flags], threads)
-    run = {"system": "ours", "config": config, "flags": flags}
+                          str(iterations), "--eval_prompts_path", "", "--save_every", "0", *flags], threads, env=env)
+    run = {"system": "ours", "config": config, "flags": flags, **({"env": env} if env else {})}
     if child.returncode != 0:
         error = [line for line in child.output.splitlines() if line.startswith("error:")]
         return {**run, "returncode": child.returncode, "error": (error or [child.output[-2000:]])[-1]}
@@ -305,11 +310,13 @@ def planned_runs(args, auto: bool) -> list[tuple[str, callable]]:
     work, n, threads = args.output_dir, args.iterations, args.threads
     trl = lambda name, reward, frugal: (name, lambda: run_trl(  # noqa: E731
         name, trl_settings(reward, frugal, args.trl_micro_batch), n, work, threads))
-    ours = lambda name, config, flags: (name, lambda: run_ours(name, config, flags, n, work, threads))  # noqa: E731
+    ours = lambda name, config, flags, env=None: (name, lambda: run_ours(  # noqa: E731
+        name, config, flags, n, work, threads, env))
     off = ["--levers", "off"] if auto else []
     runs = [
         trl("trl-function-frugal", "function", True),
         ours("ours-grpo-levers", GRPO_CONFIG, [*off, *BY_HAND]),
+        ours("ours-grpo-levers-mmap4m", GRPO_CONFIG, [*off, *BY_HAND], FIXED_MMAP_THRESHOLD),
         trl("trl-reward_model-frugal", "reward_model", True),
         ours("ours-grpo-default", GRPO_CONFIG, off),
         trl("trl-function-default", "function", False),
@@ -321,7 +328,7 @@ def planned_runs(args, auto: bool) -> list[tuple[str, callable]]:
         sweeps = [(f"ours-{kind}-auto", lambda kind=kind, config=config: sweep_budgets(
             f"ours-{kind}-auto", config, getattr(args, f"{kind}_budgets").split(","), n, work, threads))
             for kind, config in (("grpo", GRPO_CONFIG), ("ppo", PPO_CONFIG))]
-        runs = runs[:3] + sweeps + runs[3:]
+        runs = runs[:4] + sweeps + runs[4:]
     return runs
 
 
