@@ -51,8 +51,11 @@ class LiveTensorBytes(TorchDispatchMode):
     def track(self, tensor: torch.Tensor) -> None:
         if tensor.device.type == "meta":
             return
-        storage = tensor.untyped_storage()
-        address, nbytes = storage.data_ptr(), storage.nbytes()
+        try:
+            storage = local_shard(tensor).untyped_storage()
+            address, nbytes = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a collective's wrapper output (DTensor.full_tensor) has no storage of its own
+            return
         if nbytes == 0:
             return
         entry = self._refs.get(address)
@@ -189,8 +192,15 @@ class MemoryProfiler:
 
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (tied or shared weights count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = {s.data_ptr(): s.nbytes() for s in (local_shard(t).untyped_storage() for t in tensors)}
     return sum(storages.values())
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process stores of ``tensor``: its shard where FSDP2 sharded it (a DTensor), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def persistent_bytes(model, optimizer) -> int:
