@@ -142,7 +142,9 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    # (a weight tied to a frozen one, the LM head's, comes back too: not trained, not kept)
+    return {name: value for name, value in get_model_state_dict(model, options=options).items() if name in trainable}
 
 
 def optimizer_state(model: nn.Module, optimizer) -> dict:

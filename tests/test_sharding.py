@@ -1,0 +1,130 @@
+"""Sharding (``sharding fsdp2``) on CPU: 2 gloo processes under torchrun against one process on the same global
+batch (tests/sharding_worker.py), checkpoints across rank counts, and the one-line refusals."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PYTHON, ROOT, run
+
+TORCHRUN = str(Path(PYTHON).parent / "torchrun")
+WORKER = str(ROOT / "tests" / "sharding_worker.py")
+TOLERANCE = 1e-6  # the ranks' reduce adds the same numbers in another order than one process does
+
+
+def worker(model: str, output: Path, processes: int, *args: str) -> dict:
+    """Run the worker on ``processes`` ranks (bounded: a hang fails the test) and read what rank 0 wrote."""
+    command = [PYTHON, WORKER] if processes == 1 else [TORCHRUN, "--standalone", "--nproc_per_node", str(processes),
+                                                       WORKER]
+    run([*command, model, str(output), *args], timeout=150, env={"OMP_NUM_THREADS": "1"})
+    return torch.load(output / f"result-{processes}.pt", weights_only=True)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict:
+    """Two PPO iterations (with a critic) on one process, and on 2 ranks sharded and replicated."""
+    directory = tmp_path_factory.mktemp("sharding")
+    return {
+        "one": worker(tiny_model, directory / "one", 1),
+        "fsdp2": worker(tiny_model, directory / "fsdp2", 2, "--sharding", "fsdp2"),
+        "directory": directory,
+    }
+
+
+def test_sharded_ppo_iterations_equal_one_process(runs):
+    one, sharded = runs["one"], runs["fsdp2"]
+    assert sharded["sharding"] == "fsdp2"
+    trained = one["trained"]
+    assert any("lora_" in n and ".actor." in n for n in trained) and any(".critic." in n for n in trained)
+    assert {"value_head.weight", "value_head.bias"} <= set(trained)  # the value head is trained and compared too
+    assert max_difference(sharded["trained"], trained) <= TOLERANCE
+    # ... and training moved them: peft starts every lora_B at zero
+    assert all(v.abs().sum() > 0 for n, v in trained.items() if "lora_B" in n)
+
+
+def test_each_rank_holds_half_the_base_and_it_stays_frozen(runs):
+    one, sharded = runs["one"], runs["fsdp2"]
+    # fails if sharding fell back to whole replicas on every rank
+    assert sharded["base_bytes"] == [one["base_bytes"][0] // 2] * 2
+    # the gathered base is bit-identical before and after training, and to the one-process base
+    assert sharded["frozen_before"] == sharded["frozen_after"] == one["frozen_before"]
+    assert len(set(sharded["hashes"])) == 1
+
+
+def test_ranks_that_sample_to_different_lengths_finish_together(runs):
+    # rank 0 stops after 3 new tokens, rank 1 after 7: rank 0 keeps stepping until rank 1 is done
+    assert runs["fsdp2"]["sampled"] == [3, 7]
+
+
+def test_replicas_average_their_gradients_through_fsdp2(runs, tiny_model):
+    replicas = worker(tiny_model, runs["directory"] / "replicas", 2)
+    assert replicas["sharding"] == "none"
+    assert replicas["base_bytes"] == runs["one"]["base_bytes"] * 2  # a whole base on each rank
+    assert max_difference(replicas["trained"], runs["one"]["trained"]) <= TOLERANCE
+
+
+def trained_files(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {f"{file.relative_to(checkpoint)}:{key}": value
+            for file in sorted(checkpoint.rglob("*.safetensors")) for key, value in load_file(file).items()}
+
+
+def test_checkpoints_hold_whole_tensors_and_resume_on_another_rank_count(runs, tiny_model):
+    directory = runs["directory"]
+    checkpoint = "checkpoints/iter-000001"
+    one, sharded = trained_files(directory / "one" / checkpoint), trained_files(directory / "fsdp2" / checkpoint)
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in sharded.items()}  # the same files
+    assert max_difference(one, sharded) <= TOLERANCE
+    # saved on 2 ranks, resumed on 1 (and the reverse): iteration 2 ends where the unbroken runs end
+    for saved, processes, args in (("fsdp2", 1, ()), ("one", 2, ("--sharding", "fsdp2"))):
+        resumed = directory / f"{saved}-resumed-on-{processes}"
+        shutil.copytree(directory / saved, resumed, ignore=shutil.ignore_patterns("iter-000002", "result-*"))
+        result = worker(tiny_model, resumed, processes, "--resume", *args)
+        assert result["iterations_run"] == [1]  # it went on from the checkpoint of iteration 1
+        assert max_difference(result["trained"], runs["one"]["trained"]) <= TOLERANCE
+        state = json.loads((resumed / "checkpoints" / "iter-000002" / "checkpoint.json").read_text())
+        assert "trainer_state.pt" in state["files"]
+
+
+def test_a_run_that_would_hold_replicas_is_refused(tiny_model):
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.model.sharding import check_sharded
+
+    with pytest.raises(RuntimeError, match="whole on every rank"):
+        check_sharded(HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=2)))
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(fusion=True), "fused decode loop"),
+    (dict(generation_backend="vllm"), "whole base on one device"),
+    (dict(async_generation=True), "its own whole base"),
+    (dict(sharding="zero3"), "sharding"),
+])
+def test_what_sharding_cannot_run_with_is_one_line(setting, message):
+    from hydra_rlhf.config import RLConfig
+
+    with pytest.raises(ValueError, match=message) as error:
+        RLConfig(**{"sharding": "fsdp2", **setting})
+    assert "\n" not in str(error.value)
+
+
+def test_a_sharded_4bit_base_is_refused_before_anything_is_wrapped(monkeypatch):
+    from hydra_rlhf.model.sharding import prepare
+
+    model = SimpleNamespace(config=SimpleNamespace(quantization="4bit"))
+    with pytest.raises(ValueError, match="4bit bitsandbytes base"):
+        prepare(model, "fsdp2", 2, torch.device("cpu"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        prepare(model, "none", 2, torch.device("cpu"))
