@@ -173,11 +173,15 @@ def check_engine(generation_backend: str, fusion: bool, mode: str | None = None)
 
 
 def check_sharding(sharding: str, generation_backend: str = "hf", fusion: bool = False,
-                   async_generation: bool = False) -> None:
+                   async_generation: bool = False, quantization: str = "none") -> None:
     """What a sharded base (``sharding fsdp2``: each rank holds 1/N of it) can run with; docs/sharding.md says why."""
     check_choice("sharding", sharding, SHARDINGS)
     if sharding == "none":
         return
+    if quantization != "none":
+        raise ValueError(f"sharding fsdp2 with a {quantization} bitsandbytes base is not supported yet: its packed "
+                         "weights and their quantization state do not split into FSDP shards here; use quantization "
+                         "none (bf16 shards), or a quantized base on one process.")
     if fusion:
         raise ValueError("sharding fsdp2 and fusion: the fused decode loop drives the decoder step by step outside "
                          "FSDP's gather of the root's weights; use generate (fusion false) with a sharded base.")

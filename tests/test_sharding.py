@@ -122,9 +122,34 @@ def test_a_sharded_4bit_base_is_refused_before_anything_is_wrapped(monkeypatch):
     from hydra_rlhf.model.sharding import prepare
 
     model = SimpleNamespace(config=SimpleNamespace(quantization="4bit"))
-    with pytest.raises(ValueError, match="4bit bitsandbytes base"):
+    with pytest.raises(ValueError, match="4bit bitsandbytes base is not supported yet"):
         prepare(model, "fsdp2", 2, torch.device("cpu"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         prepare(model, "none", 2, torch.device("cpu"))
+
+
+def test_the_estimate_plans_one_rank_of_a_sharded_run():
+    from hydra_rlhf.memory.formulas import estimate
+    from hydra_rlhf.memory.shape import EstimateSettings, load_preset
+
+    shape = load_preset("llama-3.1-8b")
+    one = estimate(shape, EstimateSettings(batch_size=4))
+    replicas = estimate(shape, EstimateSettings(batch_size=4, gpus=2))
+    halves, eighths = (estimate(shape, EstimateSettings(batch_size=4, gpus=n, sharding="fsdp2")) for n in (2, 8))
+    assert replicas.stages == one.stages  # a whole replica per rank
+    for part in ("optimizer", "activations"):
+        assert halves.stage_breakdown["log"][part] == one.stage_breakdown["log"][part] // (2 if part == "optimizer" else 1)
+    weights = one.stage_breakdown["log"]["weights"]
+    # half the base, plus what FSDP gathers whole while computing (the root unit, two layers)
+    assert weights / 2 < halves.stage_breakdown["log"]["weights"] < 0.6 * weights
+    assert eighths.peak_bytes < halves.peak_bytes < one.peak_bytes
+
+
+def test_the_estimate_refuses_what_a_run_refuses(capsys):
+    from hydra_rlhf import cli
+
+    assert cli.main(["estimate", "--gpus", "2", "--sharding", "fsdp2", "--quant", "4bit"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: sharding fsdp2 with a 4bit bitsandbytes base") and "\n" not in error

@@ -445,8 +445,25 @@ class Estimate:
         }
 
 
+def sharded_bytes(shape: ModelShape, s: EstimateSettings, parts: dict[str, int]) -> dict[str, int]:
+    """One rank's share of ``parts`` under ``sharding fsdp2`` over N = ``s.shards`` ranks (model/sharding.py):
+    weights, adapters, the value head, gradients and AdamW states are split N ways (the frozen reward head stays
+    whole). On top, the weights FSDP gathers whole while they compute: the root unit (embeddings, LM head, final
+    norm), which stays gathered from its first forward to the end of backward, and two decoder layers (the one
+    computing and the next, prefetched). Activations do not change: ``batch_size`` counts prompts per process."""
+    n = s.shards
+    if n == 1:
+        return parts
+    layer = base_weight_bytes(shape, s) - shape.dense_params * s.dtype_bytes  # every layer's linears and norms
+    gathered = (shape.dense_params * s.dtype_bytes + 2 * layer // shape.num_layers) * (n - 1) // n
+    reward_head = 4 * (shape.hidden_size + 1)
+    split = {key: parts[key] // n for key in ("weights", "gradients", "optimizer")}
+    return {**parts, **split, "weights": split["weights"] + gathered * s.layout["base_copies"],
+            "adapters_heads": (parts["adapters_heads"] - reward_head) // n + reward_head}
+
+
 def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
-    """The per-stage peak memory of one (steady-state) iteration."""
+    """The per-stage peak memory of one (steady-state) iteration, on each rank."""
     persistent = persistent_bytes(shape, settings)
     phases = train_phases(shape, settings)
     breakdown = {}
@@ -455,7 +472,7 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
         if stage == "train":  # file the gradients of the dominant phase under their own category
             grads = phase_gradients(shape, settings)[max(phases, key=phases.get)]
             parts.update(gradients=grads, activations=activations - grads)
-        breakdown[stage] = parts
+        breakdown[stage] = sharded_bytes(shape, settings, parts)
     sleeping = settings.generation_backend == "vllm" and settings.vllm_sleep_mode
     asleep = engine_weight_bytes(shape, settings) if sleeping else 0
     return Estimate(shape, settings, breakdown, phases, offloaded_bytes(shape, settings) + asleep)

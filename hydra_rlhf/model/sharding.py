@@ -29,9 +29,12 @@ one-process run's and resumes on any number of ranks; loading slices the full te
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
+
+from ..layout import check_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +58,7 @@ def prepare(model: nn.Module, sharding: str, processes: int, device: torch.devic
             logger.warning("sharding %s on one process: the whole base stays on it (nothing to shard across); "
                            "launch N processes with torchrun or accelerate launch to hold 1/N each.", sharding)
         return "none"
-    if sharding == "fsdp2" and model.config.quantization != "none":
-        raise ValueError(f"sharding fsdp2 with a {model.config.quantization} bitsandbytes base is not supported "
-                         "yet: its packed weights do not split into FSDP shards here; use quantization none, or one "
-                         "process per base.")
+    check_sharding(sharding, quantization=model.config.quantization)
     distribute(model, sharding, processes, device)
     if sharding == "fsdp2":
         check_sharded(model)
@@ -104,6 +104,9 @@ def distribute(model: nn.Module, sharding: str, world: int, device: torch.device
     fully_shard(model, mesh=mesh, ignored_params=set(model.reward_head.parameters()))
     for name in ENTRY_POINTS:
         register_fsdp_forward_method(model, name)
+    # Scores come back as views ((B, R) slices of (B, T) tensors); FSDP2 warns that an in-place op on one would
+    # skip its backward hook. None of the objectives writes into a score in place (they build new tensors).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for module in model.modules():
         if any(_is_dtensor(p) for p in module.parameters(recurse=False)):
             module.register_load_state_dict_pre_hook(_full_tensors_to_shards)
