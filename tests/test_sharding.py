@@ -1,5 +1,6 @@
 """Sharding (``sharding fsdp2``) on CPU: 2 gloo processes under torchrun against one process on the same global
-batch (tests/sharding_worker.py), checkpoints across rank counts, and the one-line refusals."""
+batch (the worker of benchmarks/sharding.py, on a tiny model), checkpoints across rank counts, the estimate of one
+rank, and the one-line refusals."""
 
 import json
 import shutil
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 from conftest import PYTHON, ROOT, run
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
-WORKER = str(ROOT / "tests" / "sharding_worker.py")
+WORKER = str(ROOT / "benchmarks" / "sharding.py")
+SHAPE = ["--rows", "8", "--prompt", "6", "--response", "6", "--iterations", "2", "--lora-r", "4"]
 TOLERANCE = 1e-6  # the ranks' reduce adds the same numbers in another order than one process does
 
 
@@ -21,7 +23,7 @@ def worker(model: str, output: Path, processes: int, *args: str) -> dict:
     """Run the worker on ``processes`` ranks (bounded: a hang fails the test) and read what rank 0 wrote."""
     command = [PYTHON, WORKER] if processes == 1 else [TORCHRUN, "--standalone", "--nproc_per_node", str(processes),
                                                        WORKER]
-    run([*command, model, str(output), *args], timeout=150, env={"OMP_NUM_THREADS": "1"})
+    run([*command, "worker", model, str(output), *SHAPE, *args], timeout=150, env={"OMP_NUM_THREADS": "1"})
     return torch.load(output / f"result-{processes}.pt", weights_only=True)
 
 
@@ -55,7 +57,7 @@ def test_sharded_ppo_iterations_equal_one_process(runs):
 def test_each_rank_holds_half_the_base_and_it_stays_frozen(runs):
     one, sharded = runs["one"], runs["fsdp2"]
     # fails if sharding fell back to whole replicas on every rank
-    assert sharded["base_bytes"] == [one["base_bytes"][0] // 2] * 2
+    assert [rank["base_bytes"] for rank in sharded["ranks"]] == [one["ranks"][0]["base_bytes"] // 2] * 2
     # the gathered base is bit-identical before and after training, and to the one-process base
     assert sharded["frozen_before"] == sharded["frozen_after"] == one["frozen_before"]
     assert len(set(sharded["hashes"])) == 1
@@ -63,13 +65,13 @@ def test_each_rank_holds_half_the_base_and_it_stays_frozen(runs):
 
 def test_ranks_that_sample_to_different_lengths_finish_together(runs):
     # rank 0 stops after 3 new tokens, rank 1 after 7: rank 0 keeps stepping until rank 1 is done
-    assert runs["fsdp2"]["sampled"] == [3, 7]
+    assert [rank["sampled"] for rank in runs["fsdp2"]["ranks"]] == [3, 7]
 
 
 def test_replicas_average_their_gradients_through_fsdp2(runs, tiny_model):
     replicas = worker(tiny_model, runs["directory"] / "replicas", 2)
     assert replicas["sharding"] == "none"
-    assert replicas["base_bytes"] == runs["one"]["base_bytes"] * 2  # a whole base on each rank
+    assert [rank["base_bytes"] for rank in replicas["ranks"]] == [runs["one"]["ranks"][0]["base_bytes"]] * 2
     assert max_difference(replicas["trained"], runs["one"]["trained"]) <= TOLERANCE
 
 
