@@ -5,9 +5,10 @@ bytes, seconds per iteration, how far the trained weights differ, and the estima
     torchrun --standalone --nproc_per_node 2 benchmarks/sharding.py worker smollm2-135m runs/sharding/fsdp2 --sharding fsdp2
 
 Hydra-PPO (actor and critic adapters, value head, reference and reward from the adapters-off pass), fp32 on CPU,
-gloo between the ranks. Stage 1 (sampling) is replaced by fixed responses, a function of the iteration only, so
+gloo between the ranks. Stage 1 samples one token (its forward gathers the weights as a run's does), then its
+responses are replaced by fixed ones, a function of the iteration only, so
 one process (every row) and N ranks (each its 1/N of the rows) train on the same global batch; stages 2-6 are the
-trainer's own. The real sampler runs once, outside the timed iterations: each rank samples 2 rows, to different
+trainer's own. The whole sampler runs once, outside the timed iterations: each rank samples 2 rows, to different
 lengths (rank r to 3 + 4r tokens), so an early rank must keep stepping with the others (its seconds are reported).
 Memory per rank is the profiler's (live tensor storages per stage; FSDP's gathered weights included) and the peak
 resident set size of each process. ``worker`` is one such run; tests/test_sharding.py runs it on a tiny model.
@@ -61,7 +62,8 @@ def worker(args: argparse.Namespace) -> None:
     rows = args.rows // world
     config = RLConfig(prompts_path="unused", eval_prompts_path=None, batch_size=rows, minibatch_size=rows,
                       num_epochs=2, max_new_tokens=args.response, stop_at_eos=False, whiten_advantages=False,
-                      max_iterations=args.iterations, save_every=1, output_dir=args.output, resume=args.resume,
+                      max_iterations=args.iterations, save_every=args.save_every, save_final=args.save_every > 0,
+                      output_dir=args.output, resume=args.resume,
                       sharding=args.sharding, seed=1, actor_lr=1e-3, critic_lr=1e-3)
     path = resolve_model(args.model)
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=path, lora_r=args.lora_r), seed=0)
@@ -71,6 +73,8 @@ def worker(args: argparse.Namespace) -> None:
 
     def fixed_generate(model, prompt_ids, prompt_mask, generation_kwargs, eos_token_ids, **kwargs):
         iterations_run.append(trainer.iteration)
+        # the real sampler for one token, so the stage gathers the weights as a run does; then the fixed responses
+        model.generate(prompt_ids, prompt_mask, **{**generation_kwargs, "max_new_tokens": 1})
         mine = slice(rank * rows, (rank + 1) * rows)
         ids, mask, responses = (t[mine] for t in fixed_batch(trainer.iteration, args.rows, args.prompt, args.response))
         return stages.sampled_rollout(ids, mask, responses, eos_token_ids, 1)
@@ -149,8 +153,8 @@ def summarize_rank(rank: dict, estimated: dict[str, int]) -> dict:
 
 def benchmark(args: argparse.Namespace) -> dict:
     directory = args.json.parent / "runs"
-    one = launch(args, 1, directory / "one")
-    sharded = launch(args, 2, directory / "fsdp2", "--sharding", "fsdp2")
+    one = launch(args, 1, directory / "one", "--save-every", "0")
+    sharded = launch(args, 2, directory / "fsdp2", "--sharding", "fsdp2", "--save-every", "0")
     report = {
         "settings": {"model": args.model, "mode": "hydra", "objective": "ppo", "global_rows": args.rows,
                      "prompt_tokens": args.prompt, "response_tokens": args.response, "iterations": args.iterations,
@@ -190,6 +194,8 @@ def main() -> None:
     run.add_argument("--sharding", default="none", choices=("none", "fsdp2"))
     run.add_argument("--resume", action="store_true", help="Go on from the newest checkpoint in OUTPUT.")
     run.add_argument("--timeout", type=int, default=60, help="Seconds a rank waits on a collective.")
+    run.add_argument("--save-every", dest="save_every", type=int, default=1, help="Checkpoint every N iterations "
+                     "(0: none; the benchmark measures without: a sharded save gathers the trained weights).")
     for sub in (parser, run):
         sub.add_argument("--rows", type=int, default=4, help="Global batch: sequences per iteration, all ranks.")
         sub.add_argument("--prompt", type=int, default=32, help="Prompt tokens.")

@@ -144,8 +144,11 @@ def test_the_estimate_plans_one_rank_of_a_sharded_run():
     for part in ("optimizer", "activations"):
         assert halves.stage_breakdown["log"][part] == one.stage_breakdown["log"][part] // (2 if part == "optimizer" else 1)
     weights = one.stage_breakdown["log"]["weights"]
-    # half the base, plus what FSDP gathers whole while computing (the root unit, two layers)
-    assert weights / 2 < halves.stage_breakdown["log"]["weights"] < 0.6 * weights
+    assert halves.stage_breakdown["log"]["weights"] == weights // 2  # after backward FSDP holds the shards only
+    # ... while computing, also what it gathers whole (the root unit, two layers and their all-gather buffers): for
+    # Llama-3.1-8B the root (embeddings and LM head, 2 GiB in bf16) is an eighth of the base
+    assert weights / 2 < halves.stage_breakdown["train"]["weights"] < 0.7 * weights
+    assert eighths.stage_breakdown["train"]["weights"] < 0.35 * weights
     assert eighths.peak_bytes < halves.peak_bytes < one.peak_bytes
 
 
