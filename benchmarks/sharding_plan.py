@@ -46,7 +46,7 @@ def table() -> str:
                 result, said = estimate(model, quantization, gpus)
                 base = "bf16" if quantization == "none" else quantization
                 if result is None:
-                    lines.append(f"| {model} | {base} | {gpus} | refused: {said.removeprefix('error: ')[:90]}... |"
+                    lines.append(f"| {model} | {base} | {gpus} | refused: {said.removeprefix('error: ').split(':')[0]} |"
                                  + " - |" * len(CARDS))
                     continue
                 cards = {row["name"]: row for row in result["gpus"]}
