@@ -158,3 +158,27 @@ def test_the_estimate_refuses_what_a_run_refuses(capsys):
     assert cli.main(["estimate", "--gpus", "2", "--sharding", "fsdp2", "--quant", "4bit"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: sharding fsdp2 with a 4bit bitsandbytes base") and "\n" not in error
+
+
+def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(tiny_model, prompts_file, tmp_path):
+    # accelerate's own FSDP plugin would leave a CPU run unsharded without a word: the project shards it itself.
+    # Real sampling (ranks finish at their own lengths), lora mode (two bases, each sharded), a critic-free
+    # objective, and the evaluation that every rank takes part in.
+    from test_trainer import write_config
+
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.memory.profiler import storage_bytes
+    from hydra_rlhf.model.hydra import HydraModel
+
+    output = tmp_path / "run"
+    config = write_config(tmp_path / "grpo.yaml", tiny_model, prompts_file, output, mode="lora", objective="grpo",
+                          num_samples_per_prompt=2, batch_size=2, max_iterations=1, num_eval_prompts=2)
+    accelerate = str(Path(PYTHON).parent / "accelerate")
+    run([accelerate, "launch", "--config_file", "recipes/accelerate/fsdp2.yaml", "recipes/ppo.py", "--config",
+         str(config)], timeout=240, env={"OMP_NUM_THREADS": "1"})
+    summary = json.loads((output / "summary.json").read_text())
+    whole = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="lora", lora_r=4), critic=False)
+    assert (summary["sharding"], summary["processes"], summary["iterations"]) == ("fsdp2", 2, 1)
+    assert summary["base_bytes_per_rank"] == storage_bytes(whole.base_parameters()) // 2
+    assert summary["frozen_base_unchanged"] and (output / "eval.json").is_file()
+    assert (output / "final" / "sft" / "actor" / "adapter_model.safetensors").is_file()
