@@ -115,7 +115,8 @@ class RLTrainer:
             clean_staging(self.output_dir)
         self.profiler = MemoryProfiler(
             self.device, tensors=[*model.parameters(), *model.buffers(), *self.experience.resident_tensors()],
-            log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
+            log_path=(self.output_dir / sharding.memory_log_name(rank)
+                      if self.data_parallel or self.accelerator.is_main_process else None),
             enabled=config.profile_memory,
         )
         if self.source.engine is not None:

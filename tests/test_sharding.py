@@ -181,4 +181,5 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(tiny_model, promp
     assert (summary["sharding"], summary["processes"], summary["iterations"]) == ("fsdp2", 2, 1)
     assert summary["base_bytes_per_rank"] == storage_bytes(whole.base_parameters()) // 2
     assert summary["frozen_base_unchanged"] and (output / "eval.json").is_file()
+    assert (output / "memory.jsonl").is_file() and (output / "memory-rank1.jsonl").is_file()  # each rank's own
     assert (output / "final" / "sft" / "actor" / "adapter_model.safetensors").is_file()

@@ -65,6 +65,12 @@ def prepare(model: nn.Module, sharding: str, processes: int, device: torch.devic
     return sharding
 
 
+def memory_log_name(rank: int) -> str:
+    """Where each process of a run writes its memory per stage: ``memory.jsonl`` (rank 0, the run's table), and
+    ``memory-rank<r>.jsonl`` for the others (a sharded rank's memory is its own, not rank 0's)."""
+    return "memory.jsonl" if rank == 0 else f"memory-rank{rank}.jsonl"
+
+
 def check_sharded(model: nn.Module) -> None:
     """Refuse a run that asked for sharding but holds whole replicas (every decoder weight must be split)."""
     from torch.distributed.tensor import Shard
