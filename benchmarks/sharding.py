@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +87,16 @@ def worker(args: argparse.Namespace) -> None:
                              pad_token_id=0).shape[1] - args.prompt
     generate_seconds = time.perf_counter() - started
     stages.generate = fixed_generate
+    if args.kill_after:  # a rank dies (SIGKILL, no cleanup) right after checkpoint ``kill_after`` is on disk
+        save = trainer.save_checkpoint
+
+        def save_then_die():
+            target = save()
+            if trainer.iteration == args.kill_after and rank == world - 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return target
+
+        trainer.save_checkpoint = save_then_die
     before = model.frozen_fingerprint()
     history = trainer.train()
     trainer.profiler.close()
@@ -194,6 +205,8 @@ def main() -> None:
     run.add_argument("--sharding", default="none", choices=("none", "fsdp2"))
     run.add_argument("--resume", action="store_true", help="Go on from the newest checkpoint in OUTPUT.")
     run.add_argument("--timeout", type=int, default=60, help="Seconds a rank waits on a collective.")
+    run.add_argument("--kill-after", dest="kill_after", type=int, default=0, help="The last rank kills itself "
+                     "(SIGKILL) once this iteration's checkpoint is saved (a test of resuming).")
     run.add_argument("--save-every", dest="save_every", type=int, default=1, help="Checkpoint every N iterations "
                      "(0: none; the benchmark measures without: a sharded save gathers the trained weights).")
     for sub in (parser, run):

@@ -97,6 +97,17 @@ def test_checkpoints_hold_whole_tensors_and_resume_on_another_rank_count(runs, t
         assert "trainer_state.pt" in state["files"]
 
 
+def test_a_rank_killed_mid_run_resumes_on_two_ranks_to_the_unbroken_result(runs, tiny_model):
+    output = runs["directory"] / "killed"
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", WORKER, "worker", tiny_model, str(output), *SHAPE,
+               "--sharding", "fsdp2", "--kill-after", "1"]
+    killed = run(command, timeout=150, env={"OMP_NUM_THREADS": "1"}, check=False)
+    assert killed.returncode != 0 and not (output / "result-2.pt").exists()
+    resumed = worker(tiny_model, output, 2, "--sharding", "fsdp2", "--resume")
+    assert resumed["iterations_run"] == [1]
+    assert max_difference(resumed["trained"], runs["fsdp2"]["trained"]) <= TOLERANCE
+
+
 def test_a_run_that_would_hold_replicas_is_refused(tiny_model):
     from hydra_rlhf.config import HydraModelConfig
     from hydra_rlhf.model.hydra import HydraModel
