@@ -77,7 +77,7 @@ class RLTrainer:
             raise ValueError(f"Only {len(prompt_ids)} prompts per process, fewer than batch_size {config.batch_size}.")
 
         # before the optimizer: FSDP2 turns the parameters into DTensors (shards, or replicas it keeps in sync)
-        self.sharding = sharding.prepare(model, config.sharding, self.world, self.device)
+        self.sharding = sharding.prepare(model, config, self.world, self.device)
         self.objective = make_objective(config)
         if model.has_critic != self.objective.info.critic:
             raise ValueError(f"objective {config.objective} {'needs' if self.objective.info.critic else 'has no'} "

@@ -132,15 +132,21 @@ def test_what_sharding_cannot_run_with_is_one_line(setting, message):
 
 
 def test_a_sharded_4bit_base_is_refused_before_anything_is_wrapped(monkeypatch):
+    from hydra_rlhf.config import RLConfig
     from hydra_rlhf.model.sharding import prepare
 
     model = SimpleNamespace(config=SimpleNamespace(quantization="4bit"))
     with pytest.raises(ValueError, match="4bit bitsandbytes base is not supported yet"):
-        prepare(model, "fsdp2", 2, torch.device("cpu"))
+        prepare(model, RLConfig(sharding="fsdp2"), 2, torch.device("cpu"))
+    # an accelerate FSDP config asks for sharding: version 1 is refused, version 2 meets the same rules
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="fsdp_version: 2"):
-        prepare(model, "none", 2, torch.device("cpu"))
+        prepare(model, RLConfig(), 2, torch.device("cpu"))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="fused decode loop"):
+        prepare(SimpleNamespace(config=SimpleNamespace(quantization="none")), RLConfig(fusion=True), 2,
+                torch.device("cpu"))
 
 
 def test_the_estimate_plans_one_rank_of_a_sharded_run():

@@ -29,6 +29,7 @@ one-process run's and resumes on any number of ranks; loading slices the full te
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -42,23 +43,23 @@ logger = logging.getLogger(__name__)
 ENTRY_POINTS = ("generate", "frozen_scores", "policy_scores", "values", "rewards")
 
 
-def prepare(model: nn.Module, sharding: str, processes: int, device: torch.device) -> str:
-    """Wrap ``model`` for a run of ``processes`` data-parallel processes; returns the sharding it got. An
-    ``accelerate launch`` with an FSDP config asks for ``fsdp2`` too (accelerate's own plugin would leave a CPU run
-    unsharded without a word, so the project applies FSDP2 itself, on every device)."""
-    import os
-
+def prepare(model: nn.Module, config, processes: int, device: torch.device) -> str:
+    """Wrap ``model`` for a run (``config``, an RLConfig) of ``processes`` data-parallel processes; returns the
+    sharding it got. An ``accelerate launch`` with an FSDP config asks for ``fsdp2`` too (accelerate's own plugin
+    would leave a CPU run unsharded without a word, so the project applies FSDP2 itself, on every device)."""
+    sharding = config.sharding
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and sharding == "none":
         if os.environ.get("FSDP_VERSION", "1") != "2":
             raise ValueError("accelerate's FSDP config asks for FSDP version 1: set fsdp_version: 2 in it "
                              "(recipes/accelerate/fsdp2.yaml), or sharding fsdp2 without an FSDP config.")
         sharding = "fsdp2"
+    check_sharding(sharding, config.generation_backend, config.fusion, config.async_generation,
+                   model.config.quantization)
     if processes == 1:
         if sharding != "none":
             logger.warning("sharding %s on one process: the whole base stays on it (nothing to shard across); "
                            "launch N processes with torchrun or accelerate launch to hold 1/N each.", sharding)
         return "none"
-    check_sharding(sharding, quantization=model.config.quantization)
     distribute(model, sharding, processes, device)
     if sharding == "fsdp2":
         check_sharded(model)
