@@ -113,12 +113,13 @@ def checkpoint_name(iteration: int) -> str:
     return f"{CHECKPOINT_PREFIX}{iteration:06d}"
 
 
-def save_training_state(output_dir: Path, iteration: int, model, state: dict) -> Path:
-    """``checkpoints/iter-NNNNNN``: the model's trained parts and the trainer's ``state``, atomically."""
+def save_training_state(output_dir: Path, iteration: int, model, state: dict, trained: dict | None = None) -> Path:
+    """``checkpoints/iter-NNNNNN``: the model's trained parts (``trained``: gathered from a sharded model) and the
+    trainer's ``state``, atomically."""
     import torch
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, trained)
         torch.save(state, staging / STATE_FILE)
 
     return write_atomically(Path(output_dir) / "checkpoints" / checkpoint_name(iteration), write)

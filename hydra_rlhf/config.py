@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .errors import check_at_least_one, check_choice, check_positive
-from .layout import (MODES, OBJECTIVES, check_adapter_dtype, check_batch, check_engine,
+from .layout import (MODES, OBJECTIVES, check_adapter_dtype, check_batch, check_engine, check_sharding,
                      check_mode, check_quantized_full, objective_info)
 
 logger = logging.getLogger(__name__)
@@ -245,6 +245,11 @@ class RLConfig:
                 "batches with an older actor while the learner trains. On one process the generator is a child "
                 "process sharing the frozen base; with `accelerate launch --num_processes 2` it is rank 1. Only the "
                 "actor adapter travels after each update (hydra_rlhf/experience/asynchronous.py)."})
+    sharding: str = field(default="none", metadata={
+        "help": "How a multi-process run holds the base: none (every process a whole replica; FSDP2 averages the "
+                "gradients over them) or fsdp2 (each of N processes holds 1/N of the base, adapters and value head: "
+                "torch FSDP2, fully_shard per decoder layer and the root). Launch with torchrun or accelerate launch "
+                "(an accelerate config with FSDP version 2 selects it too); docs/sharding.md."})
     max_staleness: int = field(default=1, metadata={
         "help": "async_generation: batch i is sampled by the actor of update i - max_staleness (1: the paper's one "
                 "step off-policy; 0: synchronous). Samples staler than this are dropped and counted."})
@@ -380,6 +385,7 @@ class RLConfig:
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
         check_reward_sources(self)
         check_engine(self.generation_backend, self.fusion)
+        check_sharding(self.sharding, self.generation_backend, self.fusion, self.async_generation)
         if self.missing_eos_penalty and not self.stop_at_eos:
             raise ValueError("missing_eos_penalty needs stop_at_eos: with stop_at_eos false no response ends at EOS, "
                              "so every one would be penalised. Set one of them.")

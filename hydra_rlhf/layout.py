@@ -35,6 +35,8 @@ FUSED_STAGE = "generate+score"
 # Who samples the responses (``generation_backend``): transformers' generate on the HydraModel, or a vLLM engine on
 # the same base serving the actor adapter (``hydra_rlhf/experience/vllm_engine.py``).
 GENERATION_BACKENDS = ("hf", "vllm")
+# How a multi-process run holds the base (``hydra_rlhf/model/sharding.py``): a whole replica per process, or 1/N of it.
+SHARDINGS = ("none", "fsdp2")
 # With asynchronous generation the learner's iteration is: receive (wait for the generator's batch), score_policy
 # (the critic's values, PPO only), advantages, train, sync (the actor adapter to the generator), log.
 STAGE_ORDER = ("generate", FUSED_STAGE, "receive", "score_frozen", "score_policy", "advantages", "train", "sync", "log")
@@ -168,6 +170,27 @@ def check_engine(generation_backend: str, fusion: bool, mode: str | None = None)
     if mode == "full":
         raise ValueError("generation_backend vllm serves the actor adapter, and mode full has none: use mode lora, "
                          "j-hydra or hydra.")
+
+
+def check_sharding(sharding: str, generation_backend: str = "hf", fusion: bool = False,
+                   async_generation: bool = False, quantization: str = "none") -> None:
+    """What a sharded base (``sharding fsdp2``: each rank holds 1/N of it) can run with; docs/sharding.md says why."""
+    check_choice("sharding", sharding, SHARDINGS)
+    if sharding == "none":
+        return
+    if quantization != "none":
+        raise ValueError(f"sharding fsdp2 with a {quantization} bitsandbytes base is not supported yet: its packed "
+                         "weights and their quantization state do not split into FSDP shards here; use quantization "
+                         "none (bf16 shards), or a quantized base on one process.")
+    if fusion:
+        raise ValueError("sharding fsdp2 and fusion: the fused decode loop drives the decoder step by step outside "
+                         "FSDP's gather of the root's weights; use generate (fusion false) with a sharded base.")
+    if generation_backend == "vllm":
+        raise ValueError("sharding fsdp2 and generation_backend vllm: a vLLM engine needs the whole base on one "
+                         "device, which sharding exists to avoid; use generation_backend hf with a sharded base.")
+    if async_generation:
+        raise ValueError("sharding fsdp2 and async_generation: the generator would need its own whole base (rank 1, "
+                         "or a child process sharing it), which sharding exists to avoid; use one of them.")
 
 
 def check_batch(objective: str, batch_size: int, samples_per_prompt: int, minibatch_size: int,

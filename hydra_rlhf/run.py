@@ -17,7 +17,8 @@ from .config import HydraModelConfig
 from .model.hydra import HydraModel
 from .layout import objective_info
 from .memory.plan import AUTO_LEVERS, plan_memory
-from .memory.profiler import stage_table, wide_console
+from .memory.profiler import stage_table, storage_bytes, wide_console
+from .model.sharding import is_distributed, trained_state
 
 logger = logging.getLogger(__name__)
 PLAN_FILE = "memory_plan.json"  # what levers auto chose for the run, and from which budget
@@ -76,8 +77,8 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
     history = trainer.train()
     trainer.profiler.close()
     rank_hashes = trainer.trainable_hashes_across_ranks()
-    accelerator.end_training()
     memory = summarize(trainer.profiler.history)
+    trained = trained_state(model)  # a sharded model's trained weights, whole (every rank takes part)
     summary = {
         "objective": config.objective,
         "mode": model_config.mode,
@@ -85,6 +86,9 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         "measure": trainer.profiler.measure,
         "iterations": trainer.iteration,
         "base_copies": model.base_copies(),
+        "sharding": trainer.sharding,
+        "processes": trainer.world,
+        "base_bytes_per_rank": storage_bytes(model.base_parameters()),
         "frozen_base_unchanged": fingerprint == model.frozen_fingerprint(),
         "trainable_hash_per_rank": rank_hashes,
         "memory": memory,
@@ -93,8 +97,10 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         "peak_bytes": max((s["peak_bytes"] for s in memory.values()), default=0),
         "final_metrics": history[-1] if history else {},
     }
-    if accelerator.is_main_process:
-        write_atomically(output / "final", model.save_pretrained)  # a kill while writing never leaves a mix
+    if accelerator.is_main_process:  # a kill while writing never leaves a mix
+        write_atomically(output / "final", lambda staging: model.save_pretrained(staging, trained))
+    # a distributed model evaluates on every rank (generate steps all ranks together); the main one reports
+    if accelerator.is_main_process or is_distributed(model):
         if config.eval_prompts_path:
             eval_rows = load_prompt_rows(config.eval_prompts_path, config.prompt_column, config.num_eval_prompts)
             max_new_tokens = config.eval_max_new_tokens or config.max_new_tokens
@@ -104,8 +110,10 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
                                            config.max_prompt_length)
             else:  # the demo's judge: gold score, win-rate, distinct-2, the reward head
                 results = evaluate(model, tokenizer, eval_rows.prompts, max_new_tokens, config.max_prompt_length)
-            (output / "eval.json").write_text(json.dumps(results, indent=2))
             summary["eval"] = results
+    if accelerator.is_main_process:
+        if config.eval_prompts_path:
+            (output / "eval.json").write_text(json.dumps(summary["eval"], indent=2))
         history = _read_history(output / "metrics.jsonl") or history  # a resumed run plots the whole run
         if history:
             plot_training(history, output / "training.png")
@@ -115,6 +123,7 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
             console.print(f"measure: {summary['measure']}")
         summary["wall_seconds"] = time.perf_counter() - started
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.end_training()  # last: it ends the process group the gathers above use
     return summary
 
 

@@ -4,9 +4,9 @@ synchronous, or an asynchronous generator) gives stages 1-3; the objective (PPO,
 ``hydra_rlhf.objectives``) gives the targets of stage 4 and the loss of stage 5; the trainer owns the optimizer,
 the logging and when to checkpoint (what a checkpoint holds is ``hydra_rlhf.checkpoints``).
 
-Multi-process (``accelerate launch --num_processes N``): every process samples its own prompts; gradients of
-the (small) trainable set are averaged across processes before each optimiser step, so adapters stay
-identical on every rank without wrapping the multi-role model in DDP.
+Multi-process (``torchrun`` or ``accelerate launch`` with N processes): every process samples its own prompts;
+FSDP2 holds the model (``hydra_rlhf.model.sharding``: whole replicas, or 1/N of the base each with ``sharding
+fsdp2``) and averages the gradients in backward, so the adapters stay identical on every rank.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .experience.sources import make_source
 from .experience.stages import eos_token_ids
 from .memory.levers import make_optimizer
 from .memory.profiler import MemoryProfiler
+from .model import sharding
 from .objectives import Targets, make_objective
 from .objectives import functional as F
 from .objectives.base import group_stats
@@ -75,6 +76,8 @@ class RLTrainer:
         if len(prompt_ids) < config.batch_size:
             raise ValueError(f"Only {len(prompt_ids)} prompts per process, fewer than batch_size {config.batch_size}.")
 
+        # before the optimizer: FSDP2 turns the parameters into DTensors (shards, or replicas it keeps in sync)
+        self.sharding = sharding.prepare(model, config, self.world, self.device)
         self.objective = make_objective(config)
         if model.has_critic != self.objective.info.critic:
             raise ValueError(f"objective {config.objective} {'needs' if self.objective.info.critic else 'has no'} "
@@ -114,7 +117,8 @@ class RLTrainer:
             clean_staging(self.output_dir)
         self.profiler = MemoryProfiler(
             self.device, tensors=[*model.parameters(), *model.buffers(), *self.experience.resident_tensors()],
-            log_path=self.output_dir / "memory.jsonl" if self.accelerator.is_main_process else None,
+            log_path=(self.output_dir / sharding.memory_log_name(rank)
+                      if self.data_parallel or self.accelerator.is_main_process else None),
             enabled=config.profile_memory,
         )
         if self.source.engine is not None:
@@ -281,12 +285,8 @@ class RLTrainer:
         self.micro_batch = half
 
     def _optimizer_step(self, stats: dict) -> bool:
-        """Average gradients across processes, clip, step. A non-finite gradient skips the step."""
-        if self.data_parallel:
-            for param in self.trainable:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                torch.distributed.all_reduce(param.grad, op=torch.distributed.ReduceOp.AVG)
+        """Clip, step (FSDP2 averaged the gradients across processes in backward). A non-finite gradient skips the
+        step."""
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(grad_norm):  # identical on every rank: the gradients were averaged
@@ -382,7 +382,8 @@ class RLTrainer:
 
         digest = hashlib.sha256()
         for param in self.trainable:
-            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            whole = sharding.full_tensor(param.detach()).cpu()  # a shard: the whole weight (a collective)
+            digest.update(whole.contiguous().view(torch.uint8).numpy().tobytes())
         local = torch.tensor(list(digest.digest()), dtype=torch.uint8, device=self.device)
         gathered = self.accelerator.gather(local[None]) if self.data_parallel else local[None]
         return [bytes(row.tolist()).hex() for row in gathered.cpu()]
@@ -392,8 +393,9 @@ class RLTrainer:
     def save_checkpoint(self) -> Path | None:
         """Adapters, heads and trainer state, written atomically with their checksums (``checkpoints.py``)."""
         target = None
+        trained, state = sharding.trained_state(self.model), self._state_dict()  # every rank: they gather the shards
         if self.accelerator.is_main_process:
-            target = checkpoints.save_training_state(self.output_dir, self.iteration, self.model, self._state_dict())
+            target = checkpoints.save_training_state(self.output_dir, self.iteration, self.model, state, trained)
         if self.data_parallel:
             self.accelerator.wait_for_everyone()
         return target or self.output_dir / "checkpoints" / checkpoints.checkpoint_name(self.iteration)
@@ -402,7 +404,7 @@ class RLTrainer:
         return {
             "iteration": self.iteration,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": sharding.optimizer_state(self.model, self.optimizer),  # by name, whole: any rank count
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "moments": self.moments.state_dict(),
@@ -418,7 +420,7 @@ class RLTrainer:
             logger.info("No checkpoint in %s; starting from scratch.", self.output_dir)
             return False
         checkpoint, state = found
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["moments"])

@@ -185,9 +185,10 @@ def commands(page: Path) -> list[list[str]]:
 
 
 def recipe_call(tokens: list[str]) -> tuple[str, list[str]] | None:
-    """(recipe path, its arguments) for ``python recipes/x.py ...`` and ``accelerate launch ... recipes/x.py ...``."""
+    """(recipe path, its arguments) for ``python recipes/x.py ...``, ``accelerate launch ... recipes/x.py ...`` and
+    ``torchrun ... recipes/x.py ...``."""
     runner = tokens[0]
-    if runner.endswith("python") or runner.endswith("python3") or tokens[:2] == ["accelerate", "launch"]:
+    if runner.endswith(("python", "python3", "torchrun")) or tokens[:2] == ["accelerate", "launch"]:
         for index, token in enumerate(tokens):
             if re.fullmatch(r"recipes/[\w-]+\.py", token):
                 return token, tokens[index + 1 :]

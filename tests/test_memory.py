@@ -22,6 +22,21 @@ def test_counts_allocations_views_and_frees():
     assert tracker.peak == 2 * MB
 
 
+def test_storages_resized_in_place_count_at_their_new_size():
+    # FSDP2 frees a gathered weight by resizing its storage to 0 and gathers it again into the same storage
+    tracker = LiveTensorBytes()
+    with tracker:
+        x = torch.empty(MB // 4)
+        x.untyped_storage().resize_(0)
+        assert tracker.current == 0
+        x.untyped_storage().resize_(2 * MB)
+        assert tracker.current == 2 * MB
+        del x
+        assert tracker.current == 0
+    assert tracker.peak == 2 * MB
+    assert torch.UntypedStorage.resize_ is not None and tracker._resize is torch.UntypedStorage.resize_  # restored
+
+
 def test_saved_activations_count_until_backward():
     profiler = MemoryProfiler("cpu")
     try:

@@ -133,7 +133,8 @@ def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_pat
         env={"OMP_NUM_THREADS": "1"})
     summary = json.loads((output / "summary.json").read_text())
     hashes = summary["trainable_hash_per_rank"]
-    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]  # FSDP2 replicas: it averaged the gradients, not the trainer
+    assert (summary["sharding"], summary["processes"]) == ("none", 2)
     # ... and they trained: peft starts every lora_B at zero, so a trained adapter has none left at zero
     trained = adapter_tensors(output)
     lora_b = {k: v for k, v in trained.items() if "lora_B" in k}

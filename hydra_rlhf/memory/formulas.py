@@ -448,8 +448,30 @@ class Estimate:
         }
 
 
+def sharded_bytes(shape: ModelShape, s: EstimateSettings, parts: dict[str, int], stage: str) -> dict[str, int]:
+    """One rank's share of ``parts`` (``stage``'s) under ``sharding fsdp2`` over N = ``s.shards`` ranks
+    (model/sharding.py): weights, adapters, the value head, gradients and AdamW states are split N ways (the frozen
+    reward head stays whole). On top, what FSDP gathers whole, per base copy: the root unit (embeddings, LM head,
+    final norm), which stays gathered from the first forward after a backward to the end of the next backward
+    (every stage but ``log``), and two decoder layers (the one computing and the next, prefetched), each beside
+    its all-gather buffer; in the stage whose forward gathers the root again (``generate``), its all-gather buffer
+    too. Activations do not change: ``batch_size`` counts prompts per process. Not counted: a checkpoint's gather
+    of the trained weights."""
+    n = s.shards
+    if n == 1:
+        return parts
+    root = shape.dense_params * s.dtype_bytes
+    layer = (base_weight_bytes(shape, s) - root) // shape.num_layers  # one layer's linears and norms
+    gathered = 0 if stage == "log" else root * (n - 1) // n + 4 * layer
+    gathered += root if stage in ("generate", FUSED_STAGE) else 0
+    reward_head = 4 * (shape.hidden_size + 1)
+    split = {key: parts[key] // n for key in ("weights", "gradients", "optimizer")}
+    return {**parts, **split, "weights": split["weights"] + gathered * s.layout["base_copies"],
+            "adapters_heads": (parts["adapters_heads"] - reward_head) // n + reward_head}
+
+
 def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
-    """The per-stage peak memory of one (steady-state) iteration."""
+    """The per-stage peak memory of one (steady-state) iteration, on each rank."""
     persistent = persistent_bytes(shape, settings)
     phases = train_phases(shape, settings)
     breakdown = {}
@@ -458,7 +480,7 @@ def estimate(shape: ModelShape, settings: EstimateSettings) -> Estimate:
         if stage == "train":  # file the gradients of the dominant phase under their own category
             grads = phase_gradients(shape, settings)[max(phases, key=phases.get)]
             parts.update(gradients=grads, activations=activations - grads)
-        breakdown[stage] = parts
+        breakdown[stage] = sharded_bytes(shape, settings, parts, stage)
     sleeping = settings.generation_backend == "vllm" and settings.vllm_sleep_mode
     asleep = engine_weight_bytes(shape, settings) if sleeping else 0
     return Estimate(shape, settings, breakdown, phases, offloaded_bytes(shape, settings) + asleep)

@@ -165,7 +165,7 @@ def plan_memory(model_config, config, accelerator, console=None):
         shape = _model_shape(model_config)
         if shape is not None:
             budget, source = _budget(config, accelerator)
-            settings = EstimateSettings.of(model_config, config, padded_prompts=True,
+            settings = EstimateSettings.of(model_config, config, padded_prompts=True, gpus=accelerator.num_processes,
                                            device="cuda" if accelerator.device.type == "cuda" else "cpu")
             plan = plan_levers(shape, settings, budget, fixed, source)
             if console is not None and accelerator.is_main_process:

@@ -33,13 +33,34 @@ CUDA_MEASURE = "torch.cuda max_memory_allocated, peak reset per stage"
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of live tensor storages, and their peak since the last ``reset_peak``."""
+    """Counts the bytes of live tensor storages, and their peak since the last ``reset_peak``. A storage resized in
+    place (FSDP2 frees and re-allocates its gathered weights that way, out of the dispatcher's sight) is counted at
+    its new size: ``UntypedStorage.resize_`` reports to the tracker while it is active."""
 
     def __init__(self):
         super().__init__()
-        self._refs: dict[int, list[int]] = {}  # storage address -> [nbytes, live tensors counted on it]
+        self._refs: dict[int, list[int]] = {}  # storage (its StorageImpl) -> [nbytes, live tensors counted on it]
         self.current = 0
         self.peak = 0
+        self._resize = None
+
+    def __enter__(self):
+        self._resize = resize = torch.UntypedStorage.resize_
+
+        def counted_resize(storage, nbytes):
+            entry = self._refs.get(storage._cdata)
+            out = resize(storage, nbytes)
+            if entry is not None:
+                self._grow(storage.nbytes() - entry[0])
+                entry[0] = storage.nbytes()
+            return out
+
+        torch.UntypedStorage.resize_ = counted_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -48,30 +69,34 @@ class LiveTensorBytes(TorchDispatchMode):
                 self.track(leaf)
         return out
 
+    def _grow(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
     def track(self, tensor: torch.Tensor) -> None:
         if tensor.device.type == "meta":
             return
-        storage = tensor.untyped_storage()
-        address, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0:
+        try:
+            storage = local_shard(tensor).untyped_storage()
+            key, nbytes = storage._cdata, storage.nbytes()
+        except RuntimeError:  # a collective's wrapper output (DTensor.full_tensor) has no storage of its own
             return
-        entry = self._refs.get(address)
-        if entry is None:
-            entry = self._refs[address] = [nbytes, 0]
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
+        entry = self._refs.get(key)
+        if entry is None:  # (an empty storage too: FSDP2 resizes it to a gathered weight later)
+            entry = self._refs[key] = [nbytes, 0]
+            self._grow(nbytes)
         entry[1] += 1
         # torch keeps a tensor's Python object alive while C++ still holds it (autograd's saved tensors
         # included), so this fires when the tensor itself is freed.
-        weakref.finalize(tensor, self._release, address)
+        weakref.finalize(tensor, self._release, key)
 
-    def _release(self, address: int) -> None:
-        entry = self._refs.get(address)
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
         if entry is None:
             return
         entry[1] -= 1
         if entry[1] == 0:
-            del self._refs[address]
+            del self._refs[key]
             self.current -= entry[0]
 
     def reset_peak(self) -> None:
@@ -189,8 +214,15 @@ class MemoryProfiler:
 
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (tied or shared weights count once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    storages = {s.data_ptr(): s.nbytes() for s in (local_shard(t).untyped_storage() for t in tensors)}
     return sum(storages.values())
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process stores of ``tensor``: its shard where FSDP2 sharded it (a DTensor), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def persistent_bytes(model, optimizer) -> int:

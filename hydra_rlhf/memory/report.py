@@ -15,8 +15,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..layout import MODES, OBJECTIVES
 from ..config import parse_bytes
+from ..layout import MODES, OBJECTIVES, SHARDINGS
 from .arguments import add_budget_arguments, add_run_shape_arguments, set_levers, settings_from_args
 from .formulas import CATEGORIES, Estimate, estimate
 from .plan import Plan, plan_levers
@@ -84,6 +84,10 @@ def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_shape_arguments(parser, EstimateSettings)
     add_budget_arguments(parser)
     parser.add_argument("--device", default="cuda", choices=DEVICES, help="Where it would run.")
+    parser.add_argument("--gpus", type=int, default=1, help="Processes, one card each (figures are per rank; "
+                        "--batch-size stays per process).")
+    parser.add_argument("--sharding", default="none", choices=SHARDINGS, help="fsdp2: each rank holds 1/--gpus of "
+                        "the base, adapters and optimizer state (docs/sharding.md); none: a replica on each.")
     parser.add_argument("--padded-prompts", action=argparse.BooleanOptionalAction, default=True,
                         help="Prompts of unequal length (an attention mask); --no-padded-prompts: all equally long.")
     parser.add_argument("--json", type=Path, help="Write the estimate here.")
@@ -181,7 +185,8 @@ def describe(s: EstimateSettings, objective: bool = True) -> str:
     return (f"{f'Objective {s.objective}, b' if objective else 'B'}atch {s.batch_size} prompts x "
             f"{s.samples_per_prompt} = {s.sequences} sequences (micro-batch {s.micro_batch}), "
             f"prompt {s.max_prompt_length} + {s.max_new_tokens} new tokens, {s.compute_dtype}, "
-            f"quantization {s.quantization}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}. "
+            f"quantization {s.quantization}, LoRA r={s.lora_r}, gradient checkpointing {checkpointing}, {s.device}"
+            f"{f' x {s.gpus} processes, sharding {s.sharding} (per rank)' if s.gpus > 1 else ''}. "
             f"Levers: {_describe_levers(s)}.")
 
 

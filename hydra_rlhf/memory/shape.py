@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DTYPES, RunShape
-from ..errors import check_choice
-from ..layout import counts, objective_info, role_plan
+from ..errors import check_at_least_one, check_choice
+from ..layout import check_sharding, counts, objective_info, role_plan
 
 PRESET_DIR = Path(__file__).parents[1] / "presets"
 GiB = 1 << 30
@@ -165,10 +165,19 @@ class EstimateSettings(RunShape):
     max_new_tokens: int = 256  # generated tokens (G); EOS ignored, as in the profiler
     device: str = "cuda"  # cuda: AdamW uses foreach kernels (one parameter-sized temporary); cpu: per tensor
     padded_prompts: bool = True  # prompts of unequal length -> an attention mask -> k, v repeated to all heads
+    gpus: int = 1  # processes, one card each; batch_size stays per process, as in the recipes
+    sharding: str = "none"  # fsdp2: each process holds 1/gpus of the base, adapters, heads and AdamW states
 
     def __post_init__(self):
         super().__post_init__()  # the run's own rules (layout.check_*), worded once
         check_choice("device", self.device, DEVICES)
+        check_at_least_one(self, "gpus")
+        check_sharding(self.sharding, self.generation_backend, self.fusion, quantization=self.quantization)
+
+    @property
+    def shards(self) -> int:
+        """Into how many parts the model's state is split on each rank: gpus with fsdp2, else 1 (replicas)."""
+        return self.gpus if self.sharding == "fsdp2" else 1
 
     @property
     def compute_dtype(self) -> str:

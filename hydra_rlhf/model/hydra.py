@@ -36,6 +36,7 @@ from ..memory.profiler import storage_bytes
 from .heads import HEADS_FILE, heads_path, pool_response, save_heads, with_prefix
 from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 from .lora import with_lora_adapters
+from .sharding import full_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -341,19 +342,24 @@ class HydraModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- save/load
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, trained_state: dict | None = None) -> None:
         """Adapters in standard peft layout (``<base>/<adapter>/adapter_model.safetensors``, loadable with
         ``PeftModel.from_pretrained(base, path)``), heads as safetensors, full-mode trainable models with
-        ``save_pretrained``, and a manifest naming base and mode."""
+        ``save_pretrained``, and a manifest naming base and mode. ``trained_state``: the trainable weights gathered
+        to full tensors by name (a sharded model's, ``sharding.trained_state``); None reads them from the modules."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for base_name, adapter in self._trained_parts():
             base = self.bases[base_name]
+            prefix = f"bases.{base_name}."
+            state = None if trained_state is None else {
+                key[len(prefix):]: value for key, value in trained_state.items() if key.startswith(prefix)}
             if adapter == FULL:
-                base.save_pretrained(directory / base_name)
+                base.save_pretrained(directory / base_name, state_dict=state)
             else:
-                base.save_pretrained(directory / base_name, selected_adapters=[adapter])
-        heads = {f"{name}.{k}": v for name, head in self.heads().items() for k, v in head.state_dict().items()}
+                base.save_pretrained(directory / base_name, selected_adapters=[adapter], state_dict=state)
+        heads = {f"{name}.{k}": (trained_state or {}).get(f"{name}.{k}", v)
+                 for name, head in self.heads().items() for k, v in head.state_dict().items()}
         save_heads({k: v.contiguous() for k, v in heads.items()}, directory, self.reward_pooling)
         config = asdict(self.config)
         for key in ("model_name_or_path", "reward_model_path"):  # a relative path breaks from another directory
@@ -469,7 +475,8 @@ def _hash_weights(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
-        tensor = tensor.detach().cpu().contiguous()  # both no-ops for a CPU weight: one tensor's copy on CUDA
+        # a shard: the whole tensor (every rank hashes together); no copy of a whole CPU weight
+        tensor = full_tensor(tensor.detach()).cpu().contiguous()
         digest.update(name.encode() + str(tensor.dtype).encode())
         digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()

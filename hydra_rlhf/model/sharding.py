@@ -1,0 +1,177 @@
+"""The fifth axis: how a multi-process run holds the one base (``sharding``), through torch's FSDP2.
+
+    sharding  processes  what each rank holds                        gradients averaged by
+    none      1          the whole model                             (nothing to average)
+    none      N          a replica (FSDP2 on an (N, 1) mesh: HSDP    FSDP2's all-reduce over the replicas
+                         whose shards are whole)
+    fsdp2     N          1/N of every base, adapter and value head   FSDP2's reduce-scatter
+                         (``fully_shard`` per decoder layer + root)
+
+Both multi-process layouts go through ``distribute``: one ``fully_shard`` per decoder layer of every base, and the
+HydraModel itself as the root unit, holding the embeddings, final norm, LM head and the value head (its gradient is
+reduced with the rest; a head outside every unit would let the ranks drift apart silently). The frozen reward head
+stays a plain replicated tensor (``ignored_params``): it never changes, and the heads file stays one ``save_file``.
+
+The HydraModel never calls its own ``forward``: roles call the decoder, the LM head and the heads directly. So its
+public entry points (``generate``, ``frozen_scores``, ``policy_scores``, ``values``, ``rewards``) are registered as
+FSDP forward methods: each gathers the root's parameters before it runs and hooks the backward that reduces its
+gradients. peft's ``set_adapter`` / ``disable_adapter`` work on the sharded modules as they are: the Hydra
+adapters-off pass (reference and reward in one forward) survives sharding.
+
+Generation: ranks that finish sampling early keep stepping (``synced_gpus``), because every decode step gathers
+each layer's shards from every rank.
+
+Saving gathers the trained weights to full tensors (``trained_state``), so a checkpoint holds the same files as a
+one-process run's and resumes on any number of ranks; loading slices the full tensors back into each rank's shard
+(a load-state-dict pre-hook on every sharded module).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from ..layout import check_sharding
+
+logger = logging.getLogger(__name__)
+
+# HydraModel methods that read the root unit's parameters: each is an FSDP forward.
+ENTRY_POINTS = ("generate", "frozen_scores", "policy_scores", "values", "rewards")
+
+
+def prepare(model: nn.Module, config, processes: int, device: torch.device) -> str:
+    """Wrap ``model`` for a run (``config``, an RLConfig) of ``processes`` data-parallel processes; returns the
+    sharding it got. An ``accelerate launch`` with an FSDP config asks for ``fsdp2`` too (accelerate's own plugin
+    would leave a CPU run unsharded without a word, so the project applies FSDP2 itself, on every device)."""
+    sharding = config.sharding
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and sharding == "none":
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise ValueError("accelerate's FSDP config asks for FSDP version 1: set fsdp_version: 2 in it "
+                             "(recipes/accelerate/fsdp2.yaml), or sharding fsdp2 without an FSDP config.")
+        sharding = "fsdp2"
+    check_sharding(sharding, config.generation_backend, config.fusion, config.async_generation,
+                   model.config.quantization)
+    if processes == 1:
+        if sharding != "none":
+            logger.warning("sharding %s on one process: the whole base stays on it (nothing to shard across); "
+                           "launch N processes with torchrun or accelerate launch to hold 1/N each.", sharding)
+        return "none"
+    distribute(model, sharding, processes, device)
+    if sharding == "fsdp2":
+        check_sharded(model)
+    return sharding
+
+
+def memory_log_name(rank: int) -> str:
+    """Where each process of a run writes its memory per stage: ``memory.jsonl`` (rank 0, the run's table), and
+    ``memory-rank<r>.jsonl`` for the others (a sharded rank's memory is its own, not rank 0's)."""
+    return "memory.jsonl" if rank == 0 else f"memory-rank{rank}.jsonl"
+
+
+def check_sharded(model: nn.Module) -> None:
+    """Refuse a run that asked for sharding but holds whole replicas (every decoder weight must be split)."""
+    from torch.distributed.tensor import Shard
+
+    for name, param in model.named_parameters():
+        split = _is_dtensor(param) and any(isinstance(placement, Shard) and param.device_mesh.size(i) > 1
+                                           for i, placement in enumerate(param.placements))
+        if not split and name.startswith("bases.") and "lora_" not in name:
+            raise RuntimeError(f"sharding fsdp2 was asked for, but {name} is whole on every rank (a replica): "
+                               "the run would not hold 1/N of the base.")
+
+
+def decoder_layers(base: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (peft-wrapped or not): one FSDP unit each."""
+    causal_lm = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return causal_lm.get_decoder().layers
+
+
+def is_distributed(model: nn.Module) -> bool:
+    """Whether ``distribute`` wrapped this model (its parameters are DTensors)."""
+    return getattr(model, "sharding_mesh", None) is not None
+
+
+def distribute(model: nn.Module, sharding: str, world: int, device: torch.device) -> None:
+    """Wrap ``model`` (a HydraModel) in place for a ``world``-process run: sharded (``fsdp2``) or replicated
+    (``none``). Call it before building the optimizer: the parameters become DTensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if sharding == "fsdp2":
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    else:  # HSDP with shards of one: every rank keeps the whole model, gradients are all-reduced (DDP's work)
+        mesh = init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    for base in model.bases.values():
+        for layer in decoder_layers(base):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=set(model.reward_head.parameters()))
+    for name in ENTRY_POINTS:
+        register_fsdp_forward_method(model, name)
+    # Scores come back as views ((B, R) slices of (B, T) tensors); FSDP2 warns that an in-place op on one would
+    # skip its backward hook. None of the objectives writes into a score in place (they build new tensors).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for module in model.modules():
+        if any(_is_dtensor(p) for p in module.parameters(recurse=False)):
+            module.register_load_state_dict_pre_hook(_full_tensors_to_shards)
+    model.sharding_mesh = mesh
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _full_tensors_to_shards(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a full tensor read from a file becomes this rank's shard of it (no communication:
+    every rank read the same file), so peft's and torch's loaders work on a sharded module unchanged."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, param in module.named_parameters(recurse=False):
+        key = prefix + name
+        if key in state_dict and _is_dtensor(param) and not _is_dtensor(state_dict[key]):
+            full = state_dict[key].to(device=param.device, dtype=param.dtype)
+            state_dict[key] = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank calls it), or ``tensor`` itself."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Every trainable weight as a full CPU tensor, by name (the same names as ``model.named_parameters()``), on
+    rank 0; an empty dict on the other ranks; None for a model that is not distributed (read its modules). A
+    collective: every rank calls it."""
+    if not is_distributed(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    # (a weight tied to a frozen one, the LM head's, comes back too: not trained, not kept)
+    return {name: value for name, value in get_model_state_dict(model, options=options).items() if name in trainable}
+
+
+def optimizer_state(model: nn.Module, optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, its tensors whole (a collective where distributed): the
+    same file from any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_distributed(model))
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """``optimizer_state``'s dict back into ``optimizer``, sliced into this rank's shards; a checkpoint written
+    before state was keyed by name (integer keys) loads as it was saved."""
+    if all(isinstance(key, int) for key in state.get("state", {})):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
