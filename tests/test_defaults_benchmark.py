@@ -120,3 +120,8 @@ def test_dropout_off_and_heap_trim_is_harmless():
     _disable_dropout(model)
     assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0, 0]
     release_freed_host_memory()  # a no-op where the C library is not glibc
+
+
+def test_tightest_leaves_out_a_changed_environment(defaults):
+    runs = {"ours-grpo-levers": {"peak_rss_bytes": 10}, "ours-grpo-levers-mmap4m": {"peak_rss_bytes": 5, "env": {"X": "1"}}}
+    assert defaults.tightest(runs)["peak_rss_bytes"] == 10
