@@ -52,8 +52,6 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         raise ValueError(f"{output} already holds a run: pass --resume true to continue it, or choose another output_dir.")
     with accelerator.main_process_first():  # the bundled model converts once, on the main process
         resolve_model(model_config.model_name_or_path)
-    # levers auto: the levers left unset, chosen from the estimate for the memory this process has
-    model_config, config, plan = plan_memory(model_config, config, accelerator, console)
     # everything that can be checked before the weights load: the context, the data, the run's own settings
     check_context(model_config.model_name_or_path, config.max_prompt_length + config.max_new_tokens + 1,
                   "max_prompt_length + max_new_tokens (+1 for the EOS the reward is read at)",
@@ -63,6 +61,8 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
 
         import_vllm()
     prompts = load_prompt_rows(config.prompts_path, config.prompt_column)
+    # levers auto: the levers left unset, chosen from the estimate for the memory this process has
+    model_config, config, plan = plan_memory(model_config, config, accelerator, console)
     if accelerator.is_main_process:  # the fingerprint reads the bases' files: once, not once per process
         record_or_check_run_settings(output, run_settings(model_config, config), config.resume)
         if plan is not None:
