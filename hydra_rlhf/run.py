@@ -16,7 +16,7 @@ from .config import RLConfig
 from .config import HydraModelConfig
 from .model.hydra import HydraModel
 from .layout import objective_info
-from .memory.plan import AUTO_LEVERS, plan_memory
+from .memory.plan import AUTO_LEVERS, lever_value, plan_memory
 from .memory.profiler import stage_table, storage_bytes, wide_console
 from .model.sharding import is_distributed, trained_state
 
@@ -93,7 +93,7 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
         "trainable_hash_per_rank": rank_hashes,
         "memory": memory,
         "memory_plan": plan.to_dict() if plan else None,
-        "levers": {lever: getattr(config if hasattr(config, lever) else model_config, lever) for lever in AUTO_LEVERS},
+        "levers": {lever: lever_value(model_config, config, lever) for lever in AUTO_LEVERS},
         "peak_bytes": max((s["peak_bytes"] for s in memory.values()), default=0),
         "final_metrics": history[-1] if history else {},
     }

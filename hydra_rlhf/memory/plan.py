@@ -31,6 +31,13 @@ OFF = {"logprob_chunk_size": 0, "gradient_checkpointing": False, "activation_off
        "gradient_accumulation_steps": 1}
 CHUNK_SIZES = (256, 64)  # tokens per log-prob chunk: 256 x a 128k vocabulary is 128 MiB of fp32 logits
 HEADROOM = 0.10  # of the budget, left free: allocator fragmentation, the tokenizer, what the estimate does not see
+
+
+def usable(budget_bytes: int) -> int:
+    """What a plan may fill of ``budget_bytes``: all but ``HEADROOM``."""
+    return int(budget_bytes * (1 - HEADROOM))
+
+
 def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.1f} MiB"
 
@@ -50,7 +57,7 @@ class Plan:
 
     @property
     def usable_bytes(self) -> int:
-        return int(self.budget_bytes * (1 - HEADROOM))
+        return usable(self.budget_bytes)
 
     def describe_levers(self) -> str:
         levers = self.levers
@@ -120,11 +127,10 @@ def plan_levers(shape: ModelShape, settings: EstimateSettings, budget_bytes: int
                 budget_source: str = "memory_budget") -> Plan:
     """The fastest plan whose estimate fits ``budget_bytes`` less ``HEADROOM``; ``fixed`` levers keep their values
     in ``settings``. Nothing fits: a ValueError naming what would."""
-    usable = int(budget_bytes * (1 - HEADROOM))
     last = None
     for candidate, chosen, peak in candidates(shape, settings, fixed):
         last = candidate, peak
-        if peak <= usable:
+        if peak <= usable(budget_bytes):
             levers = {lever: getattr(candidate, lever) for lever in AUTO_LEVERS}
             return Plan(levers, chosen, tuple(lever for lever in AUTO_LEVERS if lever in fixed), peak, budget_bytes,
                         budget_source, candidate.micro_batch, candidate.minibatch_size or candidate.train_rows)
@@ -136,7 +142,7 @@ def _nothing_fits(shape: ModelShape, tightest: EstimateSettings, peak: int, budg
     from .report import largest_batch
 
     need = peak / (1 - HEADROOM)
-    batch = largest_batch(shape, tightest, int(budget * (1 - HEADROOM)))
+    batch = largest_batch(shape, tightest, usable(budget))
     advice = (f"batch_size {batch} would fit (it is {tightest.batch_size})" if batch else
               "no batch_size does: shorten max_new_tokens or max_prompt_length, quantize the base (quantization: "
               "4bit), or find more memory")
@@ -159,7 +165,7 @@ def plan_memory(model_config, config, accelerator, console=None):
     auto, else off) and the plan (None: levers off, every lever set by hand, or a model whose shape the estimator
     cannot read, which it says in one warning). Every process plans for the smallest budget among them, so all
     split their minibatches alike."""
-    fixed = tuple(lever for lever in AUTO_LEVERS if _lever(model_config, config, lever) is not None)
+    fixed = tuple(lever for lever in AUTO_LEVERS if lever_value(model_config, config, lever) is not None)
     plan = None
     if config.levers == "auto" and len(fixed) < len(AUTO_LEVERS):
         shape = _model_shape(model_config)
@@ -170,7 +176,7 @@ def plan_memory(model_config, config, accelerator, console=None):
             plan = plan_levers(shape, settings, budget, fixed, source)
             if console is not None and accelerator.is_main_process:
                 console.print(plan.line())
-    levers = plan.levers if plan else {lever: _lever(model_config, config, lever) for lever in AUTO_LEVERS}
+    levers = plan.levers if plan else {lever: lever_value(model_config, config, lever) for lever in AUTO_LEVERS}
     levers = {lever: OFF[lever] if value is None else value for lever, value in levers.items()}
     return _with(model_config, levers), _with(config, levers), plan
 
@@ -215,7 +221,9 @@ def _model_shape(model_config) -> ModelShape | None:
         return None
 
 
-def _lever(model_config, config, lever: str):
+def lever_value(model_config, config, lever: str):
+    """One of ``AUTO_LEVERS`` as a run's configs hold it (the accumulation steps in the RL config, the others in the
+    model's); None: unset."""
     return getattr(config if hasattr(config, lever) else model_config, lever)
 
 
