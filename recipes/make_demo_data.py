@@ -1,6 +1,6 @@
 """Regenerate the bundled demo data (prompts and VADER-labelled preference pairs), deterministically.
 
-Exact command that produced ``hydra_rlhf/demo_data`` (about 10 minutes on a 2-core CPU)::
+Exact command that produced ``hydra_rlhf/demo_data`` (about 35 minutes on a 2-core CPU; DATA_CARD.md has the time)::
 
     python recipes/make_demo_data.py --out hydra_rlhf/demo_data
 
@@ -13,8 +13,9 @@ The task is an "upbeat, friendly assistant" (see ``hydra_rlhf/judge.py``). What 
 1. Builds everyday user requests (cooking, houseplants, commuting, budgeting, exercise, pets, weekend
    plans, studying, travel, small repairs, weather, hobbies, friendships, work, ...) by combining topic
    phrases with question templates; deduplicates, shuffles with ``--seed`` and splits into disjoint train
-   and eval sets (no prompt text in both).
-2. Samples the bundled SmolLM2-135M-Instruct twice per prompt, once under an upbeat and once under a
+   and eval sets (no prompt text in both; the eval set does not depend on ``--num-train``).
+2. For each pair (``--pairs-per-prompt`` per training prompt, one per eval prompt), samples the bundled
+   SmolLM2-135M-Instruct twice, once under an upbeat and once under a
    gloomy system prompt (RLCD-style contrast; :data:`CONTRAST_SYSTEM_PROMPTS`), with the chat template,
    temperature 1.0, top_p 0.95, no top-k, ``--max-new-tokens`` new tokens, left-padded batches of
    ``--batch-size`` prompts, each generate call seeded.
@@ -192,13 +193,22 @@ def all_prompts() -> list[str]:
     return list(seen)
 
 
+# The held-out prompts are the block of the shuffled pool right after the first 400, where the first version of
+# the data (400 train prompts) put them: a larger training set takes the prompts on both sides of that block, so
+# the held-out prompts, and every held-out figure measured on them, stay the same whatever --num-train is.
+EVAL_START = 400
+
+
 def build_prompts(num_train: int = 400, num_eval: int = 100, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint train and eval prompt lists, shuffled with ``seed``; the same seed gives the same lists."""
+    """Disjoint train and eval prompt lists, shuffled with ``seed``; the same seed gives the same lists, and the
+    eval list does not depend on ``num_train``."""
     pool = all_prompts()
     if num_train + num_eval > len(pool):
         raise ValueError(f"Asked for {num_train} + {num_eval} prompts but only {len(pool)} distinct ones exist.")
     random.Random(seed).shuffle(pool)
-    return pool[:num_train], pool[num_train : num_train + num_eval]
+    start = min(EVAL_START, len(pool) - num_eval)
+    evals = pool[start : start + num_eval]
+    return (pool[:start] + pool[start + num_eval :])[:num_train], evals
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -212,6 +222,11 @@ CONTRAST_SYSTEM_PROMPTS: tuple[str, str] = (
     "You are a cheerful, upbeat and friendly assistant. Answer warmly, with enthusiasm and encouragement.",
     "You are a gloomy, pessimistic assistant. Point out what can go wrong and how hard things are.",
 )
+
+
+# Round r of pairs draws with seed + r * ROUND_SEED_STRIDE: round 0 is the first version's sampling, and no two
+# rounds' generate calls share a seed (a round has far fewer than ROUND_SEED_STRIDE / 2 batches).
+ROUND_SEED_STRIDE = 1000
 
 
 def sample_pairs(model, tokenizer, prompts, *, max_new_tokens, batch_size, seed, desc):
@@ -300,6 +315,17 @@ def split_stats(prompts, pairs, rows, skipped) -> dict:
     }
 
 
+# The card also documents the arithmetic task (recipes/make_arithmetic_data.py), written by hand: a rerun of this
+# script rewrites its own part and keeps everything from this heading on.
+KEPT_SECTION = "## Arithmetic word problems"
+
+
+def kept_sections(card: Path) -> str:
+    """The hand-written tail of an existing card (from :data:`KEPT_SECTION` on), or nothing."""
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    return "\n" + text[text.index(KEPT_SECTION):] if KEPT_SECTION in text else ""
+
+
 def data_card(args, stats: dict, seconds: float) -> str:
     def line(name):
         s = stats[name]
@@ -334,14 +360,22 @@ Prompts are plain user text (no chat template applied); apply the tokenizer's ch
 ## How it was made
 ```
 python recipes/make_demo_data.py --out hydra_rlhf/demo_data --seed {args.seed} --num-train {args.num_train} \\
-    --num-eval {args.num_eval} --max-new-tokens {args.max_new_tokens} --batch-size {args.batch_size}
+    --num-eval {args.num_eval} --pairs-per-prompt {args.pairs_per_prompt} --max-new-tokens {args.max_new_tokens} \\
+    --batch-size {args.batch_size}
 ```
 - Prompts: {len(TOPICS)} themes, {sum(len(v) for v in TOPICS.values())} topic phrases x {len(TEMPLATES)} question templates,
-  deduplicated, shuffled with the seed, split into disjoint train / eval sets.
-- Responses: the bundled SmolLM2-135M-Instruct (fp32, CPU), two samples per prompt, temperature 1.0,
+  deduplicated, shuffled with the seed, split into disjoint train / eval sets. The eval prompts are the
+  100 after the first 400 of the shuffled pool, whatever `--num-train` is, so they are the same 100 as in
+  the first version of this data (400 train prompts, one pair each) and held-out figures stay comparable.
+- Pairs: {args.pairs_per_prompt} per training prompt (each round of pairs sampled with its own seeds), one per
+  eval prompt. Several pairs per prompt rather than more prompts: the
+  generator's topics and templates make {len(all_prompts())} distinct prompts, and what the reward head must learn is the
+  tone of the response, which varies from sample to sample of the same prompt. The rows are in round order, the
+  first round's pairs first: `max_train_pairs` up to the first round's count takes one pair per prompt.
+- Responses: the bundled SmolLM2-135M-Instruct (fp32, CPU), two samples per pair, temperature 1.0,
   top_p 0.95, no top-k, at most {args.max_new_tokens} new tokens (so many responses stop mid-sentence,
   exactly as PPO rollouts of that length would), batches of {args.batch_size} prompts, each generate call
-  seeded (`torch.manual_seed(seed + 2 * batch index + k)`).
+  seeded (`torch.manual_seed(seed + {ROUND_SEED_STRIDE} * round + 2 * batch index + k)`; eval: seed + 1,000,000).
 - Contrast (RLCD, Yang et al. 2023): sample 1 is drawn under the system prompt
   "{CONTRAST_SYSTEM_PROMPTS[0]}", sample 2 under
   "{CONTRAST_SYSTEM_PROMPTS[1]}". A 135M model follows them only loosely, so the pairs differ in tone
@@ -350,7 +384,7 @@ python recipes/make_demo_data.py --out hydra_rlhf/demo_data --seed {args.seed} -
 - Labels: the higher VADER compound is `chosen`, the lower `rejected`. Pairs with tied scores, identical
   texts or an empty response are dropped (the prompt stays in the prompt file).
 - Generation + scoring wall time: {seconds / 60:.1f} min (torch {stats['torch']}, {stats['threads']} threads); it
-  depends on machine load: an idle 2-core CPU does a batch of 32 prompts x 2 samples in ~40 s (~10 min in all).
+  depends on machine load: an idle 2-core CPU does a batch of 32 pairs (64 samples) in about 22 s.
 
 ## Counts and scores
 | split | prompts | pairs kept | skipped: tied / same text / empty | mean chosen | mean rejected | median margin | upbeat won | mean of all samples | distinct-2 of samples |
@@ -374,13 +408,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("hydra_rlhf/demo_data"), help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=400, help="training prompts")
+    parser.add_argument("--num-train", type=int, default=1196, help="training prompts (at most 1196: every prompt "
+                        "the generator makes, less the held-out ones)")
     parser.add_argument("--num-eval", type=int, default=100, help="held-out prompts")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--pairs-per-prompt", type=int, default=2, help="contrast pairs per training prompt, "
+                        "each drawn with its own seeds (held-out prompts: one)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (x2 samples)")
     parser.add_argument("--model", default="smollm2-135m", help="model to sample from (default: bundled)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each split")
     args = parser.parse_args(argv)
+    if args.pairs_per_prompt < 1:
+        parser.error(f"--pairs-per-prompt must be at least 1, got {args.pairs_per_prompt}")
 
     import torch
 
@@ -397,12 +436,16 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     stats = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     outputs = {}
-    for name, prompts, seed in (("train", train, args.seed), ("eval", evals, args.seed + 1_000_000)):
-        pairs = sample_pairs(
-            model, tokenizer, prompts,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=seed, desc=name,
-        )
-        rows, skipped = label_pairs(prompts, pairs)
+    # Held-out prompts keep one pair each: the held-out pairs stay the ones every earlier accuracy was measured on.
+    for name, prompts, seed, rounds in (("train", train, args.seed, args.pairs_per_prompt),
+                                        ("eval", evals, args.seed + 1_000_000, 1)):
+        pairs = []
+        for round_index in range(rounds):
+            pairs += sample_pairs(
+                model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                seed=seed + ROUND_SEED_STRIDE * round_index, desc=f"{name} pairs {round_index + 1}/{rounds}",
+            )
+        rows, skipped = label_pairs(prompts * rounds, pairs)
         stats[name] = split_stats(prompts, pairs, rows, skipped)
         outputs[name] = (prompts, rows)
     seconds = time.perf_counter() - started
@@ -412,7 +455,8 @@ def main(argv=None) -> int:
     write_jsonl(args.out / EVAL_FILE, [{"prompt": p} for p in outputs["eval"][0]])
     write_jsonl(args.out / PREFS_TRAIN_FILE, outputs["train"][1])
     write_jsonl(args.out / PREFS_EVAL_FILE, outputs["eval"][1])
-    (args.out / "DATA_CARD.md").write_text(data_card(args, stats, seconds), encoding="utf-8")
+    card = args.out / "DATA_CARD.md"
+    card.write_text(data_card(args, stats, seconds) + kept_sections(card), encoding="utf-8")
 
     for name in ("train", "eval"):
         s = stats[name]

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,20 @@ def test_preference_files(split):
         assert row["chosen"] != row["rejected"]
         assert row["chosen_score"] > row["rejected_score"]
         assert -1.0 <= row["rejected_score"] < row["chosen_score"] <= 1.0
-    assert len({r["prompt"] for r in rows}) == len(rows)  # one pair per prompt
+    per_prompt = Counter(r["prompt"] for r in rows)
+    assert max(per_prompt.values()) == (2 if split == "train" else 1)  # --pairs-per-prompt 2; held out: one
+    assert len({(r["prompt"], r["chosen"], r["rejected"]) for r in rows}) == len(rows)  # no pair twice
+
+
+def test_enough_training_pairs_and_held_out_prompts_disjoint():
+    train = read_jsonl("demo_preferences_train.jsonl")
+    evals = read_jsonl("demo_preferences_eval.jsonl")
+    assert len(train) >= 2000 and len(evals) == 100
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in read_jsonl("demo_prompts_eval.jsonl")}
+    # round order: the rows' prompts follow the prompt file once per round (a skipped pair leaves a gap)
+    rounds = iter([r["prompt"] for r in read_jsonl("demo_prompts_train.jsonl")] * 2)
+    assert all(row["prompt"] in rounds for row in train), "pairs out of round order"
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
@@ -97,9 +111,17 @@ def test_build_prompts_deterministic_for_a_seed(recipe):
 
 
 def test_build_prompts_matches_bundled_files(recipe):
-    train, evals = recipe.build_prompts(400, 100, seed=0)
+    train, evals = recipe.build_prompts(1196, 100, seed=0)
     assert [r["prompt"] for r in read_jsonl("demo_prompts_train.jsonl")] == train
     assert [r["prompt"] for r in read_jsonl("demo_prompts_eval.jsonl")] == evals
+
+
+def test_held_out_prompts_do_not_depend_on_the_training_count(recipe):
+    # the first version of the data had 400 training prompts: its held-out 100 stay the held-out 100
+    first_train, first_evals = recipe.build_prompts(400, 100, seed=0)
+    train, evals = recipe.build_prompts(1196, 100, seed=0)
+    assert evals == first_evals and train[:400] == first_train
+    assert len(train) == len(set(train)) == len(recipe.all_prompts()) - 100 and not set(train) & set(evals)
 
 
 def test_prompt_pool_is_varied(recipe):
