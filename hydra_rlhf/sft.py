@@ -36,6 +36,7 @@ from .model.lora import with_lora_adapters
 logger = logging.getLogger(__name__)
 
 SFT_OBJECTIVES = ("hydra", "sft", "reward")
+REFIT_FEATURES = ("training", "final")
 
 
 @dataclass
@@ -63,8 +64,13 @@ class SFTConfig:
         "help": "What the reward head reads: 'last' (final hidden state at the EOS, the usual reward model), "
                 "'mean' or 'sum' (over the response tokens). Saved with the head; PPO reads it the same way."})
     refit_reward_head: bool = field(default=True, metadata={
-        "help": "After training, fit the reward head to convergence (L2 logistic regression on the pooled "
-                "features the training forwards saw; strength by cross-validation). Objectives with a reward term."})
+        "help": "After training, fit the reward head to convergence (L2 logistic regression on pooled features; "
+                "strength by cross-validation). Objectives with a reward term."})
+    refit_features: str = field(default="training", metadata={
+        "help": f"What the refit reads, one of {REFIT_FEATURES}: 'training', the features the training forwards saw "
+                "(free, but only of the pairs the steps reached); 'final', one forward of every training pair "
+                "through the trained model (costs that forward; covers every pair when num_epochs < 1, and reads "
+                "the features the RL stage will read)."})
     num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (fractions allowed)."})
     batch_size: int = field(default=8, metadata={"help": "Pairs per optimizer step."})
     lr_scheduler: str = field(default="cosine", metadata={"help": "constant, linear or cosine."})
@@ -88,6 +94,8 @@ class SFTConfig:
             raise ValueError(f"Unknown finetune {self.finetune!r}: use lora or full.")
         if self.reward_pooling not in REWARD_POOLINGS:
             raise ValueError(f"Unknown reward_pooling {self.reward_pooling!r}: use one of {', '.join(REWARD_POOLINGS)}.")
+        if self.refit_features not in REFIT_FEATURES:
+            raise ValueError(f"Unknown refit_features {self.refit_features!r}: use one of {', '.join(REFIT_FEATURES)}.")
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"Unknown truncation {self.truncation!r}: use truncate or drop.")
         check_positive(self, "learning_rate", "head_learning_rate", "num_epochs")
@@ -232,6 +240,27 @@ def fit_reward_head(head: nn.Linear, chosen: torch.Tensor, rejected: torch.Tenso
 
 
 @torch.no_grad()
+def pooled_features(lm: nn.Module, rows: list[dict], pad_id: int, batch_size: int, poolings: tuple[str, ...]
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What a reward head reads for each pair, ``{pooling: (chosen, rejected)}``, each (pairs, hidden): one forward
+    of the decoder per batch (no LM head), its final hidden states pooled each way."""
+    from tqdm.auto import tqdm
+
+    causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    device = next(causal_lm.parameters()).device
+    parts = {pooling: ([], []) for pooling in poolings}
+    for start in tqdm(range(0, len(rows), batch_size), desc="reward features", unit="batch", leave=False):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
+        hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False).last_hidden_state
+        for pooling, (chosen, rejected) in parts.items():
+            c, r = pool_response(hidden, batch["labels_mask"], pooling).float().chunk(2)
+            chosen.append(c)
+            rejected.append(r)
+    return {pooling: (torch.cat(c), torch.cat(r)) for pooling, (c, r) in parts.items()}
+
+
+@torch.no_grad()
 def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size: int) -> dict:
     """Reward-head pairwise accuracy on held-out pairs (a tie counts half, so an untrained zero head scores 50%);
     LM perplexity on their chosen responses (token-weighted)."""
@@ -340,10 +369,14 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
 
     head_fit = {}
     if config.refit_reward_head and config.sft_objective != "sft" and latest_features:
-        chosen, rejected = (torch.stack(half) for half in zip(*latest_features.values()))
-        head_fit = fit_reward_head(model.reward_head, chosen, rejected)
-        console.print(f"reward head refit on {head_fit['pairs']} training pairs: L2 {head_fit['l2']}, "
-                      f"cross-validated accuracy {head_fit['cv_accuracy']:.1%}")
+        if config.refit_features == "final":
+            chosen, rejected = pooled_features(model.lm, rows, tokenizer.pad_token_id, config.eval_batch_size,
+                                               (config.reward_pooling,))[config.reward_pooling]
+        else:
+            chosen, rejected = (torch.stack(half) for half in zip(*latest_features.values()))
+        head_fit = {**fit_reward_head(model.reward_head, chosen, rejected), "features": config.refit_features}
+        console.print(f"reward head refit on {head_fit['pairs']} training pairs ({config.refit_features} features): "
+                      f"L2 {head_fit['l2']}, cross-validated accuracy {head_fit['cv_accuracy']:.1%}")
     results = evaluate_sft(model, eval_rows, tokenizer.pad_token_id, config.eval_batch_size) if eval_rows else {}
     summary = {"objective": config.sft_objective, "finetune": config.finetune, "train_pairs": len(rows),
                "skipped": dict(skipped), "length_handling": dict(length_counts), "steps": steps,

@@ -153,6 +153,21 @@ def test_reward_head_refit_reaches_the_logistic_optimum():
     assert head.bias.item() == 0.0
 
 
+def test_refit_on_final_features_covers_the_pairs_the_steps_did_not_reach(tiny_model, pairs_files, tmp_path):
+    # a quarter epoch: 2 steps of 8 pairs reach 16 of the 48 training pairs
+    fits = {}
+    for features in ("training", "final"):
+        output = tmp_path / features
+        run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "0.25", "--reward_pooling", "sum",
+                     "--refit_features", features))
+        summary = json.loads((output / "sft_summary.json").read_text())
+        assert summary["steps"] == 2
+        fits[features] = summary["reward_head_fit"], summary["eval"]["reward_accuracy"]
+    assert fits["training"][0]["pairs"] == 16 and fits["training"][0]["features"] == "training"
+    assert fits["final"][0]["pairs"] == 48 and fits["final"][0]["features"] == "final"
+    assert fits["final"][1] >= 0.9  # the head refit on every pair ranks the easy held-out pairs
+
+
 def test_plain_objectives(tiny_model, pairs_files, tmp_path):
     for objective in ("sft", "reward"):
         output = tmp_path / objective
@@ -197,6 +212,8 @@ def test_bad_sft_settings():
         SFTConfig(objective="dpo")
     with pytest.raises(ValueError, match="truncate or drop"):
         SFTConfig(truncation="cut")
+    with pytest.raises(ValueError, match="refit_features 'all': use one of training, final"):
+        SFTConfig(refit_features="all")
 
 
 def test_unknown_yaml_key_names_it(tiny_model, tmp_path):
