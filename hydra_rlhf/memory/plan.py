@@ -61,13 +61,8 @@ class Plan:
 
     def describe_levers(self) -> str:
         levers = self.levers
-        parts = [f"log-prob chunks of {levers['logprob_chunk_size']}" if levers["logprob_chunk_size"] else "",
-                 "gradient checkpointing" if levers["gradient_checkpointing"] else "",
-                 "activation offload" if levers["activation_offload"] else "",
-                 f"micro-batch {self.micro_batch} of {self.minibatch} "
-                 f"({levers['gradient_accumulation_steps']} accumulation steps)"
-                 if levers["gradient_accumulation_steps"] > 1 else ""]
-        return ", ".join(filter(None, parts)) or "none"
+        return describe_levers(levers["logprob_chunk_size"], levers["gradient_checkpointing"],
+                               levers["activation_offload"], self.micro_batch, self.minibatch)
 
     def line(self) -> str:
         """The plan in one line, as the run prints it."""
@@ -138,6 +133,12 @@ def plan_levers(shape: ModelShape, settings: EstimateSettings, budget_bytes: int
     raise ValueError(_nothing_fits(shape, tightest, peak, budget_bytes, budget_source))
 
 
+def _describe_settings(s: EstimateSettings) -> str:
+    """:func:`describe_levers` of estimate settings (offload counts on CUDA only, as the estimate counts it)."""
+    return describe_levers(s.logprob_chunk_size, s.gradient_checkpointing, s.activation_offload and s.device == "cuda",
+                           s.micro_batch, s.minibatch_size or s.train_rows)
+
+
 def _nothing_fits(shape: ModelShape, tightest: EstimateSettings, peak: int, budget: int, source: str) -> str:
     from .report import largest_batch
 
@@ -146,15 +147,18 @@ def _nothing_fits(shape: ModelShape, tightest: EstimateSettings, peak: int, budg
     advice = (f"batch_size {batch} would fit (it is {tightest.batch_size})" if batch else
               "no batch_size does: shorten max_new_tokens or max_prompt_length, quantize the base (quantization: "
               "4bit), or find more memory")
-    return (f"levers auto: the run does not fit {gib(budget)} ({source}): with {_describe(tightest)} the estimated "
+    return (f"levers auto: the run does not fit {gib(budget)} ({source}): with {_describe_settings(tightest)} the estimated "
             f"peak is {gib(peak)}, so it needs at least {gib(need)} ({HEADROOM:.0%} kept free); {advice}.")
 
 
-def _describe(s: EstimateSettings) -> str:
-    levers = [f"log-prob chunks of {s.logprob_chunk_size}" if s.logprob_chunk_size else "",
-              "gradient checkpointing" if s.gradient_checkpointing else "",
-              "activation offload" if s.activation_offload and s.device == "cuda" else ""]
-    return ", ".join(filter(None, [*levers, f"micro-batch {s.micro_batch}"]))
+def describe_levers(chunk_size, checkpointing: bool, offload: bool, micro_batch: int, minibatch: int) -> str:
+    """The levers in words, as a plan's line and a refusal print them ("none" where none is on)."""
+    parts = [f"log-prob chunks of {chunk_size}" if chunk_size else "",
+             "gradient checkpointing" if checkpointing else "",
+             "activation offload" if offload else "",
+             f"micro-batch {micro_batch} of {minibatch} ({minibatch // micro_batch} accumulation steps)"
+             if micro_batch < minibatch else ""]
+    return ", ".join(filter(None, parts)) or "none"
 
 
 # ------------------------------------------------------------------------------------------------ a run's plan
