@@ -206,6 +206,27 @@ def test_every_objective_trains_with_vllm_sampling(sft_checkpoint, prompts_file,
 
 
 @pytest.mark.vllm
+def test_reward_functions_score_the_engines_samples_on_a_plain_base(prompts_file, tmp_path):
+    # The verifiable-reward layout: no Hydra-SFT head, a user's function scores what vLLM sampled.
+    from hydra_rlhf.model.loading import tiny_model_dir
+
+    rewards = tmp_path / "length.py"
+    rewards.write_text("def length_reward(completions, completion_ids, **kwargs):\n"
+                       "    return [len(ids) / 10 for ids in completion_ids]\n")
+    output = tmp_path / "run"
+    run([PYTHON, "recipes/ppo.py", "--config", "recipes/configs/ppo_arithmetic.yaml", "--generation_backend", "vllm",
+         "--reward_funcs", f"{rewards}:length_reward", "--reward_weights", "1.0", "--actor_lr", "3e-3",
+         *tiny(str(tiny_model_dir(seed=0, hidden_size=128)), prompts_file, output)])
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3
+    for row in metrics:
+        assert row["engine/logprob_abs_diff"] < 1e-4
+        # The function saw the engine's token ids: its mean is the sampled responses' mean length, over ten.
+        assert row["reward/length_reward/mean"] == pytest.approx(row["response/length_mean"] / 10, rel=1e-5)
+    assert abs(metrics[-1]["objective/kl"]) > 1e-3
+
+
+@pytest.mark.vllm
 def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint, prompts_file, tmp_path):
     # The generator (a child process, or rank 1 of two) starts its own engine and gives it each adapter version
     # it samples with; both layouts make the same run, and no engine process outlives it.
