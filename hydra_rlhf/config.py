@@ -24,6 +24,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # the names transformers' TrainingArguments.optim uses
+SCALE_REWARDS = ("group", "batch", "none")  # GRPO's advantage scaling, as TRL's GRPOConfig.scale_rewards
 ADAPTER_DTYPES = ("float32", "compute")
 ALL_ON_CHUNK_SIZE = 256  # tokens per log-prob chunk when every lever is on: 256 x a 128k vocabulary is 128 MiB of fp32 logits
 
@@ -196,6 +197,10 @@ class RLConfig:
                 "online_dpo). batch_size counts prompts, so an iteration generates batch_size x k responses."})
     dpo_beta: float = field(default=0.1, metadata={"help": "online_dpo: DPO's beta (strength of the implicit KL "
                                                           "to the adapters-off reference)."})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "grpo: what the group-centred scores are divided by (TRL's key): 'group' (each group's std, the "
+                "paper's), 'batch' (the batch's std) or 'none' (no division, Dr. GRPO: a group that differs only "
+                "in a small term keeps small advantages instead of full-size ones)."})
 
     # --- data
     prompts_path: str = field(
@@ -383,6 +388,7 @@ class RLConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_reward_sources(self)
         check_engine(self.generation_backend, self.fusion)
         check_sharding(self.sharding, self.generation_backend, self.fusion, self.async_generation)

@@ -45,6 +45,34 @@ def test_grpo_group_normalised_advantages():
     assert advantages.tolist() == pytest.approx([-expected, expected, 0.0, 0.0], abs=1e-6)
 
 
+def test_grpo_scale_rewards_none_and_batch():
+    # Scores [0, 0.1 | 0, 1]: one group differs only in a small term (0.1), the other in a right answer (1).
+    scores = torch.tensor([0.0, 0.1, 0.0, 1.0])
+    # group: both groups get the same full-size advantages, whatever the size of their difference
+    group = group_normalized_advantages(scores, group_size=2, scale="group")
+    assert float(group[1]) == pytest.approx(float(group[3]), abs=1e-3)
+    # none (Dr. GRPO): centred only -> [-0.05, 0.05, -0.5, 0.5]; the small term stays small
+    none = group_normalized_advantages(scores, group_size=2, scale="none")
+    assert none.tolist() == pytest.approx([-0.05, 0.05, -0.5, 0.5], abs=1e-6)
+    # batch: centred per group, divided by the batch's std (Bessel): std([0, .1, 0, 1]) = 0.48563
+    batch = group_normalized_advantages(scores, group_size=2, scale="batch")
+    assert batch.tolist() == pytest.approx([v / (0.485627 + 1e-4) for v in (-0.05, 0.05, -0.5, 0.5)], abs=1e-5)
+
+
+@pytest.mark.parametrize("scale, expected", [("group", 0.7070), ("none", 0.05)])
+def test_grpo_reads_scale_rewards_from_the_config(scale, expected):
+    from types import SimpleNamespace
+
+    from hydra_rlhf.layout import objective_info
+    from hydra_rlhf.objectives.functional import RunningMoments
+    from hydra_rlhf.objectives.grpo import GRPO
+
+    config = RLConfig(objective="grpo", num_samples_per_prompt=2, batch_size=1, minibatch_size=2, scale_rewards=scale)
+    rollout = SimpleNamespace(raw_scores=torch.tensor([0.0, 0.1]), has_eos=torch.ones(2, dtype=torch.bool),
+                              group_size=2, response_mask=torch.ones(2, 3))
+    targets = GRPO(config, objective_info("grpo")).targets(rollout, 0.05, RunningMoments())
+    assert targets.batch.advantages[:, 0].tolist() == pytest.approx([-expected, expected], abs=1e-3)
+
 def test_k3_kl_by_hand():
     # pi = 0.5, pi_ref = 0.25: d = log(0.25 / 0.5) = -0.693147; exp(d) - d - 1 = 0.5 + 0.693147 - 1 = 0.193147
     value = k3_kl(torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)]))
@@ -111,6 +139,8 @@ def test_config_checks_per_objective():
         RLConfig(objective="grpo", batch_size=16, minibatch_size=48)
     with pytest.raises(ValueError, match="dpo_beta must be > 0"):
         RLConfig(objective="online_dpo", dpo_beta=0)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        RLConfig(objective="grpo", scale_rewards="std")
 
 
 # ------------------------------------------------------------------------------------------------ on a model

@@ -14,12 +14,17 @@ from . import functional as ppo_math
 from .base import Objective, Targets, broadcast, record
 
 
-def group_normalized_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """Rows grouped k by k: A_i = (s_i - mean(group)) / (std(group) + eps), std with Bessel's correction (as in
-    the GRPO paper's code and TRL). A group whose samples all scored the same gets 0."""
+def group_normalized_advantages(scores: torch.Tensor, group_size: int, scale: str = "group",
+                                eps: float = 1e-4) -> torch.Tensor:
+    """Rows grouped k by k: A_i = (s_i - mean(group)) / (std + eps), std with Bessel's correction (as in the GRPO
+    paper's code and TRL): the group's (``scale`` "group"), the whole batch's ("batch"), or no division ("none",
+    Dr. GRPO; Liu et al., 2025). A group whose samples all scored the same gets 0."""
     grouped = scores.view(-1, group_size)
-    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).flatten()
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centred.flatten()
+    std = grouped.std(dim=1, keepdim=True) if scale == "group" else scores.std()
+    return (centred / (std + eps)).flatten()
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -32,7 +37,7 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 class GRPO(Objective):
     def targets(self, rollout, kl_coef, moments):
         rollout.scores = self.shaped_scores(rollout, moments)
-        advantages = group_normalized_advantages(rollout.scores, rollout.group_size)
+        advantages = group_normalized_advantages(rollout.scores, rollout.group_size, self.config.scale_rewards)
         rollout.advantages = broadcast(advantages, rollout.response_mask)
         return Targets(rollout, kl_coef)
 
