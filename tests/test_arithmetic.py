@@ -17,7 +17,7 @@ from hydra_rlhf.data import load_rows
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(hydra_rlhf.__file__).parent / "demo_data"
 FILES = {"train": "arithmetic_train.jsonl", "eval": "arithmetic_eval.jsonl"}
-CONFIGS = {"ppo": (16, 1), "grpo": (4, 4), "rloo": (4, 4), "online_dpo": (8, 2)}  # prompts x samples = 16
+CONFIGS = {"ppo": (32, 1), "grpo": (8, 4), "rloo": (8, 4), "online_dpo": (16, 2)}  # prompts x samples = 32
 
 
 @pytest.fixture(scope="module")
