@@ -4,8 +4,9 @@ GRPOTrainer on the same task, samples, lengths and LoRA (issue #35).
     python benchmarks/defaults.py --json runs/defaults/defaults.json
     python benchmarks/defaults.py --only trl-function-frugal,ours-grpo-levers --iterations 4
 
-The task is ``recipes/configs/grpo_arithmetic.yaml``'s: the bundled SmolLM2-135M in fp32 on the CPU, the bundled
-``arithmetic:train`` prompts, 4 prompts x 4 samples = 16 responses per iteration, 48 new tokens at temperature 0.7,
+The task is ``recipes/configs/grpo_arithmetic.yaml``'s at the shape it had when these figures were measured (our
+runs pin it by flags, ``OUR_SHAPE``): the bundled SmolLM2-135M in fp32 on the CPU, the bundled ``arithmetic:train``
+prompts, 4 prompts x 4 samples = 16 responses per iteration, 48 new tokens at temperature 0.7,
 LoRA r16 alpha 32 on the top 12 layers, 2 passes over each batch in minibatches of 8, KL weight 0.05 against the
 adapters-off reference. TRL runs it as ``GRPOTrainer`` (``num_generations=4``, ``generation_batch_size=16``,
 ``num_iterations=2``, ``beta=0.05``, peft ``layers_to_transform``), rewarded either by our ``accuracy`` and
@@ -48,9 +49,14 @@ GIB = 1 << 30
 MODEL = "smollm2-135m"
 GRPO_CONFIG = "recipes/configs/grpo_arithmetic.yaml"
 PPO_CONFIG = "recipes/configs/ppo_arithmetic.yaml"
-# The recipe's shape, which the TRL runs copy (grpo_arithmetic.yaml).
+# The shape these figures were measured at (grpo_arithmetic.yaml as it was then), which the TRL runs copy. Our runs
+# pin it by flags (OUR_SHAPE), so the comparison holds however the recipes' budget and rewards are tuned later.
 PROMPTS, SAMPLES, MINIBATCH, PASSES = 4, 4, 8, 2
 MAX_NEW_TOKENS, TEMPERATURE, KL_COEF, LEARNING_RATE = 48, 0.7, 0.05, 4.0e-4
+OUR_SHAPE_COMMON = ["--num_epochs", str(PASSES), "--actor_lr", str(LEARNING_RATE), "--reward_funcs", "accuracy",
+                    "format", "--reward_weights", "1.0", "0.1"]
+OUR_SHAPE = {GRPO_CONFIG: ["--batch_size", str(PROMPTS), "--num_samples_per_prompt", str(SAMPLES), *OUR_SHAPE_COMMON],
+             PPO_CONFIG: ["--batch_size", str(PROMPTS * SAMPLES), *OUR_SHAPE_COMMON]}
 LORA_R, LORA_ALPHA, LORA_LAYERS = 16, 32, 12
 # A Llama decoder layer's linear layers: ours names them itself when LoRA sits on the top layers only (peft wants
 # names with layers_to_transform).
@@ -246,7 +252,8 @@ def run_ours(name: str, config: str, flags: list[str], iterations: int, work: Pa
     directory = work / name
     shutil.rmtree(directory, ignore_errors=True)
     child = run_measured(["recipes/ppo.py", "--config", config, "--output_dir", str(directory), "--max_iterations",
-                          str(iterations), "--eval_prompts_path", "", "--save_every", "0", *flags], threads, env=env)
+                          str(iterations), "--eval_prompts_path", "", "--save_every", "0", *OUR_SHAPE[config], *flags],
+                         threads, env=env)
     run = {"system": "ours", "config": config, "flags": flags, **({"env": env} if env else {})}
     if child.returncode != 0:
         error = [line for line in child.output.splitlines() if line.startswith("error:")]

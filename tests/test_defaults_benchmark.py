@@ -125,3 +125,21 @@ def test_dropout_off_and_heap_trim_is_harmless():
 def test_tightest_leaves_out_a_changed_environment(defaults):
     runs = {"ours-grpo-levers": {"peak_rss_bytes": 10}, "ours-grpo-levers-mmap4m": {"peak_rss_bytes": 5, "env": {"X": "1"}}}
     assert defaults.tightest(runs)["peak_rss_bytes"] == 10
+
+
+@pytest.mark.parametrize("config", ["GRPO_CONFIG", "PPO_CONFIG"])
+def test_our_runs_pin_the_shape_the_trl_runs_copy(defaults, config):
+    # The recipes' budget and rewards may be tuned later; the comparison with TRL must not move with them.
+    from trl import TrlParser
+
+    from hydra_rlhf.config import HydraModelConfig, RLConfig
+
+    path = getattr(defaults, config)
+    _, rl = TrlParser([HydraModelConfig, RLConfig]).parse_args_and_config(
+        ["--config", path, *defaults.OUR_SHAPE[path]])
+    assert rl.batch_size * rl.samples_per_prompt == defaults.PROMPTS * defaults.SAMPLES
+    assert (rl.num_epochs, rl.actor_lr, rl.minibatch_size) == (defaults.PASSES, defaults.LEARNING_RATE,
+                                                               defaults.MINIBATCH)
+    assert (rl.max_new_tokens, rl.temperature, rl.kl_coef) == (defaults.MAX_NEW_TOKENS, defaults.TEMPERATURE,
+                                                                defaults.KL_COEF)
+    assert (rl.reward_funcs, rl.reward_weights) == (["accuracy", "format"], [1.0, 0.1])  # what trl_settings passes
