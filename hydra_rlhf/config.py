@@ -24,7 +24,6 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit")  # the names transformers' TrainingArguments.optim uses
-SCALE_REWARDS = ("group", "batch", "none")  # GRPO's advantage scaling, as TRL's GRPOConfig.scale_rewards
 ADAPTER_DTYPES = ("float32", "compute")
 ALL_ON_CHUNK_SIZE = 256  # tokens per log-prob chunk when every lever is on: 256 x a 128k vocabulary is 128 MiB of fp32 logits
 
@@ -197,10 +196,8 @@ class RLConfig:
                 "online_dpo). batch_size counts prompts, so an iteration generates batch_size x k responses."})
     dpo_beta: float = field(default=0.1, metadata={"help": "online_dpo: DPO's beta (strength of the implicit KL "
                                                           "to the adapters-off reference)."})
-    scale_rewards: str = field(default="group", metadata={
-        "help": "grpo: what the group-centred scores are divided by (TRL's key): 'group' (each group's std, the "
-                "paper's), 'batch' (the batch's std) or 'none' (no division, Dr. GRPO: a group that differs only "
-                "in a small term keeps small advantages instead of full-size ones)."})
+    scale_rewards: str = field(default="group", metadata={"help": "grpo, as TRL's: divide the group-centred scores "
+        "by each group's std ('group'), the batch's ('batch') or nothing ('none', Dr. GRPO: small terms stay small)."})
 
     # --- data
     prompts_path: str = field(
@@ -388,7 +385,7 @@ class RLConfig:
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         check_choice("report_to", self.report_to, ("none", "tensorboard", "wandb"))
         check_choice("reward_normalization", self.reward_normalization, ("none", "batch", "running"))
-        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))  # as TRL's
         check_reward_sources(self)
         check_engine(self.generation_backend, self.fusion)
         check_sharding(self.sharding, self.generation_backend, self.fusion, self.async_generation)
@@ -492,8 +489,6 @@ def run_recipe(dataclass_types: tuple, run, argv: list[str] | None = None) -> in
     """Parse ``--config recipe.yaml`` plus ``--flag`` overrides into the dataclasses (TrlParser), then call
     ``run(*configs)``, inside the error boundary: bad settings, bad data and bad paths end in one line on stderr
     and exit code 2, a diverged run in one line and exit code 1, Ctrl-C in a line that says how to resume."""
-    import logging
-
     from trl import TrlParser
 
     from .errors import error_boundary
