@@ -53,8 +53,9 @@ PPO_CONFIG = "recipes/configs/ppo_arithmetic.yaml"
 # pin it by flags (OUR_SHAPE), so the comparison holds however the recipes' budget and rewards are tuned later.
 PROMPTS, SAMPLES, MINIBATCH, PASSES = 4, 4, 8, 2
 MAX_NEW_TOKENS, TEMPERATURE, KL_COEF, LEARNING_RATE = 48, 0.7, 0.05, 4.0e-4
-OUR_SHAPE_COMMON = ["--num_epochs", str(PASSES), "--actor_lr", str(LEARNING_RATE), "--reward_funcs", "accuracy",
-                    "format", "--reward_weights", "1.0", "0.1"]
+FUNCTION_REWARDS = {"accuracy": 1.0, "format": 0.1}  # built-in name -> weight, for both systems' function reward
+OUR_SHAPE_COMMON = ["--num_epochs", str(PASSES), "--actor_lr", str(LEARNING_RATE), "--reward_funcs", *FUNCTION_REWARDS,
+                    "--reward_weights", *map(str, FUNCTION_REWARDS.values())]
 OUR_SHAPE = {GRPO_CONFIG: ["--batch_size", str(PROMPTS), "--num_samples_per_prompt", str(SAMPLES), *OUR_SHAPE_COMMON],
              PPO_CONFIG: ["--batch_size", str(PROMPTS * SAMPLES), *OUR_SHAPE_COMMON]}
 LORA_R, LORA_ALPHA, LORA_LAYERS = 16, 32, 12
@@ -163,14 +164,14 @@ def trl_worker(settings: dict, iterations: int, output_dir: Path, result_path: P
 
     from hydra_rlhf.data import load_prompt_rows
     from hydra_rlhf.model.loading import resolve_model
-    from hydra_rlhf.rewards.builtins import accuracy_reward, format_reward
+    from hydra_rlhf.rewards.builtins import BUILTINS
 
     torch.manual_seed(0)
     path = resolve_model(MODEL)
     rows = load_prompt_rows("arithmetic:train")
     dataset = Dataset.from_dict({"prompt": rows.prompts, "answer": rows.columns["answer"]})
     if settings["reward"] == "function":
-        reward_funcs, reward_weights = [accuracy_reward, format_reward], [1.0, 0.1]
+        reward_funcs, reward_weights = [BUILTINS[name] for name in FUNCTION_REWARDS], list(FUNCTION_REWARDS.values())
     else:  # as TRL loads a reward model named by path: a second base, here with a random score head
         reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
         reward_funcs, reward_weights = [reward_model], None
