@@ -73,6 +73,7 @@ def test_grpo_reads_scale_rewards_from_the_config(scale, expected):
     targets = GRPO(config, objective_info("grpo")).targets(rollout, 0.05, RunningMoments())
     assert targets.batch.advantages[:, 0].tolist() == pytest.approx([-expected, expected], abs=1e-3)
 
+
 def test_k3_kl_by_hand():
     # pi = 0.5, pi_ref = 0.25: d = log(0.25 / 0.5) = -0.693147; exp(d) - d - 1 = 0.5 + 0.693147 - 1 = 0.193147
     value = k3_kl(torch.tensor([math.log(0.5), math.log(0.3)]), torch.tensor([math.log(0.25), math.log(0.3)]))
