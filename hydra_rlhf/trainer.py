@@ -204,7 +204,7 @@ class RLTrainer:
         with stage("train"):
             model.train()
             stats = self.learn(targets) if finite else {"train/skipped_nonfinite_updates": 1.0}
-            healthy = finite and stats["train/skipped_nonfinite_updates"] == 0
+            problem = nonfinite_problem(rollout.scores, finite, stats)
         self.iteration += 1
         experience_metrics |= self.source.after_update(self.iteration, stage)  # async: the new actor adapter
         # step 6. log: metrics, KL controller, checkpoint
@@ -212,11 +212,11 @@ class RLTrainer:
             metrics = self._metrics(rollout, targets, experience_metrics, stats, time.perf_counter() - started)
             self.kl_controller.update(metrics["objective/kl"], len(rollout.input_ids) * self.world)
             self._log(metrics)
-            self._guard_nonfinite(healthy)
+            self._guard_nonfinite(problem)
             self.reached_kl = self._kl_budget_spent(metrics["objective/kl"])
             periodic = config.save_every and self.iteration % config.save_every == 0
             last = config.save_final and (self.iteration == config.max_iterations or self.reached_kl)
-            if healthy and (periodic or last):
+            if problem is None and (periodic or last):
                 self.save_checkpoint()
         self.profiler.end_iteration(self.iteration)
         return metrics
@@ -366,14 +366,15 @@ class RLTrainer:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"iteration": self.iteration, **metrics}) + "\n")
 
-    def _guard_nonfinite(self, healthy: bool) -> None:
-        self.nonfinite_in_a_row = 0 if healthy else self.nonfinite_in_a_row + 1
-        if not healthy:
-            logger.warning("Iteration %d had a non-finite reward or gradient; its updates were skipped.", self.iteration)
+    def _guard_nonfinite(self, problem: str | None) -> None:
+        """``problem``: None, or what was non-finite this iteration (``nonfinite_problem``)."""
+        self.nonfinite_in_a_row = 0 if problem is None else self.nonfinite_in_a_row + 1
+        if problem is not None:
+            logger.warning("Iteration %d: %s; its updates were skipped.", self.iteration, problem)
         if self.nonfinite_in_a_row >= self.config.max_nonfinite_in_a_row:
             raise NonFiniteError(
-                f"{self.nonfinite_in_a_row} iterations in a row had non-finite rewards or gradients; stopping. "
-                f"The last good checkpoint is in {self.output_dir / 'checkpoints'}."
+                f"{self.nonfinite_in_a_row} iterations in a row had non-finite rewards or gradients (the last: "
+                f"{problem}); stopping. The last good checkpoint is in {self.output_dir / 'checkpoints'}."
             )
 
     def trainable_hashes_across_ranks(self) -> list[str]:
@@ -429,3 +430,16 @@ class RLTrainer:
         self.reached_kl = self._kl_budget_spent()  # under this run's budget: a raised one lets a stopped run go on
         logger.info("Resumed from %s (iteration %d).", checkpoint, self.iteration)
         return True
+
+
+def nonfinite_problem(scores: torch.Tensor, finite: bool, stats: dict) -> str | None:
+    """What was non-finite in an iteration, in words for the log and the final error (None: nothing). ``finite``:
+    every rank's rewards were finite; ``stats``: ``learn``'s summary (its skipped updates)."""
+    if not finite:
+        bad = int((~torch.isfinite(scores)).sum())
+        where = f"{bad} of {scores.numel()} rewards here" if bad else "on another rank"
+        return f"non-finite rewards ({where}: a reward source returned NaN or inf, or the model's scores overflowed)"
+    skipped = int(stats["train/skipped_nonfinite_updates"])
+    if skipped:
+        return f"a non-finite gradient norm in {skipped} update{'s' * (skipped > 1)}"
+    return None

@@ -70,6 +70,29 @@ def test_parts_that_run_on_a_cpu_have_numbers(dry_pass):
     assert parts["async"]["peak_memory_bytes"]["async"] > 0 and parts["async"]["base_counted_once"] is None
 
 
+def test_parts_and_modes_select_what_runs(tmp_path):
+    path = tmp_path / "some.json"
+    result = run([PYTHON, "benchmarks/gpu_check.py", "--json", str(path), "--parts", "memory_modes,fused_second_stream",
+                  "--modes", "hydra"], timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = json.loads(path.read_text())["parts"]
+    assert list(parts["memory_modes"]["modes"]) == ["hydra"] and parts["memory_modes"]["error"] is None
+    others = {name for name, part in parts.items() if part["skipped"] == "not selected (--parts)"}
+    assert others == {part.name for part in gpu_check.PARTS} - {"memory_modes", "fused_second_stream"}
+    assert all(set(parts[name]) == set(part.keys) | STATUS_KEYS for name, part in
+               ((part.name, part) for part in gpu_check.PARTS))
+    wrong = run([PYTHON, "benchmarks/gpu_check.py", "--parts", "memory_mode"], check=False)
+    assert wrong.returncode == 2 and "no part named memory_mode; the parts: memory_modes," in wrong.stderr
+
+
+def test_budgets_stretch_to_the_time_there_is_but_never_shrink():
+    every = gpu_check.shared_budgets(list(gpu_check.PARTS), 60)
+    assert every == {part.name: part.budget for part in gpu_check.PARTS}  # short of time: later parts get skipped
+    first, last = gpu_check.PARTS[0], gpu_check.PARTS[-1]
+    two = gpu_check.shared_budgets([first, last], 2 * (first.budget + last.budget))
+    assert two == pytest.approx({first.name: 2 * first.budget, last.name: 2 * last.budget})
+
+
 def test_a_missing_package_skips_a_part_with_its_reason(tmp_path):
     check = gpu_check.Check(cuda=True, deadline=gpu_check.time.monotonic() + 1000, scratch=tmp_path)
     part = gpu_check.Part("needs_nothing_here", 10, ("value",), lambda *args: None, needs=("no_such_package_xyz",))

@@ -162,12 +162,23 @@ def test_nonfinite_rewards_skip_updates_then_stop(tiny_model, tokenizer, prompts
         after_good = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         metrics = trainer.step()
         assert metrics["train/skipped_nonfinite_updates"] == 1
-        with pytest.raises(NonFiniteError, match="2 iterations in a row"):
+        with pytest.raises(NonFiniteError, match=r"2 iterations in a row.*the last: non-finite rewards \(4 of 4 "):
             trainer.step()
     finally:
         trainer.profiler.close()
     assert all(torch.equal(p, after_good[n]) for n, p in model.named_parameters() if n in after_good)
     assert latest_checkpoint(tmp_path).name == "iter-000001"  # no checkpoint of a bad iteration
+
+
+def test_nonfinite_problem_names_rewards_or_gradients():
+    from hydra_rlhf.trainer import nonfinite_problem
+
+    scores = torch.tensor([1.0, float("nan"), float("inf"), 0.0])
+    assert nonfinite_problem(scores, False, {}).startswith("non-finite rewards (2 of 4 rewards here")
+    assert "on another rank" in nonfinite_problem(torch.zeros(4), False, {})
+    assert nonfinite_problem(torch.zeros(4), True, {"train/skipped_nonfinite_updates": 2.0}) == (
+        "a non-finite gradient norm in 2 updates")
+    assert nonfinite_problem(torch.zeros(4), True, {"train/skipped_nonfinite_updates": 0.0}) is None
 
 
 def test_recipe_rejects_unknown_yaml_key(tiny_model, prompts_file, tmp_path):
