@@ -217,7 +217,9 @@ class EstimateSettings(RunShape):
 
 # ------------------------------------------------------------------------------------------------- the cards
 
-CUDA_RESERVED_BYTES = 1 * GiB  # not tensors: CUDA context (~0.3-0.5 GiB), cuBLAS/cuDNN workspaces, fragmentation
+# not modelled: CUDA context (~0.3-0.5 GiB), cuBLAS/cuDNN workspaces (~64 MiB on an H200), fragmentation (reserved
+# minus allocated peaks: 0.1-0.4 GiB on an H200, docs/gpu.md)
+CUDA_RESERVED_BYTES = 1 * GiB
 
 
 @dataclass(frozen=True)
