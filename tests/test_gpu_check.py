@@ -85,6 +85,17 @@ def test_parts_and_modes_select_what_runs(tmp_path):
     assert wrong.returncode == 2 and "no part named memory_mode; the parts: memory_modes," in wrong.stderr
 
 
+def test_a_failed_command_keeps_its_stderr_tail(tmp_path):
+    log = tmp_path / "check.failures.log"
+    check = gpu_check.Check(cuda=False, deadline=gpu_check.time.monotonic() + 60, scratch=tmp_path, failures=log)
+    check.part_ends = check.deadline
+    script = "import sys; print('WARNING iteration 1: non-finite rewards', file=sys.stderr); sys.exit('error: stop')"
+    with pytest.raises(RuntimeError, match="error: stop"):
+        check.command(["-c", script])
+    kept = log.read_text()
+    assert kept.startswith("$ python -c import sys;") and "WARNING iteration 1: non-finite rewards\nerror: stop" in kept
+
+
 def test_budgets_stretch_to_the_time_there_is_but_never_shrink():
     every = gpu_check.shared_budgets(list(gpu_check.PARTS), 60)
     assert every == {part.name: part.budget for part in gpu_check.PARTS}  # short of time: later parts get skipped
