@@ -424,11 +424,11 @@ PARTS = (
 
 def run_part(check: Check, part: Part, models: dict, budget: float | None = None) -> dict:
     """A part's keys (null where not measured), its seconds, and why it was skipped or stopped, if it was.
-    ``budget``: its seconds on CUDA (``part.budget`` scaled to the deadline, ``main``); None: not selected."""
-    budget = part.budget if budget is None and check.cuda else budget
+    ``budget``: its seconds on CUDA (``shared_budgets``); None: ``part.budget``. The dry pass has only the deadline."""
+    budget = part.budget if budget is None else budget
     out = dict.fromkeys(part.keys)
-    status = {"budget_seconds": round(budget, 1) if check.cuda and budget is not None else None, "seconds": None,
-              "skipped": None, "error": None}
+    status = {"budget_seconds": round(budget, 1) if check.cuda else None, "seconds": None, "skipped": None,
+              "error": None}
     missing = [name for name in part.needs if importlib.util.find_spec(name) is None]
     left = check.deadline - time.monotonic()
     if missing:
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=DEADLINE_SECONDS, help="Seconds for the whole check.")
     parser.add_argument("--parts", type=names, default=[part.name for part in PARTS],
                         help="Comma-separated parts to run (default: all); the others are skipped as not selected. "
-                             "Their budgets share the deadline in proportion.")
+                             "Their budgets stretch in proportion to fill the deadline, never shrink.")
     parser.add_argument("--modes", type=names, help="memory_modes' modes (default: full,lora,j-hydra,hydra).")
     parser.add_argument("--fusion-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
