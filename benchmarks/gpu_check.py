@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from hydra_rlhf.layout import FUSED_STAGE  # the fused loop's one stage (installed package, or PYTHONPATH=.)
+from hydra_rlhf.layout import FUSED_STAGE, MODES  # the fused loop's stage, the modes (installed, or PYTHONPATH=.)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -565,6 +565,13 @@ def names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def refuse_unknown(parser: argparse.ArgumentParser, noun: str, given: list[str], known) -> None:
+    """One ``error:`` line (exit 2) for names of ``--<noun>s`` that are not among ``known``."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        parser.error(f"--{noun}s: no {noun} named {', '.join(unknown)}; the {noun}s: {', '.join(known)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path("runs/gpu_check.json"))
@@ -575,9 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", type=names, help="memory_modes' modes (default: full,lora,j-hydra,hydra).")
     parser.add_argument("--fusion-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.parts) - {part.name for part in PARTS})
-    if unknown:
-        parser.error(f"--parts: no part named {', '.join(unknown)}; the parts: {', '.join(p.name for p in PARTS)}")
+    refuse_unknown(parser, "part", args.parts, [part.name for part in PARTS])
+    refuse_unknown(parser, "mode", args.modes or [], MODES)
     if args.fusion_worker:
         fusion_worker(json.loads(args.fusion_worker))
         return 0

@@ -83,6 +83,9 @@ def test_parts_and_modes_select_what_runs(tmp_path):
                ((part.name, part) for part in gpu_check.PARTS))
     wrong = run([PYTHON, "benchmarks/gpu_check.py", "--parts", "memory_mode"], check=False)
     assert wrong.returncode == 2 and "no part named memory_mode; the parts: memory_modes," in wrong.stderr
+    wrong = run([PYTHON, "benchmarks/gpu_check.py", "--modes", "hydra,jhydra"], check=False)
+    assert wrong.returncode == 2
+    assert "--modes: no mode named jhydra; the modes: full, lora, j-hydra, hydra" in wrong.stderr
 
 
 def test_a_failed_command_keeps_its_stderr_tail(tmp_path):
