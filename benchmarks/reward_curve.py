@@ -2,16 +2,21 @@
 
     python benchmarks/reward_curve.py --json runs/reward_curve/curve.json
     python benchmarks/reward_curve.py --sizes 250,500,1000,2000,all --recipe_sizes 400,all --json runs/reward_curve/curve.json
+    python benchmarks/reward_curve.py --layers all --json runs/reward_curve/layers.json
 
 Two curves, both scored on the held-out pairs of the SFT config's ``eval_path`` (the demo's 100):
 
 - **refit**: one Hydra-SFT checkpoint (the SFT config's recipe, made once in ``<output_dir>/sft`` unless
-  ``--sft_dir`` names one). Every training and held-out pair goes through it once, without the LM head, and its
-  final hidden states are pooled three ways (``last``, ``mean``, ``sum``). For each size N the reward head is
+  ``--sft_dir`` names one). Every training and held-out pair goes through it once, without the LM head, and the
+  hidden states the config's ``reward_layer`` names (the final ones where it is empty) are pooled three ways
+  (``last``, ``mean``, ``sum``). For each size N the reward head is
   refit on the first N training pairs (``hydra_rlhf.sft.fit_reward_head``: L2 logistic regression, its strength
   picked by 5-fold cross-validation) and scored on the held-out pairs. One forward per pair, whatever the sizes.
   ``--margins 0.1,0.2`` adds the same for the shipped pooling on only the pairs whose judge scores differ by at
   least each margin (near-ties are the noisiest labels; ``min_score_margin`` in the SFT config).
+- **layers** (``--layers 0,1,12,final`` or ``all``): the same forward also keeps the hidden states after each of
+  these layers (``final``: the last norm's output); a head with the shipped pooling is refit on every training pair
+  at each, its cross-validated accuracy (the figure to choose a layer by) and held-out accuracy reported.
 - **recipe**: the whole Hydra-SFT recipe (joint LM + reward training over N pairs, then its refit) at each of
   ``--recipe_sizes`` (none by default: one training step per ``batch_size`` pairs), its held-out reward accuracy
   and wall time; the runs go to ``<output_dir>/recipe/<N>``, and ``--reuse`` reads finished ones back.
@@ -72,11 +77,23 @@ def fit_and_score(train: tuple, held_out: tuple, indices) -> tuple[float, float]
     return pair_accuracy(head, *held_out), fit["cv_accuracy"]
 
 
-def refit_curve(sft_dir: Path, config, sizes: list, margins: list[float]) -> dict:
-    """Held-out accuracy of a head refit on the first N training pairs, per pooling, on one checkpoint's features;
-    and, for the shipped pooling, on the first N of the pairs whose judge scores differ by at least each margin."""
+def parse_layers(text: str, parser) -> list:
+    """"0,1,final" -> [0, 1, None]; "all" -> every layer and the final states (the model's depth decides)."""
+    layers = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if item not in ("all", "final") and not item.isdigit():
+            parser.error(f"--layers: {item!r} is neither a layer number, 'final' nor 'all'")
+        layers.append(None if item == "final" else item if item == "all" else int(item))
+    return layers
+
+
+def refit_curve(sft_dir: Path, config, sizes: list, margins: list[float], layers: list) -> dict:
+    """Held-out accuracy of a head refit on the first N training pairs, per pooling, on one checkpoint's features
+    at the shipped layer; for the shipped pooling, on the first N of the pairs whose judge scores differ by at least
+    each margin; and refit on every training pair at each of ``layers``."""
     from hydra_rlhf.data import load_preferences, message_text
     from hydra_rlhf.model.loading import load_causal_lm, load_tokenizer
+    from hydra_rlhf.model.heads import check_reward_layer
     from hydra_rlhf.sft import encode_pairs, pooled_features
 
     def load(path, margin=0.0):
@@ -90,8 +107,15 @@ def refit_curve(sft_dir: Path, config, sizes: list, margins: list[float]) -> dic
     splits = {name: encode_pairs(tokenizer, pairs, config)[0]
               for name, pairs in (("train", train_pairs), ("eval", load(config.eval_path)))}
     lm = load_causal_lm(str(sft_dir))
-    features = {name: pooled_features(lm, rows, tokenizer.pad_token_id, config.eval_batch_size, POOLINGS)
+    depth = lm.config.num_hidden_layers
+    layers = [*range(depth + 1), None] if "all" in layers else layers
+    for layer in layers:
+        check_reward_layer(layer, depth, "--layers")
+    shipped_layer = config.reward_layer
+    read = tuple(dict.fromkeys([shipped_layer, *layers]))
+    by_layer = {name: pooled_features(lm, rows, tokenizer.pad_token_id, config.eval_batch_size, POOLINGS, read)
                 for name, rows in splits.items()}
+    features = {name: by_layer[name][shipped_layer] for name in splits}
     total = len(splits["train"])
     count = lambda size, available: available if size == "all" else min(size, available)  # noqa: E731
     curve = {"sizes": sizes, "pairs": [count(size, total) for size in sizes], **{p: [] for p in POOLINGS},
@@ -116,8 +140,14 @@ def refit_curve(sft_dir: Path, config, sizes: list, margins: list[float]) -> dic
         by_margin.append(row)
         print(f"margin >= {margin}: " + ", ".join(f"{n} pairs {a:.1%}" for n, a in zip(row["pairs"], row["accuracy"])),
               flush=True)
-    return {**curve, "by_margin": by_margin, "train_pairs": total, "eval_pairs": len(splits["eval"]),
-            "checkpoint": str(sft_dir), "shipped_pooling": shipped}
+    by_layer_rows = []
+    for layer in layers:
+        accuracy, cv = fit_and_score(by_layer["train"][layer][shipped], by_layer["eval"][layer][shipped], slice(0, total))
+        by_layer_rows.append({"layer": "final" if layer is None else layer, "accuracy": accuracy, "cv": cv})
+        print(f"layer {by_layer_rows[-1]['layer']}: held-out {accuracy:.1%}, CV {cv:.1%}", flush=True)
+    return {**curve, "by_margin": by_margin, "by_layer": by_layer_rows, "train_pairs": total,
+            "eval_pairs": len(splits["eval"]), "checkpoint": str(sft_dir), "shipped_pooling": shipped,
+            "shipped_layer": "final" if shipped_layer is None else shipped_layer}
 
 
 def recipe_curve(args, sizes: list) -> list[dict]:
@@ -142,36 +172,44 @@ def recipe_curve(args, sizes: list) -> list[dict]:
     return rows
 
 
-def print_tables(results: dict) -> None:
+def print_table(console, title: str, columns, rows) -> None:
+    """One rich table, every column right-aligned."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def print_tables(results: dict) -> None:
     console = wide_console()
     refit = results["refit"]
-    table = Table(title=f"Reward head refit on the first N training pairs: held-out accuracy ({refit['eval_pairs']} "
-                        f"pairs; features of {refit['checkpoint']})")
-    for column in ("pairs", *(f"{p}{' (shipped)' if p == refit['shipped_pooling'] else ''}" for p in POOLINGS)):
-        table.add_column(column, justify="right")
-    for i, n in enumerate(refit["pairs"]):
-        table.add_row(str(n), *(f"{refit[p][i]:.1%} (CV {refit['cv'][p][i]:.1%})" for p in POOLINGS))
-    console.print(table)
+    print_table(console, f"Reward head refit on the first N training pairs: held-out accuracy ({refit['eval_pairs']} "
+                         f"pairs; features of {refit['checkpoint']}, layer {refit['shipped_layer']})",
+                ("pairs", *(f"{p}{' (shipped)' if p == refit['shipped_pooling'] else ''}" for p in POOLINGS)),
+                ((str(n), *(f"{refit[p][i]:.1%} (CV {refit['cv'][p][i]:.1%})" for p in POOLINGS))
+                 for i, n in enumerate(refit["pairs"])))
     if refit["by_margin"]:
-        table = Table(title=f"The {refit['shipped_pooling']} head refit on the first N pairs whose judge scores differ by "
-                            "at least a margin: held-out accuracy")
-        for column in ("min margin", "pairs available", "first N pairs: held-out accuracy (CV)"):
-            table.add_column(column, justify="right")
-        for row in refit["by_margin"]:
-            table.add_row(f"{row['min_margin']:g}", str(row["pairs_available"]),
-                          ", ".join(f"{n}: {a:.1%} ({cv:.1%})" for n, a, cv in zip(row["pairs"], row["accuracy"], row["cv"])))
-        console.print(table)
+        print_table(console, f"The {refit['shipped_pooling']} head refit on the first N pairs whose judge scores differ "
+                             "by at least a margin: held-out accuracy",
+                    ("min margin", "pairs available", "first N pairs: held-out accuracy (CV)"),
+                    ((f"{row['min_margin']:g}", str(row["pairs_available"]),
+                      ", ".join(f"{n}: {a:.1%} ({cv:.1%})" for n, a, cv in zip(row["pairs"], row["accuracy"], row["cv"])))
+                     for row in refit["by_margin"]))
+    if refit["by_layer"]:
+        print_table(console, f"The {refit['shipped_pooling']} head refit on all {refit['train_pairs']} training pairs, "
+                             "per layer it reads", ("layer", "CV accuracy", "held-out accuracy"),
+                    ((f"{row['layer']}{' (shipped)' if row['layer'] == refit['shipped_layer'] else ''}",
+                      f"{row['cv']:.1%}", f"{row['accuracy']:.1%}") for row in refit["by_layer"]))
     if results["recipe"]:
-        table = Table(title="The whole Hydra-SFT recipe on the first N pairs")
-        for column in ("pairs", "steps", "held-out accuracy", "CV accuracy", "perplexity", "wall"):
-            table.add_column(column, justify="right")
-        for r in results["recipe"]:
-            table.add_row(str(r["pairs"]), str(r["steps"]), f"{r['reward_head_accuracy']:.1%}",
-                          f"{r['cv_accuracy']:.1%}" if r["cv_accuracy"] is not None else "-", f"{r['perplexity']:.2f}",
-                          f"{r['wall_seconds']:.0f} s")
-        console.print(table)
+        print_table(console, "The whole Hydra-SFT recipe on the first N pairs",
+                    ("pairs", "steps", "held-out accuracy", "CV accuracy", "perplexity", "wall"),
+                    ((str(r["pairs"]), str(r["steps"]), f"{r['reward_head_accuracy']:.1%}",
+                      f"{r['cv_accuracy']:.1%}" if r["cv_accuracy"] is not None else "-", f"{r['perplexity']:.2f}",
+                      f"{r['wall_seconds']:.0f} s") for r in results["recipe"]))
 
 
 def main(argv=None) -> int:
@@ -181,6 +219,9 @@ def main(argv=None) -> int:
                         "('all': every pair).")
     parser.add_argument("--margins", default="", help="Also refit the shipped pooling's head on only the pairs whose "
                         "judge scores differ by at least each of these, comma-separated (needs the score columns).")
+    parser.add_argument("--layers", default="", help="Also refit on every training pair at each of these layers, "
+                        "comma-separated: N reads the hidden states after N layers, 'final' the last norm's output, "
+                        "'all' every layer and final.")
     parser.add_argument("--recipe_sizes", default="", help="Training pairs per whole Hydra-SFT run, comma-separated "
                         "(default: none).")
     parser.add_argument("--sft_dir", type=Path, help="The Hydra-SFT checkpoint whose features the refit curve reads "
@@ -192,6 +233,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sizes = parse_sizes(args.sizes, "--sizes", parser)
     recipe_sizes = parse_sizes(args.recipe_sizes, "--recipe_sizes", parser)
+    layers = parse_layers(args.layers, parser)
     if not sizes:
         parser.error("--sizes: give at least one size")
     try:
@@ -202,7 +244,8 @@ def main(argv=None) -> int:
     ensure_sft(sft_dir, args.sft_config, as_flags(args.sft_set), "hydra")
     config = sft_settings(args.sft_config, as_flags(args.sft_set))
     results = {"sft_config": args.sft_config, "sft_set": args.sft_set,
-               "refit": refit_curve(sft_dir, config, sizes, margins), "recipe": recipe_curve(args, recipe_sizes)}
+               "refit": refit_curve(sft_dir, config, sizes, margins, layers),
+               "recipe": recipe_curve(args, recipe_sizes)}
     print_tables(results)
     write_json(args.json, results)
     return 0

@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from .config import ModelConfig, renamed
 from .errors import check_at_least_one, check_positive
-from .model.heads import REWARD_POOLINGS, pool_response, save_heads
+from .model.heads import REWARD_POOLINGS, check_reward_layer, pool_response, reading_layer, save_heads
 from .model.lora import with_lora_adapters
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class SFTConfig:
     reward_pooling: str = field(default="last", metadata={
         "help": "What the reward head reads: 'last' (final hidden state at the EOS, the usual reward model), "
                 "'mean' or 'sum' (over the response tokens). Saved with the head; PPO reads it the same way."})
+    reward_layer: int | None = field(default=None, metadata={
+        "help": "Which hidden states the reward head reads: empty for the final ones (the usual reward model), N for "
+                "those after the first N decoder layers (0: the token embeddings). A judge of word choice is read "
+                "better low (docs/results.md). Saved with the head; PPO reads it the same way, and a pass that "
+                "serves only the reward stops there."})
     refit_reward_head: bool = field(default=True, metadata={
         "help": "After training, fit the reward head to convergence (L2 logistic regression on pooled features; "
                 "strength by cross-validation). Objectives with a reward term."})
@@ -99,7 +105,7 @@ class SFTConfig:
         if self.truncation not in ("truncate", "drop"):
             raise ValueError(f"Unknown truncation {self.truncation!r}: use truncate or drop.")
         check_positive(self, "learning_rate", "head_learning_rate", "num_epochs")
-        check_positive(self, "reward_weight", "max_grad_norm", "min_score_margin", allow_zero=True)
+        check_positive(self, "reward_weight", "max_grad_norm", "min_score_margin", "reward_layer", allow_zero=True)
         check_at_least_one(self, "batch_size", "eval_batch_size", "max_length", "max_prompt_length", "max_train_pairs",
                            "max_eval_pairs")
         if not 0 <= self.warmup_ratio < 1:
@@ -155,12 +161,13 @@ def collate(rows: list[dict], pad_id: int, keys=("chosen", "rejected")) -> dict[
 
 
 class HydraSFTModel(nn.Module):
-    """A causal LM (optionally LoRA-wrapped) with a scalar reward head on its final hidden state."""
+    """A causal LM (optionally LoRA-wrapped) with a scalar reward head on its pooled hidden states (the final ones,
+    or those after ``reward_layer`` layers)."""
 
-    def __init__(self, lm: nn.Module, hidden_size: int, reward_pooling: str = "last"):
+    def __init__(self, lm: nn.Module, hidden_size: int, reward_pooling: str = "last", reward_layer: int | None = None):
         super().__init__()
         self.lm = lm
-        self.reward_pooling = reward_pooling
+        self.reward_pooling, self.reward_layer = reward_pooling, reward_layer
         # Zero init: every pair starts at margin 0, so the first steps follow the preference signal alone. A random
         # direction (std 1/sqrt(h)) costs more than a short run can undo: with the bundled model's final hidden
         # states (norm ~44), 50 steps at lr 1e-3 on frozen features reach 50% held-out from a random init, 69%
@@ -176,8 +183,10 @@ class HydraSFTModel(nn.Module):
         The LM head runs only on the first ``lm_rows`` sequences (the chosen half) and only where a response
         token is predicted: the full-vocabulary projection is the costliest part of a small model's step."""
         causal_lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        features = pool_response(hidden, labels_mask, self.reward_pooling).float()
+        decoder = causal_lm.get_decoder()
+        with reading_layer(decoder, self.reward_layer) as read:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        features = pool_response(read.get("hidden", hidden), labels_mask, self.reward_pooling).float()
         rewards = self.reward_head(features).squeeze(-1)
         rows = len(input_ids) if lm_rows is None else lm_rows
         predicts_response = labels_mask[:rows, 1:].bool()  # position t predicts token t + 1
@@ -240,24 +249,34 @@ def fit_reward_head(head: nn.Linear, chosen: torch.Tensor, rejected: torch.Tenso
 
 
 @torch.no_grad()
-def pooled_features(lm: nn.Module, rows: list[dict], pad_id: int, batch_size: int, poolings: tuple[str, ...]
-                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """What a reward head reads for each pair, ``{pooling: (chosen, rejected)}``, each (pairs, hidden): one forward
-    of the decoder per batch (no LM head), its final hidden states pooled each way."""
+def pooled_features(lm: nn.Module, rows: list[dict], pad_id: int, batch_size: int, poolings: tuple[str, ...],
+                    layers: tuple[int | None, ...] = (None,)) -> dict[int | None, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """What a reward head reads for each pair, ``{layer: {pooling: (chosen, rejected)}}``, each (pairs, hidden):
+    one forward of the decoder per batch (no LM head), the hidden states of each of ``layers`` (None: the final
+    ones; N: those after N layers, as ``reward_layer``) pooled each way. Without None the forward stops at the
+    highest of ``layers``."""
     from tqdm.auto import tqdm
 
     causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    decoder = causal_lm.get_decoder()
     device = next(causal_lm.parameters()).device
-    parts = {pooling: ([], []) for pooling in poolings}
+    stop_at = None if None in layers else max(layers)
+    parts = {layer: {pooling: ([], []) for pooling in poolings} for layer in layers}
     for start in tqdm(range(0, len(rows), batch_size), desc="reward features", unit="batch", leave=False):
         batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
-        hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         use_cache=False).last_hidden_state
-        for pooling, (chosen, rejected) in parts.items():
-            c, r = pool_response(hidden, batch["labels_mask"], pooling).float().chunk(2)
-            chosen.append(c)
-            rejected.append(r)
-    return {pooling: (torch.cat(c), torch.cat(r)) for pooling, (c, r) in parts.items()}
+        with ExitStack() as stack:  # the stopping read is entered last, so it is the one that ends the forward
+            reads = {layer: stack.enter_context(reading_layer(decoder, layer, stop=layer == stop_at))
+                     for layer in sorted(layers, key=lambda layer: -1 if layer is None else layer)}
+            reads.setdefault(None, {})
+            final = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            reads[None]["hidden"] = final.last_hidden_state  # not reached when a read stopped the forward
+        for layer, by_pooling in parts.items():
+            for pooling, (chosen, rejected) in by_pooling.items():
+                c, r = pool_response(reads[layer]["hidden"], batch["labels_mask"], pooling).float().chunk(2)
+                chosen.append(c)
+                rejected.append(r)
+    return {layer: {pooling: (torch.cat(c), torch.cat(r)) for pooling, (c, r) in by_pooling.items()}
+            for layer, by_pooling in parts.items()}
 
 
 @torch.no_grad()
@@ -298,7 +317,8 @@ def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> Hyd
     from trl.trainer.utils import disable_dropout_in_model
 
     disable_dropout_in_model(lm)
-    return HydraSFTModel(lm, lm.config.hidden_size, config.reward_pooling).to(device)
+    check_reward_layer(config.reward_layer, lm.config.num_hidden_layers, model_config.model_name_or_path)
+    return HydraSFTModel(lm, lm.config.hidden_size, config.reward_pooling, config.reward_layer).to(device)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -370,8 +390,9 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     head_fit = {}
     if config.refit_reward_head and config.sft_objective != "sft" and latest_features:
         if config.refit_features == "final":
-            chosen, rejected = pooled_features(model.lm, rows, tokenizer.pad_token_id, config.eval_batch_size,
-                                               (config.reward_pooling,))[config.reward_pooling]
+            features = pooled_features(model.lm, rows, tokenizer.pad_token_id, config.eval_batch_size,
+                                       (config.reward_pooling,), (config.reward_layer,))
+            chosen, rejected = features[config.reward_layer][config.reward_pooling]
         else:
             chosen, rejected = (torch.stack(half) for half in zip(*latest_features.values()))
         head_fit = {**fit_reward_head(model.reward_head, chosen, rejected), "features": config.refit_features}
@@ -399,7 +420,7 @@ def save_sft_checkpoint(model: HydraSFTModel, model_config: ModelConfig, tokeniz
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         heads = {f"reward_head.{k}": v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()}
-        save_heads(heads, staging, model.reward_pooling)
+        save_heads(heads, staging, model.reward_pooling, model.reward_layer)
         (staging / "sft_summary.json").write_text(json.dumps(summary, indent=2))
         (staging / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
 

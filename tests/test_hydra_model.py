@@ -243,3 +243,35 @@ def test_reward_pooling_reads_the_response():
     with pytest.raises(ValueError, match="last, mean, sum"):
         pool_response(hidden, response_mask, "max")
 
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_reading_layer_captures_an_inner_layer_and_stops_there(tiny_model, tokenizer, layer):
+    from transformers import AutoModelForCausalLM
+
+    from hydra_rlhf.model.heads import reading_layer
+
+    decoder = AutoModelForCausalLM.from_pretrained(tiny_model).get_decoder()
+    ids = torch.tensor([tokenizer("Have a lovely day!")["input_ids"]])
+    expected = decoder(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    calls = []
+    decoder.layers[-1].register_forward_hook(lambda *_: calls.append(1))
+    with reading_layer(decoder, layer) as read:
+        final = decoder(input_ids=ids).last_hidden_state
+    assert torch.equal(read["hidden"], expected) and len(calls) == 1 and not torch.equal(final, expected)
+    with reading_layer(decoder, layer, stop=True) as read:
+        decoder(input_ids=ids)
+        calls.append("the block went on after the stop")
+    assert torch.equal(read["hidden"], expected) and len(calls) == 1  # the last layer never ran
+    with reading_layer(decoder, None, stop=True) as read:
+        decoder(input_ids=ids)
+    assert read == {} and len(calls) == 2  # no layer: the whole forward, nothing captured
+
+
+def test_a_reward_layer_out_of_range_is_one_line():
+    from hydra_rlhf.model.heads import check_reward_layer
+
+    check_reward_layer(None, 4, "x")
+    check_reward_layer(4, 4, "x")  # the last layer's output, before the final norm
+    with pytest.raises(ValueError, match=r"ckpt/hydra/heads.safetensors: reward_layer 5 is outside 0..4"):
+        check_reward_layer(5, 4, "ckpt/hydra/heads.safetensors")

@@ -19,7 +19,7 @@ def test_reward_curve_on_a_tiny_model(tiny_model, pairs_files, tmp_path):
            "eval_path": pairs_files[1], "batch_size": 8, "learning_rate": 3e-3, "head_learning_rate": 3e-2}
     flags = [f for k, v in sft.items() for f in ("--sft_set", f"{k}={v}")]
     result = run([PYTHON, "benchmarks/reward_curve.py", "--sizes", "4,16,all", "--recipe_sizes", "8", "--margins", "0.1",
-                  "--output_dir", str(tmp_path), "--json", str(out), *flags])
+                  "--layers", "all", "--output_dir", str(tmp_path), "--json", str(out), *flags])
     assert "Reward head refit on the first N training pairs" in result.stdout
     data = json.loads(out.read_text())
     refit = data["refit"]
@@ -35,6 +35,12 @@ def test_reward_curve_on_a_tiny_model(tiny_model, pairs_files, tmp_path):
     assert margin["min_margin"] == 0.1 and margin["pairs_available"] == 32 and margin["pairs"] == [4, 16, 32]
     assert all(0.0 <= a <= 1.0 for a in margin["accuracy"])
     assert "whose judge scores differ by at least a margin" in result.stdout
+    # --layers all: the tiny model's 2 layers, the embeddings and the final states, each refit on all 48 pairs
+    assert [row["layer"] for row in refit["by_layer"]] == [0, 1, 2, "final"]
+    assert all(0.5 <= row["cv"] <= 1.0 and 0.0 <= row["accuracy"] <= 1.0 for row in refit["by_layer"])
+    (shipped,) = [row for row in refit["by_layer"] if row["layer"] == refit["shipped_layer"]]
+    assert shipped["accuracy"] == refit["sum"][-1]  # the curve's last point: the same head on the same features
+    assert "per layer it reads" in " ".join(result.stdout.split())  # the title wraps to the narrow table
     recipe = data["recipe"]
     assert [(r["size"], r["pairs"], r["steps"]) for r in recipe] == [(8, 8, 1)]
     summary = json.loads((tmp_path / "recipe" / "8" / "sft_summary.json").read_text())
@@ -67,3 +73,5 @@ def test_reward_curve_rejects_bad_sizes():
     assert result.returncode == 2 and "--sizes: 'lots' is neither a positive number of pairs nor 'all'" in result.stderr
     result = run([PYTHON, "benchmarks/reward_curve.py", "--margins", "0.1,wide"], check=False)
     assert result.returncode == 2 and "--margins takes comma-separated numbers" in result.stderr
+    result = run([PYTHON, "benchmarks/reward_curve.py", "--layers", "1,top"], check=False)
+    assert result.returncode == 2 and "--layers: 'top' is neither a layer number, 'final' nor 'all'" in result.stderr

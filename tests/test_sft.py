@@ -214,6 +214,8 @@ def test_bad_sft_settings():
         SFTConfig(truncation="cut")
     with pytest.raises(ValueError, match="refit_features 'all': use one of training, final"):
         SFTConfig(refit_features="all")
+    with pytest.raises(ValueError, match="reward_layer must be >= 0, got -1"):
+        SFTConfig(reward_layer=-1)
 
 
 def test_unknown_yaml_key_names_it(tiny_model, tmp_path):
@@ -252,3 +254,54 @@ def test_objectives_benchmark_compares_the_three(tiny_model, pairs_files, tmp_pa
     assert set(results) == {"hydra", "sft", "reward"}
     assert results["sft"]["reward_accuracy"] == 0.5  # the plain-SFT head is never trained: all ties
     assert "Hydra-SFT perplexity / plain SFT" in result.stdout
+
+
+def test_a_reward_head_on_an_inner_layer_is_read_there_by_ppo(tiny_model, pairs_files, tokenizer, tmp_path):
+    """reward_layer: Hydra-SFT trains and refits the head on the hidden states after layer 1 (the refit's pass
+    stops there), stores the layer with the head, and PPO's reward (hydra: the reference's pass; lora: a reward
+    pass of its own) reads the same states; the value head starts at zero, not as a copy of a head that reads
+    another layer."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model import HydraModel
+    from hydra_rlhf.model.heads import HEADS_FILE, pool_response
+    from hydra_rlhf.sft import SFTConfig, collate, encode_pairs
+
+    output = tmp_path / "layer1"
+    run(sft_args(tiny_model, pairs_files, output, "--num_epochs", "0.25", "--reward_pooling", "sum",
+                 "--reward_layer", "1", "--refit_features", "final"))
+    summary = json.loads((output / "sft_summary.json").read_text())
+    assert summary["reward_head_fit"]["pairs"] == 48 and summary["eval"]["reward_accuracy"] >= 0.9
+    with safe_open(str(output / HEADS_FILE), framework="pt") as heads:
+        assert heads.metadata() == {"reward_pooling": "sum", "reward_layer": "1"}
+    [row], _ = encode_pairs(tokenizer, [one_pair()], SFTConfig())
+    batch = collate([row], tokenizer.pad_token_id)
+    prompt_len = len(row["prompt"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    # the sequences as PPO lays them out: the prompt (no padding here) then the response
+    lm = AutoModelForCausalLM.from_pretrained(output)
+    with torch.no_grad():
+        inner = lm.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    response = mask.clone()
+    response[:, :prompt_len] = 0
+    for mode in ("hydra", "lora"):
+        model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output), mode=mode))
+        assert model.reward_layer == 1 and not model.value_head.weight.any()
+        expected = model.reward_head(pool_response(inner, response, "sum")).squeeze(-1)
+        with torch.no_grad():
+            _, frozen = model.frozen_scores(ids, mask, prompt_len)
+            alone = model.rewards(ids, mask, prompt_len)
+        assert torch.allclose(frozen, expected, atol=1e-5) and torch.allclose(alone, expected, atol=1e-5)
+        assert frozen[0] > frozen[1]  # "Great, have fun!" over "That is sad."
+    saved = tmp_path / "rl"
+    model.save_pretrained(saved)
+    with safe_open(str(saved / HEADS_FILE), framework="pt") as heads:
+        assert heads.metadata()["reward_layer"] == "1"  # an RL checkpoint keeps the read too
+
+
+def test_a_reward_layer_past_the_model_is_one_line(tiny_model, pairs_files, tmp_path):
+    result = run(sft_args(tiny_model, pairs_files, tmp_path / "out", "--reward_layer", "99"), check=False)
+    assert result.returncode != 0
+    assert "reward_layer 99 is outside 0..2" in result.stderr.strip().splitlines()[-1]

@@ -8,8 +8,9 @@ critic adapter, no value head, no value forward.
 
 Heads live outside peft (peft's ``disable_adapter`` would silently swap a ``modules_to_save`` head for its
 original copy): ``reward_head`` (frozen; it reads the response as Hydra-SFT trained it, at the last token, averaged or
-summed: ``reward_pooling``, stored with the head) and ``value_head`` (trainable, one value per token,
-initialised from the reward head).
+summed: ``reward_pooling``, from the final hidden states or those of an inner layer: ``reward_layer``, both stored
+with the head) and ``value_head`` (trainable, one value per token, initialised from the reward head where both read
+the final hidden states, else at zero).
 
 Sequence layout used by every scoring method: ``input_ids`` (B, P + R) holds left-padded prompts of width P
 followed by right-padded responses of width R; ``attention_mask`` marks real tokens; ``response_mask``
@@ -33,7 +34,7 @@ from ..config import DTYPES, HydraModelConfig
 from ..memory.levers import activation_offload, response_logprobs
 from ..layout import FROZEN_ROLES, FULL, ROLES, TRAINABLE_ROLES, adapter_names, base_names, role_plan
 from ..memory.profiler import storage_bytes
-from .heads import HEADS_FILE, heads_path, pool_response, save_heads, with_prefix
+from .heads import HEADS_FILE, check_reward_layer, heads_path, pool_response, reading_layer, save_heads, with_prefix
 from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
 from .lora import with_lora_adapters
 from .sharding import full_tensor
@@ -72,6 +73,7 @@ class HydraModel(nn.Module):
         self.value_head = nn.Linear(hidden_size, 1) if critic else None  # critic-free: no value head at all
         self.reward_head.requires_grad_(False)
         self.reward_pooling = "last"  # replaced by the pooling stored with a trained head
+        self.reward_layer: int | None = None  # likewise: None reads the final hidden states
         self._forward_adapter: str | None = None  # the adapter a checkpointed layer's forward runs under
 
     # ------------------------------------------------------------------------------------------- construction
@@ -133,20 +135,21 @@ class HydraModel(nn.Module):
         """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy. A run that takes its
         reward from other sources (``required=False``) on a base without a head starts its value head at zero: a
         random head would hand the critic random values to unlearn, while zero is an unbiased first guess that
-        GAE corrects from the first batch on."""
+        GAE corrects from the first batch on. So does the value head of a reward head that reads an inner layer."""
         heads = heads_path(resolve_model(base_path))
         if heads.is_file():
             state = self._load_heads(heads)
             self.reward_head.load_state_dict(with_prefix(state, "reward_head."))
+            check_reward_layer(self.reward_layer, self.bases[self.plan["reward"][0]].config.num_hidden_layers, str(heads))
         elif required:
             logger.warning("%s has no %s: the reward head is untrained (random). Run Hydra-SFT first for "
                            "meaningful rewards, or give reward_funcs and set reward_head_weight 0.", base_path,
                            HEADS_FILE)
         if not self.has_critic:
             return
-        if heads.is_file() or required:
+        if (heads.is_file() or required) and self.reward_layer is None:
             self.value_head.load_state_dict(self.reward_head.state_dict())
-        else:
+        else:  # no head, or one that reads an inner layer: its weights mean nothing on the final hidden states
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
@@ -236,28 +239,40 @@ class HydraModel(nn.Module):
         return self.value_head(hidden[:, prompt_len - 1 : -1].float()).squeeze(-1)
 
     def _rewards(self, hidden, attention_mask, prompt_len: int) -> torch.Tensor:
-        """(B,) reward head on the response's pooled final hidden states (``reward_pooling``)."""
+        """(B,) reward head on the response's pooled hidden states (``reward_pooling``), those ``_reading`` gave."""
         response_mask = attention_mask.clone()
         response_mask[:, :prompt_len] = 0
         return self.reward_head(pool_response(hidden, response_mask, self.reward_pooling).float()).squeeze(-1)
 
+    def _reading(self, model, stop: bool = False):
+        """``reading_layer`` on ``model``'s decoder at ``reward_layer``."""
+        decoder, _ = _decoder_and_lm_head(model)
+        return reading_layer(decoder, self.reward_layer, stop)
+
+    def _reward_hidden(self, model, input_ids, attention_mask) -> torch.Tensor:
+        """What the reward head reads, from a forward of its own that stops at ``reward_layer``."""
+        with self._reading(model, stop=True) as read:
+            read["hidden"] = self._hidden(model, input_ids, attention_mask)  # not reached when the read stopped it
+        return read["hidden"]
+
     def frozen_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
         """Reference log-probs (B, R) and rewards (B,). One adapters-off forward where the reference and the
         reward model are the same base (hydra, j-hydra); two forwards otherwise."""
-        with self.role("reference") as model:
+        with self.role("reference") as model, self._reading(model) as read:
             hidden = self._hidden(model, input_ids, attention_mask)
             ref_logprobs = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature)
+        reward_hidden = read.get("hidden", hidden)
         if not self._same_pass("reference", "reward"):
             with self.role("reward") as model:
-                hidden = self._hidden(model, input_ids, attention_mask)
+                reward_hidden = self._reward_hidden(model, input_ids, attention_mask)
         with torch.no_grad():
-            rewards = self._rewards(hidden, attention_mask, prompt_len)
+            rewards = self._rewards(reward_hidden, attention_mask, prompt_len)
         return ref_logprobs, rewards
 
     def rewards(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
         """(B,) reward-model scores of prompt + response sequences (adapters off, reward head)."""
         with self.role("reward") as model:
-            return self._rewards(self._hidden(model, input_ids, attention_mask), attention_mask, prompt_len)
+            return self._rewards(self._reward_hidden(model, input_ids, attention_mask), attention_mask, prompt_len)
 
     def policy_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0,
                       entropy: bool = False, values: bool = False) -> "PolicyScores":
@@ -360,7 +375,7 @@ class HydraModel(nn.Module):
                 base.save_pretrained(directory / base_name, selected_adapters=[adapter], state_dict=state)
         heads = {f"{name}.{k}": (trained_state or {}).get(f"{name}.{k}", v)
                  for name, head in self.heads().items() for k, v in head.state_dict().items()}
-        save_heads({k: v.contiguous() for k, v in heads.items()}, directory, self.reward_pooling)
+        save_heads({k: v.contiguous() for k, v in heads.items()}, directory, self.reward_pooling, self.reward_layer)
         config = asdict(self.config)
         for key in ("model_name_or_path", "reward_model_path"):  # a relative path breaks from another directory
             if config[key] and Path(config[key]).exists():
@@ -401,11 +416,15 @@ class HydraModel(nn.Module):
         return list(dict.fromkeys(self.plan[role] for role in TRAINABLE_ROLES if role in self.plan))
 
     def _load_heads(self, path: Path) -> dict[str, torch.Tensor]:
-        """The tensors of a heads file; its metadata sets ``reward_pooling`` (files without it read ``last``)."""
+        """The tensors of a heads file; its metadata sets ``reward_pooling`` (files without it read ``last``) and
+        ``reward_layer`` (files without it read the final hidden states)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as heads:
-            self.reward_pooling = (heads.metadata() or {}).get("reward_pooling", "last")
+            metadata = heads.metadata() or {}
+            self.reward_pooling = metadata.get("reward_pooling", "last")
+            layer = metadata.get("reward_layer")
+            self.reward_layer = None if layer is None else int(layer)
             return {key: heads.get_tensor(key) for key in heads.keys()}
 
 
