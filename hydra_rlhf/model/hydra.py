@@ -246,8 +246,7 @@ class HydraModel(nn.Module):
 
     def _reading(self, model, stop: bool = False):
         """``reading_layer`` on ``model``'s decoder at ``reward_layer``."""
-        decoder, _ = _decoder_and_lm_head(model)
-        return reading_layer(decoder, self.reward_layer, stop)
+        return reading_layer(_decoder_and_lm_head(model)[0], self.reward_layer, stop)
 
     def _reward_hidden(self, model, input_ids, attention_mask) -> torch.Tensor:
         """What the reward head reads, from a forward of its own that stops at ``reward_layer``."""
