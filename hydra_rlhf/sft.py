@@ -32,6 +32,7 @@ from torch import nn
 from .config import ModelConfig, renamed
 from .errors import check_at_least_one, check_positive
 from .model.heads import REWARD_POOLINGS, check_reward_layer, pool_response, reading_layer, save_heads
+from .model.loading import check_context, enable_activation_checkpointing, load_causal_lm, load_tokenizer, unwrapped
 from .model.lora import with_lora_adapters
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class HydraSFTModel(nn.Module):
 
         The LM head runs only on the first ``lm_rows`` sequences (the chosen half) and only where a response
         token is predicted: the full-vocabulary projection is the costliest part of a small model's step."""
-        causal_lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        causal_lm = unwrapped(self.lm)
         decoder = causal_lm.get_decoder()
         with reading_layer(decoder, self.reward_layer) as read:
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -257,7 +258,7 @@ def pooled_features(lm: nn.Module, rows: list[dict], pad_id: int, batch_size: in
     highest of ``layers``."""
     from tqdm.auto import tqdm
 
-    causal_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    causal_lm = unwrapped(lm)
     decoder = causal_lm.get_decoder()
     device = next(causal_lm.parameters()).device
     stop_at = None if None in layers else max(layers)
@@ -300,7 +301,6 @@ def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size
 
 def build_sft_model(model_config: ModelConfig, config: SFTConfig, device) -> HydraSFTModel:
     from .model.hydra import resolve_dtype
-    from .model.loading import enable_activation_checkpointing, load_causal_lm
 
     device = torch.device(device)
     torch.manual_seed(config.seed)
@@ -331,7 +331,6 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
 
     from .data import load_preferences
     from .memory.profiler import wide_console
-    from .model.loading import check_context, load_tokenizer
 
     console = console or wide_console()
     started = time.perf_counter()
@@ -435,7 +434,6 @@ def _merged_lm(lm: nn.Module, model_config: ModelConfig) -> nn.Module:
         return lm.merge_and_unload()
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from .model.loading import load_causal_lm
 
     adapter_state = get_peft_model_state_dict(lm)
     plain = load_causal_lm(model_config.model_name_or_path, dtype=torch.float32)

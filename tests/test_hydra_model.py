@@ -275,3 +275,20 @@ def test_a_reward_layer_out_of_range_is_one_line():
     check_reward_layer(4, 4, "x")  # the last layer's output, before the final norm
     with pytest.raises(ValueError, match=r"ckpt/hydra/heads.safetensors: reward_layer 5 is outside 0..4"):
         check_reward_layer(5, 4, "ckpt/hydra/heads.safetensors")
+
+
+def test_one_lookup_finds_the_decoder_layers_through_every_wrapper(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hydra_rlhf.model.loading import decoder_layers, unwrapped
+
+    causal_lm = AutoModelForCausalLM.from_pretrained(tiny_model)
+    layers = causal_lm.model.layers
+    wrapped = get_peft_model(causal_lm, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert unwrapped(wrapped) is causal_lm and unwrapped(causal_lm) is causal_lm
+    for model in (causal_lm, causal_lm.get_decoder(), wrapped):  # the causal LM, its decoder, a peft wrapper
+        assert decoder_layers(model, "reward_layer") is layers
+    causal_lm.model.layers = torch.nn.Sequential(*layers)  # a decoder without a `layers` list
+    with pytest.raises(ValueError, match=r"^lora_layers: LlamaModel keeps no `layers` list .* without lora_layers\.$"):
+        decoder_layers(wrapped, "lora_layers")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layout import fusion_chunk_rows
+from ..model.loading import unwrapped
 from .rollout import Rollout
 from .stages import sampled_rollout, score_frozen, score_policy
 
@@ -117,7 +118,7 @@ def _cache_keyword(causal_lm) -> str:
     """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40)."""
     import inspect
 
-    forward = (causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm).forward
+    forward = unwrapped(causal_lm).forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 

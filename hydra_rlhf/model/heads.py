@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .loading import decoder_layers
+
 # The reward head (and value head) of a Hydra-SFT or RL checkpoint. In a subfolder: serving engines (vLLM, TGI)
 # load every top-level *.safetensors of a model directory as its weights, and a Hydra-SFT checkpoint must load
 # there as the plain causal LM it is. Checkpoints written before kept it at the top (LEGACY_HEADS_FILE).
@@ -52,7 +54,7 @@ def reading_layer(decoder: torch.nn.Module, layer: int | None, stop: bool = Fals
     if layer is None:
         yield captured
         return
-    module = decoder.get_input_embeddings() if layer == 0 else decoder_layers(decoder)[layer - 1]
+    module = decoder.get_input_embeddings() if layer == 0 else decoder_layers(decoder, "reward_layer")[layer - 1]
 
     def hook(_module, _args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output
@@ -66,15 +68,6 @@ def reading_layer(decoder: torch.nn.Module, layer: int | None, stop: bool = Fals
         pass
     finally:
         handle.remove()
-
-
-def decoder_layers(decoder: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder's stack of layers (``layers`` in Llama, Qwen, Mistral, Gemma, SmolLM)."""
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"reward_layer: {type(decoder).__name__} keeps no `layers` list to read an inner layer from; "
-                         "leave reward_layer empty (the final hidden states).")
-    return layers
 
 
 def check_reward_layer(layer: int | None, num_layers: int, where: str) -> None:

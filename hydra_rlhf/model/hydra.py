@@ -35,7 +35,7 @@ from ..memory.levers import activation_offload, response_logprobs
 from ..layout import FROZEN_ROLES, FULL, ROLES, TRAINABLE_ROLES, adapter_names, base_names, role_plan
 from ..memory.profiler import storage_bytes
 from .heads import HEADS_FILE, check_reward_layer, heads_path, pool_response, reading_layer, save_heads, with_prefix
-from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model
+from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model, unwrapped
 from .lora import with_lora_adapters
 from .sharding import full_tensor
 
@@ -51,8 +51,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _decoder_and_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    return unwrapped(model).get_decoder(), unwrapped(model).get_output_embeddings()
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -244,9 +243,9 @@ class HydraModel(nn.Module):
         response_mask[:, :prompt_len] = 0
         return self.reward_head(pool_response(hidden, response_mask, self.reward_pooling).float()).squeeze(-1)
 
-    def _reading(self, model, stop: bool = False):
-        """``reading_layer`` on ``model``'s decoder at ``reward_layer``."""
-        return reading_layer(_decoder_and_lm_head(model)[0], self.reward_layer, stop)
+    def _reading(self, model, stop: bool = False, read: bool = True):
+        """``reading_layer`` on ``model``'s decoder at ``reward_layer`` (``read`` False: capture nothing)."""
+        return reading_layer(_decoder_and_lm_head(model)[0], self.reward_layer if read else None, stop)
 
     def _reward_hidden(self, model, input_ids, attention_mask) -> torch.Tensor:
         """What the reward head reads, from a forward of its own that stops at ``reward_layer``."""
@@ -257,11 +256,12 @@ class HydraModel(nn.Module):
     def frozen_scores(self, input_ids, attention_mask, prompt_len: int, temperature: float = 1.0):
         """Reference log-probs (B, R) and rewards (B,). One adapters-off forward where the reference and the
         reward model are the same base (hydra, j-hydra); two forwards otherwise."""
-        with self.role("reference") as model, self._reading(model) as read:
+        shared = self._same_pass("reference", "reward")  # the reward is read in the reference's pass
+        with self.role("reference") as model, self._reading(model, read=shared) as read:
             hidden = self._hidden(model, input_ids, attention_mask)
             ref_logprobs = self._response_logprobs(model, hidden, input_ids, prompt_len, temperature)
         reward_hidden = read.get("hidden", hidden)
-        if not self._same_pass("reference", "reward"):
+        if not shared:
             with self.role("reward") as model:
                 reward_hidden = self._reward_hidden(model, input_ids, attention_mask)
         with torch.no_grad():

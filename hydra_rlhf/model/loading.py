@@ -324,6 +324,22 @@ def enable_activation_checkpointing(model, **kwargs) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM under a peft wrapper (a model without one is its own)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: torch.nn.Module, setting: str) -> torch.nn.ModuleList:
+    """The stack of decoder layers (``layers`` in Llama, Qwen, Mistral, Gemma, SmolLM) of a causal LM, of its
+    decoder, or of a peft wrapper of either; ``setting`` is the key that needs them, named when a model has none."""
+    decoder = unwrapped(model).get_decoder()  # a decoder is its own
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{setting}: {type(decoder).__name__} keeps no `layers` list of decoder layers; "
+                         f"run it without {setting}.")
+    return layers
+
+
 # ------------------------------------------------------------------------------------------------ tiny models
 
 

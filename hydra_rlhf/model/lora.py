@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..memory.levers import adapter_torch_dtype, cast_adapters
+from .loading import decoder_layers
 
 
 def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig):
@@ -23,8 +24,7 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
             raise ValueError(f"lora_layers must be between 1 and {num_layers} (the model's layers), got {config.lora_layers}.")
         top_layers = list(range(num_layers - config.lora_layers, num_layers))
         if targets == "all-linear":  # peft wants names when layers are selected: the decoder's linear layers
-            decoder_layers = base.get_decoder().layers
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in decoder_layers.named_modules()
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in decoder_layers(base, "lora_layers").named_modules()
                               if isinstance(module, nn.Linear)})
     lora = LoraConfig(
         r=config.lora_r,

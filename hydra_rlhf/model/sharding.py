@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..layout import check_sharding
+from .loading import decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,6 @@ def check_sharded(model: nn.Module) -> None:
                                "the run would not hold 1/N of the base.")
 
 
-def decoder_layers(base: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (peft-wrapped or not): one FSDP unit each."""
-    causal_lm = base.get_base_model() if hasattr(base, "get_base_model") else base
-    return causal_lm.get_decoder().layers
-
-
 def is_distributed(model: nn.Module) -> bool:
     """Whether ``distribute`` wrapped this model (its parameters are DTensors)."""
     return getattr(model, "sharding_mesh", None) is not None
@@ -106,7 +101,7 @@ def distribute(model: nn.Module, sharding: str, world: int, device: torch.device
     else:  # HSDP with shards of one: every rank keeps the whole model, gradients are all-reduced (DDP's work)
         mesh = init_device_mesh(device.type, (world, 1), mesh_dim_names=("replicate", "shard"))
     for base in model.bases.values():
-        for layer in decoder_layers(base):
+        for layer in decoder_layers(base, "sharding fsdp2"):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(model.reward_head.parameters()))
     for name in ENTRY_POINTS:
