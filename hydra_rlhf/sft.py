@@ -434,7 +434,6 @@ def _merged_lm(lm: nn.Module, model_config: ModelConfig) -> nn.Module:
         return lm.merge_and_unload()
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-
     adapter_state = get_peft_model_state_dict(lm)
     plain = load_causal_lm(model_config.model_name_or_path, dtype=torch.float32)
     plain.requires_grad_(False)

@@ -24,7 +24,8 @@ def with_lora_adapters(base: nn.Module, adapters: list[str], config: ModelConfig
             raise ValueError(f"lora_layers must be between 1 and {num_layers} (the model's layers), got {config.lora_layers}.")
         top_layers = list(range(num_layers - config.lora_layers, num_layers))
         if targets == "all-linear":  # peft wants names when layers are selected: the decoder's linear layers
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in decoder_layers(base, "lora_layers").named_modules()
+            layers = decoder_layers(base, "lora_layers")
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in layers.named_modules()
                               if isinstance(module, nn.Linear)})
     lora = LoraConfig(
         r=config.lora_r,
