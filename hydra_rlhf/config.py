@@ -330,6 +330,10 @@ class RLConfig:
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip."})
     clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around old values."})
     vf_coef: float = field(default=0.5, metadata={"help": "Weight of the value loss (ppo only)."})
+    critic_warmup: int = field(default=0, metadata={
+        "help": "ppo: the first N iterations train the critic alone on the start policy's samples (the actor stays "
+                "as it is), so the first policy updates use informed values rather than those of a new value head. "
+                "Counted in max_iterations."})
     max_nonfinite_in_a_row: int = field(default=3, metadata={"help": "Stop after this many non-finite updates in a "
                                                                "row (each is skipped and logged)."})
     # --- run
@@ -397,7 +401,13 @@ class RLConfig:
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "num_epochs",
                            "max_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
                            "eval_max_new_tokens", "max_nonfinite_in_a_row", "stop_at_kl_window")
-        check_positive(self, "max_staleness", allow_zero=True)
+        check_positive(self, "max_staleness", "critic_warmup", allow_zero=True)
+        if self.critic_warmup and not objective_info(self.objective).critic:
+            raise ValueError(f"critic_warmup needs a critic: objective {self.objective} has none (use ppo, or set "
+                             "critic_warmup 0).")
+        if self.critic_warmup >= self.max_iterations:
+            raise ValueError(f"critic_warmup {self.critic_warmup} leaves the actor no iteration of max_iterations "
+                             f"{self.max_iterations}: raise max_iterations or lower critic_warmup.")
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")
         if not 0 < self.top_p <= 1:

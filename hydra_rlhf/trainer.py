@@ -19,6 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,6 +200,8 @@ class RLTrainer:
         # step 4. advantages: the objective's targets (GAE, group baselines, or chosen/rejected pairs)
         with stage("advantages"):
             targets = self.objective.targets(rollout, self.kl_controller.value, self.moments)
+            if self.iteration < config.critic_warmup:  # the critic learns the start policy's values before it moves
+                targets = replace(targets, critic_only=True)
             finite = self._all_ranks(torch.isfinite(rollout.scores).all())
         # step 5. train: epochs x minibatches of the objective's loss
         with stage("train"):
@@ -238,7 +241,7 @@ class RLTrainer:
                     units = units[batch.response_mask.sum(-1).view(-1, unit).amax(-1)[units].argsort(descending=True)]
                 rows = (units[:, None] * unit + torch.arange(unit)).flatten()
                 self._accumulate(targets, rows, stats)
-                skipped += not self._optimizer_step(stats)
+                skipped += not self._optimizer_step(stats, critic_only=targets.critic_only)
         summary = {key: sum(values) / len(values) for key, values in stats.items()}
         summary["train/skipped_nonfinite_updates"] = float(skipped)
         summary["train/micro_batch"] = float(self.micro_batch)
@@ -284,9 +287,13 @@ class RLTrainer:
                        "the same minibatch) from now on.", self.iteration + 1, self.micro_batch, half)
         self.micro_batch = half
 
-    def _optimizer_step(self, stats: dict) -> bool:
+    def _optimizer_step(self, stats: dict, critic_only: bool = False) -> bool:
         """Clip, step (FSDP2 averaged the gradients across processes in backward). A non-finite gradient skips the
-        step."""
+        step. ``critic_only``: the actor's parameters get no update (with one adapter for actor and critic,
+        j-hydra, only the value head learns)."""
+        if critic_only:
+            for param in self.optimizer.param_groups[self.group_names.index("actor")]["params"]:
+                param.grad = None  # AdamW skips a parameter without a gradient: no step, no weight decay
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         if not math.isfinite(grad_norm):  # identical on every rank: the gradients were averaged

@@ -277,3 +277,42 @@ def test_stop_at_eos_decides_where_a_response_ends(tiny_model, tokenizer, prompt
         assert sampled_eos[:, :-1].any(), "the boosted EOS should be sampled before the cap"
         assert responses.shape[1] == 6 and not rollout.has_eos.any()
         assert rollout.response_mask.bool().all()
+
+
+@pytest.mark.parametrize("mode", ["hydra", "j-hydra"])
+def test_critic_warmup_trains_the_critic_alone_first(tiny_model, tokenizer, prompts_file, tmp_path, mode):
+    from hydra_rlhf.config import HydraModelConfig, RLConfig
+    from hydra_rlhf.data import load_prompts
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.trainer import RLTrainer
+
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, lora_r=4, mode=mode))
+    config = RLConfig(prompts_path=str(prompts_file), batch_size=4, minibatch_size=2, max_new_tokens=6,
+                      max_iterations=3, critic_warmup=2, save_every=0, save_final=False, output_dir=str(tmp_path),
+                      actor_lr=1e-2, critic_lr=1e-2)
+    trainer = RLTrainer(model, tokenizer, config, load_prompts(str(prompts_file))[0])
+    groups = model.parameter_groups()
+    snapshot = lambda name: [p.detach().clone() for p in groups[name]]  # noqa: E731
+    moved = lambda name, before: [not torch.equal(p, b) for p, b in zip(groups[name], before)]  # noqa: E731
+    try:
+        actor, critic = snapshot("actor"), snapshot("critic")
+        warmups = [trainer.step(), trainer.step()]
+        assert not any(moved("actor", actor))  # j-hydra: the shared adapter is the actor's, so only the head learns
+        assert all(moved("critic", critic))  # value head, and in hydra the critic adapter (lora_A and lora_B)
+        assert all("value/loss" in m and "policy/loss" not in m and abs(m["objective/kl"]) < 1e-4 for m in warmups)
+        metrics = trainer.step()
+        assert "policy/loss" in metrics and all(moved("actor", actor))
+    finally:
+        trainer.profiler.close()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"objective": "rloo", "critic_warmup": 1}, "critic_warmup needs a critic: objective rloo has none"),
+    ({"critic_warmup": 4, "max_iterations": 4}, "critic_warmup 4 leaves the actor no iteration"),
+    ({"critic_warmup": -1}, "critic_warmup must be >= 0"),
+])
+def test_critic_warmup_refuses_in_one_line(overrides, message):
+    from hydra_rlhf.config import RLConfig
+
+    with pytest.raises(ValueError, match=message):
+        RLConfig(**overrides)

@@ -26,6 +26,7 @@ class Targets:
 
     batch: Rollout
     kl_coef: float
+    critic_only: bool = False  # critic_warmup: the actor does not learn from these targets, the critic does
 
     def select(self, index: torch.Tensor) -> "Targets":
         return replace(self, batch=self.batch.select(index))

@@ -19,13 +19,19 @@ class PPO(Objective):
         return Targets(rollout, kl_coef)
 
     def loss(self, model, targets, normalizer, stats):
+        """The clipped policy and value losses on one forward each; while the critic warms up
+        (``targets.critic_only``), the value loss alone on a critic forward."""
         config, batch = self.config, targets.batch
         mask = batch.response_mask.float()
-        pg, scores = self.policy_term(model, batch, normalizer, stats, values=True)
-        vf_loss, vf_clipfrac = ppo_math.value_loss(scores.values, batch.values, batch.returns, mask,
+        if targets.critic_only:
+            values = model.values(batch.input_ids, batch.attention_mask, batch.prompt_len)
+        else:
+            pg, scores = self.policy_term(model, batch, normalizer, stats, values=True)
+            values = scores.values
+        vf_loss, vf_clipfrac = ppo_math.value_loss(values, batch.values, batch.returns, mask,
                                                    config.clip_range_value, normalizer)
         record(stats, {"value/loss": vf_loss, "value/clipfrac": vf_clipfrac})
-        return pg.loss + config.vf_coef * vf_loss
+        return config.vf_coef * vf_loss if targets.critic_only else pg.loss + config.vf_coef * vf_loss
 
     def metrics(self, targets):
         batch = targets.batch
