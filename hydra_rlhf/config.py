@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .errors import check_at_least_one, check_choice, check_positive
-from .layout import (MODES, OBJECTIVES, check_adapter_dtype, check_batch, check_engine, check_sharding,
-                     check_mode, check_quantized_full, objective_info)
+from .layout import (MODES, OBJECTIVES, check_adapter_dtype, check_batch, check_critic_warmup, check_engine,
+                     check_sharding, check_mode, check_quantized_full, objective_info)
 
 logger = logging.getLogger(__name__)
 
@@ -126,16 +126,14 @@ class ModelConfig:
         metadata={"help": "Base model: a bundled short name (smollm2-135m), a local directory or a hub id. For RL, "
                   "the Hydra-SFT checkpoint (its reward head is read from hydra/heads.safetensors)."},
     )
-    quantization: str = field(
-        default="none", metadata={"help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."}
-    )
+    quantization: str = field(default="none", metadata={
+        "help": "Frozen base precision: none, 8bit or 4bit (NF4) via bitsandbytes."})
     dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU), float32, bfloat16, float16."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout. 0 keeps PPO's ratios exact."})
-    lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "Modules that get LoRA: 'all-linear' or a comma-separated list."}
-    )
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Modules that get LoRA: 'all-linear' or a comma-separated list."})
     lora_layers: int | None = field(
         default=None, metadata={"help": "LoRA on the top N decoder layers only (default: all). Backward then stops "
                                 "N layers down, which makes every training step cheaper."})
@@ -163,10 +161,8 @@ class HydraModelConfig(ModelConfig):
 
     mode: str = field(default="hydra", metadata={"help": f"Model layout, one of {MODES}: how many base copies serve "
                                                         "policy, reference, reward and critic (docs/design.md)."})
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={"help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."},
-    )
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "Separate reward model for the 'lora' and 'full' modes; defaults to model_name_or_path."})
     logprob_chunk_size: int | None = field(default=None, metadata={
         "help": Levers.__dataclass_fields__["logprob_chunk_size"].metadata["help"] + " Unset: levers auto chooses (off with levers off)."})
     activation_offload: bool | None = field(default=None, metadata={
@@ -331,9 +327,8 @@ class RLConfig:
     clip_range_value: float = field(default=0.2, metadata={"help": "Value clip around old values."})
     vf_coef: float = field(default=0.5, metadata={"help": "Weight of the value loss (ppo only)."})
     critic_warmup: int = field(default=0, metadata={
-        "help": "ppo: the first N iterations train the critic alone on the start policy's samples (the actor stays "
-                "as it is), so the first policy updates use informed values rather than those of a new value head. "
-                "Counted in max_iterations."})
+        "help": "ppo: the first N iterations (of max_iterations) train the critic alone on the start policy's "
+                "samples, so the actor's first update reads values fitted to them rather than a new head's."})
     max_nonfinite_in_a_row: int = field(default=3, metadata={"help": "Stop after this many non-finite updates in a "
                                                                "row (each is skipped and logged)."})
     # --- run
@@ -383,7 +378,7 @@ class RLConfig:
         check_positive(self, "dpo_beta", "actor_lr", "critic_lr", "temperature", "kl_target", "kl_horizon",
                        "clip_range", "clip_range_value", "stop_at_kl", "vllm_kv_cache_gib")
         check_positive(self, "kl_coef", "vf_coef", "weight_decay", "max_grad_norm", "warmup_steps", "save_every",
-                       "missing_eos_penalty", "reward_clip", allow_zero=True)
+                       "missing_eos_penalty", "reward_clip", "max_staleness", "critic_warmup", allow_zero=True)
         check_choice("kl_controller", self.kl_controller, ("fixed", "adaptive"))
         check_choice("optim", self.optim, OPTIMIZERS)
         check_choice("lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
@@ -401,13 +396,7 @@ class RLConfig:
         check_at_least_one(self, "batch_size", "minibatch_size", "gradient_accumulation_steps", "num_epochs",
                            "max_iterations", "max_new_tokens", "max_prompt_length", "num_eval_prompts",
                            "eval_max_new_tokens", "max_nonfinite_in_a_row", "stop_at_kl_window")
-        check_positive(self, "max_staleness", "critic_warmup", allow_zero=True)
-        if self.critic_warmup and not objective_info(self.objective).critic:
-            raise ValueError(f"critic_warmup needs a critic: objective {self.objective} has none (use ppo, or set "
-                             "critic_warmup 0).")
-        if self.critic_warmup >= self.max_iterations:
-            raise ValueError(f"critic_warmup {self.critic_warmup} leaves the actor no iteration of max_iterations "
-                             f"{self.max_iterations}: raise max_iterations or lower critic_warmup.")
+        check_critic_warmup(self.objective, self.critic_warmup, self.max_iterations)
         if not 0 < self.fusion_tail_fraction <= 1:
             raise ValueError(f"fusion_tail_fraction must be in (0, 1], got {self.fusion_tail_fraction}.")
         if not 0 < self.top_p <= 1:

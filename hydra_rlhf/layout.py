@@ -211,3 +211,13 @@ def check_batch(objective: str, batch_size: int, samples_per_prompt: int, miniba
     if micro % info.rows_per_unit:
         raise ValueError(f"objective {objective} keeps each chosen/rejected pair together: minibatch_size / "
                          f"gradient_accumulation_steps ({micro}) must be even.")
+
+
+def check_critic_warmup(objective: str, critic_warmup: int, max_iterations: int) -> None:
+    """Iterations that train the critic alone need a critic, and must leave the actor at least one."""
+    if critic_warmup and not objective_info(objective).critic:
+        raise ValueError(f"critic_warmup needs a critic: objective {objective} has none (use ppo, or set "
+                         "critic_warmup 0).")
+    if critic_warmup >= max_iterations:
+        raise ValueError(f"critic_warmup {critic_warmup} leaves the actor no iteration of max_iterations "
+                         f"{max_iterations}: raise max_iterations or lower critic_warmup.")

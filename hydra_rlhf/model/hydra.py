@@ -292,12 +292,9 @@ class HydraModel(nn.Module):
         return scores
 
     def values(self, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
-        """(B, R) the critic's values of each response step, with grad if grad is enabled (``critic_warmup``
-        trains the critic alone on them)."""
-        device = next(self.parameters()).device
-        with activation_offload(self.config.activation_offload and torch.is_grad_enabled(), device):
-            with self.role("critic") as model:
-                return self._values(self._hidden(model, input_ids, attention_mask), prompt_len)
+        """(B, R) the critic's values of each response step; with grad where enabled (``critic_warmup``)."""
+        with self.role("critic") as model:
+            return self._values(self._hidden(model, input_ids, attention_mask), prompt_len)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, role: str = "policy", **generation_kwargs) -> torch.Tensor:
