@@ -22,7 +22,8 @@ from ..experience.rollout import Rollout
 @dataclass
 class Targets:
     """Stage 4's output, all that stage 5's loss reads: the rows to learn from (the rollout with advantages and
-    returns, or its chosen/rejected pairs) and the KL coefficient they were made with."""
+    returns, or its chosen/rejected pairs), the KL coefficient they were made with, and whether only the critic
+    learns from them (``critic_warmup``)."""
 
     batch: Rollout
     kl_coef: float
