@@ -24,14 +24,14 @@ class PPO(Objective):
         config, batch = self.config, targets.batch
         mask = batch.response_mask.float()
         if targets.critic_only:
-            values = model.values(batch.input_ids, batch.attention_mask, batch.prompt_len)
+            values, policy_loss = model.values(batch.input_ids, batch.attention_mask, batch.prompt_len), 0.0
         else:
             pg, scores = self.policy_term(model, batch, normalizer, stats, values=True)
-            values = scores.values
+            values, policy_loss = scores.values, pg.loss
         vf_loss, vf_clipfrac = ppo_math.value_loss(values, batch.values, batch.returns, mask,
                                                    config.clip_range_value, normalizer)
         record(stats, {"value/loss": vf_loss, "value/clipfrac": vf_clipfrac})
-        return config.vf_coef * vf_loss if targets.critic_only else pg.loss + config.vf_coef * vf_loss
+        return policy_loss + config.vf_coef * vf_loss
 
     def metrics(self, targets):
         batch = targets.batch
