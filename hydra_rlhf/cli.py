@@ -11,7 +11,9 @@ or read back from a finished run (``report``); and how a run's checkpoints score
     hydra-rlhf profile --modes hydra --objective grpo --batch-size 4 --memory-budget 1GiB
     hydra-rlhf estimate --preset llama-3.1-8b --quantization 4bit --batch-size 8 --gpu T4
     hydra-rlhf report runs/demo/ppo
-    hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json"""
+    hydra-rlhf evaluate runs/demo/ppo --json runs/demo/checkpoints_eval.json
+    hydra-rlhf evaluate runs/grpo-arithmetic --prompts arithmetic:eval --num-prompts 100 --max-prompt-length 80 \
+        --reward-funcs accuracy"""
 
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", type=Path, help="Write the per-stage summary here.")
     report.set_defaults(handler=run_report)
 
-    evaluate = commands.add_parser("evaluate", help="Score saved PPO checkpoints on held-out prompts: gold judge, "
-                                   "win-rate against the SFT start, KL to the reference, distinct-2.")
+    evaluate = commands.add_parser("evaluate", help="Score saved checkpoints on held-out prompts: the demo's gold "
+                                   "judge (win-rate against the SFT start, KL to the reference, distinct-2), or "
+                                   "the reward functions you name (e.g. accuracy on a verifiable task).")
     evaluate.add_argument("checkpoints", nargs="+", type=Path,
                           help="Checkpoint directories, or a run's output_dir (all its checkpoints, oldest first).")
     evaluate.add_argument("--prompts", default="demo:eval", help="Held-out prompt source (bundled name or file).")
@@ -61,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--num-prompts", type=positive_int, help="Use only the first N prompts.")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=48, help="Greedy response cap (tokens).")
     evaluate.add_argument("--max-prompt-length", type=positive_int, default=64, help="Prompts are cut from the left to this.")
+    evaluate.add_argument("--reward-funcs", nargs="+", metavar="SPEC",
+                          help="Score with these reward functions instead of the gold judge, as the recipes' "
+                               "reward_funcs (a built-in such as accuracy, package.module:function or "
+                               "file.py:function); the prompts' other columns (e.g. answer) reach them.")
+    evaluate.add_argument("--reward-weights", nargs="+", type=float, metavar="W",
+                          help="One weight per reward function (default 1 each) for the weighted sum.")
     evaluate.add_argument("--json", type=Path, help="Write the results (per checkpoint) here.")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -133,37 +142,32 @@ def run_report(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from rich.table import Table
-
-    from .data import load_prompts
+    from .data import load_prompt_rows
     from .evaluate import checkpoint_dirs, evaluate_checkpoints
     from .memory.profiler import wide_console
 
     console = wide_console()
-    table = Table(title="Held-out evaluation per checkpoint (greedy; start = the SFT policy, adapters off)")
-    for column in ("checkpoint", "gold", "gain", "win-rate", "distinct-2", "x start", "KL (nats)", "reward head"):
-        table.add_column(column, justify="left" if column == "checkpoint" else "right")
-    results, failed = {}, {}
-    prompts, _ = load_prompts(args.prompts, args.prompt_column, args.num_prompts)
+    rows = load_prompt_rows(args.prompts, args.prompt_column, args.num_prompts)
+    scorer = reward_scorer(args, rows)  # a bad spec or a column the prompts lack: one line before any model loads
     paths = checkpoint_dirs(args.checkpoints)
     if not paths:
         raise FileNotFoundError(f"no checkpoints under {', '.join(map(str, args.checkpoints))}/checkpoints")
-    for path, result, problem in evaluate_checkpoints(paths, prompts, args.max_new_tokens, args.max_prompt_length):
+    table = evaluation_table(scorer)
+    results, failed = {}, {}
+    for path, result, problem in evaluate_checkpoints(paths, rows, args.max_new_tokens, args.max_prompt_length,
+                                                      scorer):
         if problem is not None:  # the others are still scored, and written
             console.print(f"[red]skipped {path}: {problem}[/red]")
             failed[str(path)] = problem
             continue
-        console.print(f"evaluated {path}: gold {result['gold_after']:.3f}")
         results[str(path)] = result
-        table.add_row(path.name, f"{result['gold_after']:.3f}", f"{result['gold_gain']:+.3f}",
-                      f"{result['win_rate_vs_sft']:.0%}", f"{result['distinct2_after']:.3f}",
-                      f"{result['distinct2_after'] / max(result['distinct2_before'], 1e-9):.2f}",
-                      f"{result['kl_to_reference']:.2f}", f"{result['reward_head_after']:.3f}")
+        add_evaluation_row(table, path.name, result, scorer)
+        console.print(f"evaluated {path}: " + (f"reward {result['reward_after']:.3f}" if scorer
+                                               else f"gold {result['gold_after']:.3f}"))
     if results:
         first = next(iter(results.values()))
         console.print(table)
-        console.print(f"start: gold {first['gold_before']:.3f}, distinct-2 {first['distinct2_before']:.3f} "
-                      f"over {first['num_prompts']} prompts")
+        console.print(f"start: {start_summary(first, scorer)} over {first['num_prompts']} prompts")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
@@ -172,6 +176,60 @@ def run_evaluate(args) -> int:
               + "; ".join(f"{Path(p).name}: {why}" for p, why in failed.items()), file=sys.stderr)
         return 1
     return 0
+
+
+def reward_scorer(args, rows):
+    """``--reward-funcs`` as a run's reward sources over the held-out rows (None: the gold judge scores)."""
+    if not args.reward_funcs:
+        if args.reward_weights:
+            raise ValueError("--reward-weights needs --reward-funcs: name the functions they weight.")
+        return None
+    from .config import RLConfig
+    from .rewards.scorer import RewardScorer
+
+    config = RLConfig(reward_funcs=args.reward_funcs, reward_weights=args.reward_weights, reward_head_weight=0,
+                      max_new_tokens=args.max_new_tokens)
+    scorer = RewardScorer(config, None, rows)  # the tokenizer is each checkpoint's own
+    scorer.start("cpu")  # functions only: nothing to place on a device
+    return scorer
+
+
+def evaluation_table(scorer):
+    from rich.table import Table
+
+    if scorer is None:
+        columns = ("checkpoint", "gold", "gain", "win-rate", "distinct-2", "x start", "KL (nats)", "reward head")
+        title = "Held-out evaluation per checkpoint (greedy; start = the SFT policy, adapters off)"
+    else:
+        columns = ("checkpoint", "reward", "gain", *scorer.names)
+        title = "Held-out reward per checkpoint (greedy; start = adapters off)"
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    return table
+
+
+def add_evaluation_row(table, name: str, result: dict, scorer) -> None:
+    if scorer is not None:
+        table.add_row(name, f"{result['reward_after']:.3f}", f"{result['reward_after'] - result['reward_before']:+.3f}",
+                      *(format_mean(result[f"{source}_after"]) for source in scorer.names))
+        return
+    table.add_row(name, f"{result['gold_after']:.3f}", f"{result['gold_gain']:+.3f}",
+                  f"{result['win_rate_vs_sft']:.0%}", f"{result['distinct2_after']:.3f}",
+                  f"{result['distinct2_after'] / max(result['distinct2_before'], 1e-9):.2f}",
+                  f"{result['kl_to_reference']:.2f}", f"{result['reward_head_after']:.3f}")
+
+
+def start_summary(result: dict, scorer) -> str:
+    """The starting policy's figures, shared by every checkpoint of one base."""
+    if scorer is None:
+        return f"gold {result['gold_before']:.3f}, distinct-2 {result['distinct2_before']:.3f}"
+    sources = ", ".join(f"{name} {format_mean(result[f'{name}_before'])}" for name in scorer.names)
+    return f"reward {result['reward_before']:.3f} ({sources})"
+
+
+def format_mean(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

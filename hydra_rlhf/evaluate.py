@@ -91,32 +91,47 @@ def evaluate(model, tokenizer, prompts, max_new_tokens: int = 48, max_prompt_len
 
 
 @torch.no_grad()
+def score_with_sources(model, tokenizer, rows, scorer, role: str, max_new_tokens: int = 48,
+                       max_prompt_length: int = 64, batch_size: int = 32, eos_token_ids=None) -> dict:
+    """``role``'s greedy responses on ``rows`` ("reference": the start, adapters off; "policy": the trained
+    actor), scored by ``scorer``'s sources: the texts, the weighted sum's mean (``reward``) and each source's mean
+    over the rows it applied to (None where it applied to none)."""
+    texts, batches = sample_responses(model, tokenizer, rows.prompts, role, max_new_tokens, max_prompt_length,
+                                      batch_size, eos_token_ids)
+    combined, per_source, start = [], [], 0
+    for batch in batches:
+        if scorer.config.head_weight:  # the head's score, read in the adapters-off pass as in training
+            experience.score_frozen(model, batch, 1.0, tokenizer.eos_token_id)
+        else:
+            batch.raw_scores = torch.zeros(len(batch.input_ids), device=batch.input_ids.device)
+        scorer.score(batch, list(range(start, start + len(batch.input_ids))))
+        start += len(batch.input_ids)
+        combined.append(batch.raw_scores.cpu())
+        per_source.append(batch.source_scores.cpu())
+    sources = torch.cat(per_source)
+    result = {"texts": texts, "reward": float(torch.cat(combined).mean())}
+    for column, name in enumerate(scorer.names):
+        applied = sources[:, column][~sources[:, column].isnan()]
+        result[name] = float(applied.mean()) if len(applied) else None
+    return result
+
+
+@torch.no_grad()
 def evaluate_rewards(model, tokenizer, rows, scorer, max_new_tokens: int = 48, max_prompt_length: int = 64,
-                     batch_size: int = 32, eos_token_ids=None, samples_to_keep: int = 5) -> dict:
-    """The run's own reward sources on held-out prompts (``data.PromptRows``), greedy, the start (adapters off)
-    against the trained policy: each source's mean before and after (e.g. ``accuracy`` on a verifiable task) and
-    the weighted sum's. Used instead of the demo's gold judge when a run has reward functions or a reward model."""
-    results, texts = {}, {}
-    for side, role in (("before", "reference"), ("after", "policy")):
-        texts[side], batches = sample_responses(model, tokenizer, rows.prompts, role, max_new_tokens,
-                                                max_prompt_length, batch_size, eos_token_ids)
-        combined, per_source, start = [], [], 0
-        for batch in batches:
-            if scorer.config.head_weight:  # the head's score, read in the adapters-off pass as in training
-                experience.score_frozen(model, batch, 1.0, tokenizer.eos_token_id)
-            else:
-                batch.raw_scores = torch.zeros(len(batch.input_ids), device=batch.input_ids.device)
-            scorer.score(batch, list(range(start, start + len(batch.input_ids))))
-            start += len(batch.input_ids)
-            combined.append(batch.raw_scores.cpu())
-            per_source.append(batch.source_scores.cpu())
-        sources = torch.cat(per_source)
-        results[f"reward_{side}"] = float(torch.cat(combined).mean())
-        for column, name in enumerate(scorer.names):
-            applied = sources[:, column][~sources[:, column].isnan()]
-            results[f"{name}_{side}"] = float(applied.mean()) if len(applied) else None
+                     batch_size: int = 32, eos_token_ids=None, samples_to_keep: int = 5,
+                     start: dict | None = None) -> dict:
+    """The run's own reward sources on held-out prompts (``data.PromptRows``), greedy, the start (adapters off;
+    ``score_with_sources``' result for the reference, computed here unless given) against the trained policy: each
+    source's mean before and after (e.g. ``accuracy`` on a verifiable task) and the weighted sum's. Used instead
+    of the demo's gold judge when a run has reward functions or a reward model."""
+    sides = {"before": start or score_with_sources(model, tokenizer, rows, scorer, "reference", max_new_tokens,
+                                                   max_prompt_length, batch_size, eos_token_ids),
+             "after": score_with_sources(model, tokenizer, rows, scorer, "policy", max_new_tokens, max_prompt_length,
+                                         batch_size, eos_token_ids)}
+    results = {f"{key}_{side}": scored[key] for side, scored in sides.items() for key in ("reward", *scorer.names)}
     return {"num_prompts": len(rows.prompts), **results,
-            "samples": [{"prompt": rows.texts[i], "before": texts["before"][i], "after": texts["after"][i]}
+            "samples": [{"prompt": rows.texts[i], "before": sides["before"]["texts"][i],
+                         "after": sides["after"]["texts"][i]}
                         for i in range(min(samples_to_keep, len(rows.prompts)))]}
 
 
@@ -136,10 +151,12 @@ def checkpoint_dirs(paths) -> list[Path]:
     return found
 
 
-def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_length: int = 64):
-    """Yield ``(path, evaluate(...) or None, problem or None)`` per saved HydraModel checkpoint: one that fails its
+def evaluate_checkpoints(paths, rows, max_new_tokens: int = 48, max_prompt_length: int = 64, scorer=None):
+    """Yield ``(path, result or None, problem or None)`` per saved HydraModel checkpoint, scored on the held-out
+    ``rows`` (``data.PromptRows``) by the demo's gold judge (``evaluate``), or with ``scorer`` (a
+    ``RewardScorer``: a run's reward functions) by those sources (``evaluate_rewards``). One that fails its
     checksums or cannot be loaded is reported and skipped, the others are still scored. Checkpoints on the same
-    base share one model load and one evaluation of the starting policy."""
+    base share one model load and one scoring of the starting policy."""
     from safetensors import SafetensorError
 
     from .checkpoints import CHECKSUMS_FILE, verify
@@ -157,15 +174,23 @@ def evaluate_checkpoints(paths, prompts, max_new_tokens: int = 48, max_prompt_le
                     model, loaded = HydraModel.from_pretrained(path), manifest
                     config = manifest["config"]
                     tokenizer = load_tokenizer(config["model_name_or_path"], config["trust_remote_code"])
-                    start = score_start(model, tokenizer, prompts, max_new_tokens, max_prompt_length)
+                    if scorer is not None:
+                        scorer.tokenizer = tokenizer  # the checkpoint's own tokenizer decodes its completions
+                        start = score_with_sources(model, tokenizer, rows, scorer, "reference", max_new_tokens,
+                                                   max_prompt_length)
+                    else:
+                        start = score_start(model, tokenizer, rows.prompts, max_new_tokens, max_prompt_length)
                 else:
                     model.load_trained(path)
             except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as error:
                 problem, loaded = one_line(error), None  # the next checkpoint reloads from scratch
         if problem is not None:
             yield path, None, problem
-            continue
-        yield path, evaluate(model, tokenizer, prompts, max_new_tokens, max_prompt_length, start=start), None
+        elif scorer is not None:
+            yield path, evaluate_rewards(model, tokenizer, rows, scorer, max_new_tokens, max_prompt_length,
+                                         start=start), None
+        else:
+            yield path, evaluate(model, tokenizer, rows.prompts, max_new_tokens, max_prompt_length, start=start), None
 
 
 # The demo's targets for a run's held-out figures: gold gain, win-rate against the SFT start, and the share of

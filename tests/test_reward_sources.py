@@ -5,12 +5,15 @@ ending in one line before anything half-written."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from conftest import PYTHON, run
+
+CLI = str(Path(PYTHON).parent / "hydra-rlhf")
 
 # A reward the tests can check exactly: a tenth of the completion's token count (EOS included), and the data's
 # `bonus` column added where the row has one (None elsewhere: the function does not apply there).
@@ -136,7 +139,7 @@ def test_the_recipe_trains_on_a_function_and_evaluates_with_it(tiny_model, promp
     config.write_text(yaml.safe_dump({
         "model_name_or_path": tiny_model, "prompts_path": str(data), "eval_prompts_path": str(data),
         "num_eval_prompts": 6, "batch_size": 4, "minibatch_size": 4, "max_new_tokens": 6, "max_iterations": 2,
-        "save_every": 0, "lora_r": 4, "reward_funcs": [f"{rewards_file}:length_reward"],
+        "save_every": 1, "lora_r": 4, "reward_funcs": [f"{rewards_file}:length_reward"],
         "output_dir": str(tmp_path / "run")}))
     result = run([PYTHON, "recipes/ppo.py", "--config", str(config)])
     assert "reward head is untrained" not in result.stderr
@@ -146,6 +149,30 @@ def test_the_recipe_trains_on_a_function_and_evaluates_with_it(tiny_model, promp
     assert evaluation["reward_after"] == pytest.approx(evaluation["length_reward_after"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/length_reward/std" in m for m in metrics)
+    # `hydra-rlhf evaluate --reward-funcs` scores each checkpoint with the same function: the last reproduces
+    # the run's own evaluation, and the weight scales the sum, not the source's own mean
+    scored = run([CLI, "evaluate", str(tmp_path / "run"), "--prompts", str(data), "--num-prompts", "6",
+                  "--max-new-tokens", "6", "--reward-funcs", f"{rewards_file}:length_reward", "--reward-weights", "2",
+                  "--json", str(tmp_path / "e.json")])
+    assert "length_reward" in scored.stdout and "iter-000001" in scored.stdout
+    per_checkpoint = json.loads((tmp_path / "e.json").read_text())
+    assert [Path(p).name for p in per_checkpoint] == ["iter-000001", "iter-000002"]
+    last = per_checkpoint[str(tmp_path / "run" / "checkpoints" / "iter-000002")]
+    for key in ("length_reward_before", "length_reward_after"):
+        assert last[key] == pytest.approx(evaluation[key], abs=1e-5), key
+    assert last["reward_after"] == pytest.approx(2 * evaluation["reward_after"], abs=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward-funcs", "no_such_builtin"], "error: reward_funcs 'no_such_builtin'"),
+    (["--reward-funcs", "accuracy"], "error: reward function 'accuracy' takes column 'answer', which the prompts data lacks"),
+    (["--reward-weights", "1"], "error: --reward-weights needs --reward-funcs"),
+])
+def test_evaluate_refuses_bad_reward_flags_before_loading_a_model(prompts_file, tmp_path, flags, message):
+    result = subprocess.run([CLI, "evaluate", str(tmp_path), "--prompts", str(prompts_file), *flags],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-1000:]
 
 
 @pytest.mark.parametrize("function, message", [
