@@ -1,5 +1,6 @@
-"""The notebooks run top to bottom in smoke mode (HYDRA_RLHF_SMOKE=1: bundled model, CPU-sized settings, no
-network), and the committed copies carry the outputs of such a run.
+"""The notebooks run top to bottom in smoke mode (HYDRA_RLHF_SMOKE=1: CPU-sized settings, no network): on a tiny
+random model in the default suite, on the bundled model under the ``slow`` marker. The committed copies carry the
+outputs of a smoke run on the bundled model.
 
 Executed through nbclient with the ``python3`` kernel (``make install`` registers it); outputs go to a temporary
 directory and the notebooks on disk are left untouched. To refresh the committed outputs after editing a
@@ -27,9 +28,17 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 COLAB_URL = "https://colab.research.google.com/github/hydra-rlhf/hydra-rlhf/blob/main/notebooks/"
 
 
-def execute(path: Path, run_dir: Path, monkeypatch):
-    """Run every cell in order; an error in any cell raises ``CellExecutionError`` with its traceback."""
+# Each notebook runs twice: on a tiny random model with the real tokenizer (HYDRA_RLHF_MODEL: the default suite,
+# every cell and assertion but in seconds), and as committed, on the bundled model (slow).
+MODELS = [pytest.param("tiny", id="tiny"), pytest.param("bundled", id="bundled", marks=pytest.mark.slow)]
+
+
+def execute(path: Path, run_dir: Path, monkeypatch, model: str | None = None):
+    """Run every cell in order; an error in any cell raises ``CellExecutionError`` with its traceback. ``model``:
+    the notebook's model instead of its smoke default (HYDRA_RLHF_MODEL)."""
     monkeypatch.setenv("HYDRA_RLHF_SMOKE", "1")
+    if model is not None:
+        monkeypatch.setenv("HYDRA_RLHF_MODEL", model)
     monkeypatch.setenv("HYDRA_RLHF_RUN_DIR", str(run_dir))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the kernel inherits the environment: no hub downloads
@@ -77,9 +86,15 @@ def test_committed_notebook_shows_a_complete_run(path):
     assert COLAB_URL + path.name in first, f"{path.name}: no 'Open in Colab' badge in the first cell"
 
 
-def test_quickstart_runs_sft_ppo_and_saves_adapters(tmp_path, monkeypatch):
-    run_dir = tmp_path / "runs"
-    notebook = execute(NOTEBOOK_DIR / "01_quickstart.ipynb", run_dir, monkeypatch)
+def notebook_model(request, which: str) -> str | None:
+    """The tiny test model's directory, or None for the notebook's own (the bundled model in smoke mode)."""
+    return request.getfixturevalue("tiny_model") if which == "tiny" else None
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_quickstart_runs_sft_ppo_and_saves_adapters(tmp_path, monkeypatch, request, which):
+    run_dir, model = tmp_path / "runs", notebook_model(request, which)
+    notebook = execute(NOTEBOOK_DIR / "01_quickstart.ipynb", run_dir, monkeypatch, model)
     assert not errors(notebook)
     text = output_text(notebook)
     assert re.search(r"held-out reward accuracy \d+\.\d% on \d+ pairs", text)
@@ -105,16 +120,20 @@ def test_quickstart_runs_sft_ppo_and_saves_adapters(tmp_path, monkeypatch):
     assert re.search(r"held-out accuracy \(greedy\): \d+\.\d% -> \d+\.\d% on \d+ problems", text), text[-2000:]
     arithmetic = json.loads((run_dir / "arithmetic" / "summary.json").read_text())
     assert {"reward/accuracy/mean", "reward/answer_is_short/mean"} <= set(arithmetic["final_metrics"])
+    settings = json.loads((run_dir / "arithmetic" / "run_settings.json").read_text())
+    assert settings["model_name_or_path"] == (model or "smollm2-135m")  # the model the test meant
 
 
-def test_memory_notebook_estimates_and_profiles_the_four_modes(tmp_path, monkeypatch):
-    run_dir = tmp_path / "runs"
-    notebook = execute(NOTEBOOK_DIR / "02_memory.ipynb", run_dir, monkeypatch)
+@pytest.mark.parametrize("which", MODELS)
+def test_memory_notebook_estimates_and_profiles_the_four_modes(tmp_path, monkeypatch, request, which):
+    run_dir, model = tmp_path / "runs", notebook_model(request, which)
+    notebook = execute(NOTEBOOK_DIR / "02_memory.ipynb", run_dir, monkeypatch, model)
     assert not errors(notebook)
     text = output_text(notebook)
     estimate = json.loads((run_dir / "estimate.json").read_text())
     assert set(estimate["modes"]) == {"lora", "j-hydra", "hydra"}  # full cannot use the 4-bit base: skipped
     results = json.loads((run_dir / "profile.json").read_text())
+    assert results["settings"]["model"] == (model or "smollm2-135m")  # the model the test meant
     modes = results["modes"]
     assert {m: r["base_copies"] for m, r in modes.items()} == {"full": 4, "lora": 2, "j-hydra": 1, "hydra": 1}
     assert all(r["frozen_base_unchanged"] for r in modes.values())
