@@ -76,3 +76,4 @@ def run(args: list[str], timeout: int = 600, env: dict | None = None, check: boo
 
 
 PYTHON = sys.executable
+CLI = str(Path(PYTHON).parent / "hydra-rlhf")  # the console script of the venv the tests run in

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, run
+from conftest import CLI, PYTHON, run
 
-CLI = str(Path(PYTHON).parent / "hydra-rlhf")
 
 
 def test_help_lists_the_commands():

@@ -13,9 +13,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, ROOT, run
+from conftest import CLI, PYTHON, ROOT, run
 
-CLI = str(Path(PYTHON).parent / "hydra-rlhf")
 
 
 def one_line_error(result, *expected: str, code: int = 2) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, run
+from conftest import CLI, PYTHON, run
 from hydra_rlhf.objectives import functional as ppo_math
 from hydra_rlhf.config import RLConfig
 from hydra_rlhf.model.heads import HEADS_FILE
@@ -322,7 +322,7 @@ def test_recipe_runs_every_critic_free_objective(tiny_model, prompts_file, tmp_p
     final = output / "final"
     assert (final / "shared" / "actor").is_dir() and not (final / "shared" / "critic").exists()
     if objective == "grpo":  # the saved critic-free run reloads and reproduces its own evaluation
-        evaluated = run([str(Path(PYTHON).parent / "hydra-rlhf"), "evaluate", str(output / "checkpoints" / "iter-000002"),
+        evaluated = run([CLI, "evaluate", str(output / "checkpoints" / "iter-000002"),
                          "--prompts", str(prompts_file), "--num-prompts", "6", "--max-new-tokens", "6", "--json",
                          str(tmp_path / "e.json")])
         assert "iter-000002" in evaluated.stdout

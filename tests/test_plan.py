@@ -3,19 +3,17 @@ prints for a card or a budget, and the back-off on out-of-memory in the train st
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, run
+from conftest import CLI, PYTHON, run
 from hydra_rlhf.config import RLConfig, parse_bytes
 from hydra_rlhf.memory.formulas import estimate
 from hydra_rlhf.memory.plan import HEADROOM, OFF, plan_levers
 from hydra_rlhf.memory.shape import GiB, EstimateSettings, load_preset
 from test_trainer import write_config
 
-HYDRA_RLHF = str(Path(PYTHON).parent / "hydra-rlhf")
 SMOL = load_preset("smollm2-135m")
 # the GRPO arithmetic recipe's shape, on a CPU
 GRPO = EstimateSettings(objective="grpo", batch_size=4, num_samples_per_prompt=4, minibatch_size=8, lora_layers=12,
@@ -87,20 +85,20 @@ def test_nothing_fits_is_one_line_naming_what_would():
 
 def test_estimate_prints_the_plan_for_a_card_and_writes_it(tmp_path):
     out = tmp_path / "plan.json"
-    result = run([HYDRA_RLHF, "estimate", "--preset", "llama-3.1-8b", "--quantization", "4bit", "--batch-size", "8",
+    result = run([CLI, "estimate", "--preset", "llama-3.1-8b", "--quantization", "4bit", "--batch-size", "8",
                   "--gpu", "t4", "--json", str(out)])
     assert "hydra: memory plan (levers auto): " in result.stdout and "T4 16GB, usable" in result.stdout
     data = json.loads(out.read_text())
     assert data["plan"]["estimate_bytes"] == data["peak_bytes"] <= data["plan"]["budget_bytes"] * (1 - HEADROOM)
     assert data["settings"]["gradient_checkpointing"] == data["plan"]["levers"]["gradient_checkpointing"]
     # a lever given as a flag stays as given; without room, one error line
-    kept = run([HYDRA_RLHF, "estimate", "--preset", "llama-3.1-8b", "--quantization", "4bit", "--batch-size", "8",
+    kept = run([CLI, "estimate", "--preset", "llama-3.1-8b", "--quantization", "4bit", "--batch-size", "8",
                 "--memory-budget", "40GB", "--no-gradient-checkpointing", "--json", str(out)])
     assert "set by hand: gradient_checkpointing" in kept.stdout
     assert json.loads(out.read_text())["settings"]["gradient_checkpointing"] is False
     for flags, words in ((["--memory-budget", "2GB"], "does not fit"), (["--gpu", "A100"], "matches several cards"),
                          (["--memory-budget", "plenty"], "give a positive size")):
-        refused = run([HYDRA_RLHF, "estimate", "--preset", "llama-3.1-8b", *flags], check=False)
+        refused = run([CLI, "estimate", "--preset", "llama-3.1-8b", *flags], check=False)
         assert refused.returncode == 2 and refused.stderr.startswith("error: ") and words in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
 
@@ -218,7 +216,7 @@ def test_profile_runs_under_a_budget(tiny_model, tmp_path):
     settings = EstimateSettings(batch_size=2, max_prompt_length=64, max_new_tokens=8, device="cpu")
     budget = int(estimate(shape, replace(settings, gradient_checkpointing=True)).peak_bytes / (1 - HEADROOM)) + 1
     out = tmp_path / "profile.json"
-    result = run([HYDRA_RLHF, "profile", "--model", tiny_model, "--modes", "hydra", "--iterations", "1",
+    result = run([CLI, "profile", "--model", tiny_model, "--modes", "hydra", "--iterations", "1",
                   "--batch-size", "2", "--max-new-tokens", "8", "--memory-budget", f"{budget}B", "--json", str(out)])
     assert "memory plan (levers auto): gradient checkpointing" in result.stdout
     hydra = json.loads(out.read_text())["modes"]["hydra"]

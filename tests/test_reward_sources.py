@@ -11,9 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, run
-
-CLI = str(Path(PYTHON).parent / "hydra-rlhf")
+from conftest import CLI, PYTHON, run
 
 # A reward the tests can check exactly: a tenth of the completion's token count (EOS included), and the data's
 # `bonus` column added where the row has one (None elsewhere: the function does not apply there).

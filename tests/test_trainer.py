@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run
+from conftest import CLI, PYTHON, ROOT, run
 
 
 def write_config(path: Path, tiny_model: str, prompts_file: Path, output_dir: Path, **overrides) -> Path:
@@ -55,11 +55,11 @@ def test_ppo_recipe_writes_everything(tiny_model, prompts_file, tmp_path):
     assert (output / "training.png").stat().st_size > 0 and (output / "memory.png").stat().st_size > 0
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["iter-000001", "iter-000002"]
     # `hydra-rlhf report` reads the same log back
-    report = run([str(Path(PYTHON).parent / "hydra-rlhf"), "report", str(output), "--json", str(tmp_path / "r.json")])
+    report = run([CLI, "report", str(output), "--json", str(tmp_path / "r.json")])
     assert "overall peak" in report.stdout
     assert json.loads((tmp_path / "r.json").read_text())["iterations"] == 2
     # `hydra-rlhf evaluate` reloads each checkpoint; the last one reproduces the run's own evaluation
-    evaluated = run([str(Path(PYTHON).parent / "hydra-rlhf"), "evaluate", str(output), "--prompts", str(prompts_file),
+    evaluated = run([CLI, "evaluate", str(output), "--prompts", str(prompts_file),
                      "--num-prompts", "8", "--max-new-tokens", "8", "--json", str(tmp_path / "e.json")])
     assert "iter-000001" in evaluated.stdout and "iter-000002" in evaluated.stdout
     per_checkpoint = json.loads((tmp_path / "e.json").read_text())
