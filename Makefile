@@ -47,6 +47,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
+# The demo runs on what is bundled: no hub calls (bitsandbytes, on a CPU with AVX-512 BF16, would otherwise ask the
+# hub for a CPU kernel as it is imported). The tests set the same in tests/conftest.py.
+demo: export HF_HUB_OFFLINE := 1
 demo: $(STAMP)
 	# Set-up, once per machine: convert the bundled GGUF to the safetensors cache (~25 s), outside the timed stages.
 	$(PY) -c "from hydra_rlhf.model.loading import resolve_model; print('bundled model:', resolve_model('smollm2-135m'))"

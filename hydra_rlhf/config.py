@@ -305,9 +305,9 @@ class RLConfig:
                                                           "online_dpo: 2 per pair."})
     gradient_accumulation_steps: int | None = field(default=None, metadata={
         "help": "Micro-batches per optimizer step (the optimizer sees the same minibatch either way). Unset: levers auto chooses (off with levers off)."})
-    levers: str = field(default="auto", metadata={
+    levers: str = field(default="auto", metadata={  # argparse %-formats help text: %% prints one %
         "help": "auto: before the first step, the fastest memory levers that fit the memory the run has (memory_budget, "
-                "else the GPU's free memory or the machine's available RAM) with 10% kept free, from the estimate of "
+                "else the GPU's free memory or the machine's available RAM) with 10%% kept free, from the estimate of "
                 "its shape: log-prob chunks, then gradient checkpointing, activation offload (CUDA), then a smaller "
                 "micro-batch with more accumulation steps. A lever set by hand stays as set; the plan is printed and "
                 "written to memory_plan.json (hydra_rlhf/memory/plan.py). off: unset levers stay off."})

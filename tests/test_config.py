@@ -1,5 +1,6 @@
 """The run's settings: one torch-free description, renamed keys handled, each compatibility rule written once."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -103,3 +104,15 @@ def test_bad_reward_settings_are_one_line_errors(settings, message):
     with pytest.raises(ValueError, match=message):
         RLConfig(**settings)
     assert RLConfig(reward_funcs=["accuracy"]).head_weight == 0 and RLConfig().head_weight == 1  # the defaults
+
+
+@pytest.mark.parametrize("types", [(HydraModelConfig, RLConfig), (ModelConfig, SFTConfig)], ids=["ppo.py", "sft.py"])
+def test_the_recipes_help_lists_every_key(types):
+    """`recipes/ppo.py --help` and `recipes/sft.py --help`: argparse %-formats each key's help, so a lone % in one
+    breaks the whole listing."""
+    from trl import TrlParser
+
+    text = TrlParser(types).format_help()
+    keys = [field.name for config in types for field in dataclasses.fields(config) if field.init]
+    assert [key for key in keys if f"--{key} " not in text and f"--{key}\n" not in text] == []
+    assert ("10% kept free" in text) == (RLConfig in types)  # levers' help, with its % once
