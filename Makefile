@@ -41,8 +41,9 @@ $(VLLM_STAMP): requirements.txt requirements-dev.txt pyproject.toml
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest -m vllm
 
+# One test file per core (pytest-xdist): the tests run one thread each, and a file's shared fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

@@ -95,8 +95,9 @@ def speed(args, flags: list[str]) -> dict:
     layouts = {
         "sync": [sys.executable],
         "async": [sys.executable],
-        "async_two_processes": [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-                                "--num_processes", "2"],
+        # any free port: accelerate's default (29500) refuses to start beside another launch
+        "async_two_processes": [str(Path(sys.executable).parent / "accelerate"), "launch", "--main_process_port", "0",
+                                "--multi_gpu", "--num_processes", "2"],
     }
     rows = {}
     for name in args.layouts:

@@ -77,3 +77,6 @@ def run(args: list[str], timeout: int = 600, env: dict | None = None, check: boo
 
 PYTHON = sys.executable
 CLI = str(Path(PYTHON).parent / "hydra-rlhf")  # the console script of the venv the tests run in
+# `accelerate launch` of the same venv, on a free port: `make test` runs test files side by side (one per core),
+# and two launches on accelerate's default port would refuse each other.
+ACCELERATE_LAUNCH = [str(Path(PYTHON).parent / "accelerate"), "launch", "--main_process_port", "0"]

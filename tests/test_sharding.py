@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PYTHON, ROOT, run
+from conftest import ACCELERATE_LAUNCH, PYTHON, ROOT, run
 
 TORCHRUN = str(Path(PYTHON).parent / "torchrun")
 WORKER = str(ROOT / "benchmarks" / "sharding.py")
@@ -190,8 +190,7 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(tiny_model, promp
     output = tmp_path / "run"
     config = write_config(tmp_path / "grpo.yaml", tiny_model, prompts_file, output, mode="lora", objective="grpo",
                           num_samples_per_prompt=2, batch_size=2, max_iterations=1, num_eval_prompts=2)
-    accelerate = str(Path(PYTHON).parent / "accelerate")
-    run([accelerate, "launch", "--config_file", "recipes/accelerate/fsdp2.yaml", "recipes/ppo.py", "--config",
+    run([*ACCELERATE_LAUNCH, "--config_file", "recipes/accelerate/fsdp2.yaml", "recipes/ppo.py", "--config",
          str(config)], timeout=240, env={"OMP_NUM_THREADS": "1"})
     summary = json.loads((output / "summary.json").read_text())
     whole = HydraModel.from_config(HydraModelConfig(model_name_or_path=tiny_model, mode="lora", lora_r=4), critic=False)
