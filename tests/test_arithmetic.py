@@ -89,6 +89,17 @@ def test_configs_share_one_budget(objective):
     assert config["stop_at_kl"] is None
 
 
+def test_configs_run_equally_long():
+    """The same responses per run for every objective: iterations and passes over each batch, as the headers say."""
+    configs = {name: yaml.safe_load((ROOT / "recipes" / "configs" / f"{name}_arithmetic.yaml").read_text())
+               for name in CONFIGS}
+    assert len({(config["max_iterations"], config["num_epochs"]) for config in configs.values()}) == 1
+    iterations = configs["ppo"]["max_iterations"]
+    for name in CONFIGS:
+        header = (ROOT / "recipes" / "configs" / f"{name}_arithmetic.yaml").read_text().split("\nmodel_name")[0]
+        assert f"32 responses per iteration, {iterations} iterations" in header, name
+
+
 def test_answer_accuracy_counts(monkeypatch, tiny_model, tokenizer):
     """Scoring through a stub sampler: known texts, known verdicts (a random model would score ~0 anyway)."""
     texts = ["So 3 + 4 = 7. The answer is 7.", "The answer is 8.", "Ben has 12 eggs left.", "The answer is N."]

@@ -121,14 +121,17 @@ def test_frozen_roles_never_get_gradients(tiny_model, tokenizer):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_save_and_load_reproduce_outputs(tiny_model, tokenizer, tmp_path, mode):
+def test_save_and_load_reproduce_outputs(tiny_model, tokenizer, tmp_path, mode, caplog):
     model = make(tiny_model, mode)
+    assert "the reward head is untrained" in caplog.text  # the tiny base has no Hydra-SFT head
     seq, mask, prompt_len = sample_batch(model, tokenizer)
     train_step(model, seq, mask, prompt_len, steps=1)
     model.save_pretrained(tmp_path)
     manifest = json.loads((tmp_path / "hydra_manifest.json").read_text())
     assert Path(manifest["config"]["model_name_or_path"]).is_absolute()  # loads from any working directory
+    caplog.clear()
     loaded = HydraModel.from_pretrained(tmp_path)
+    assert "untrained" not in caplog.text  # the heads come from the checkpoint, not the base: nothing to warn about
     for a, b in zip(model.frozen_scores(seq, mask, prompt_len), loaded.frozen_scores(seq, mask, prompt_len)):
         assert torch.equal(a, b)
     ours, theirs = (m.policy_scores(seq, mask, prompt_len, values=True) for m in (model, loaded))

@@ -385,8 +385,9 @@ class HydraModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HydraModel":
         """Rebuild from ``save_pretrained`` output: base(s) from the manifest, then the saved trained parts."""
         manifest = read_manifest(directory)
+        # reward_head=False: the heads are the checkpoint's (load_trained), so a base without one is no warning
         model = cls.from_config(HydraModelConfig(**manifest["config"]), device=device,
-                                critic="critic" in manifest["plan"])
+                                critic="critic" in manifest["plan"], reward_head=False)
         model.load_trained(directory)
         return model
 
