@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def run_evaluate(args) -> int:
     paths = checkpoint_dirs(args.checkpoints)
     if not paths:
         raise FileNotFoundError(f"no checkpoints under {', '.join(map(str, args.checkpoints))}/checkpoints")
-    table = evaluation_table(scorer)
+    table, labels = evaluation_table(scorer), checkpoint_labels(paths)
     results, failed = {}, {}
     for path, result, problem in evaluate_checkpoints(paths, rows, args.max_new_tokens, args.max_prompt_length,
                                                       scorer):
@@ -161,7 +162,7 @@ def run_evaluate(args) -> int:
             failed[str(path)] = problem
             continue
         results[str(path)] = result
-        add_evaluation_row(table, path.name, result, scorer)
+        add_evaluation_row(table, labels[path], result, scorer)
         console.print(f"evaluated {path}: " + (f"reward {result['reward_after']:.3f}" if scorer
                                                else f"gold {result['gold_after']:.3f}"))
     if results:
@@ -173,9 +174,19 @@ def run_evaluate(args) -> int:
         args.json.write_text(json.dumps({**results, **({"failed": failed} if failed else {})}, indent=2))
     if failed:
         print(f"error: could not score {len(failed)} of {len(paths)} checkpoint(s): "
-              + "; ".join(f"{Path(p).name}: {why}" for p, why in failed.items()), file=sys.stderr)
+              + "; ".join(f"{labels[Path(p)]}: {why}" for p, why in failed.items()), file=sys.stderr)
         return 1
     return 0
+
+
+def checkpoint_labels(paths: list[Path]) -> dict[Path, str]:
+    """Each checkpoint's name in the table: its directory name, or, where several runs' checkpoints share names
+    (``iter-000012`` of three seeds), its path below the directory they share."""
+    names = [path.name for path in paths]
+    if len(set(names)) == len(names):
+        return dict(zip(paths, names))
+    common = Path(os.path.commonpath([path.resolve() for path in paths]))
+    return {path: str(path.resolve().relative_to(common)) for path in paths}
 
 
 def reward_scorer(args, rows):

@@ -111,3 +111,14 @@ def test_memory_levers_benchmark_measures_each_lever(tiny_model, tmp_path):
                                                / runs["none"]["train_above_persistent_bytes"])
     assert [check["settings"]["batch_size"] for check in data["estimate_accuracy"]] == [4, 2]
     assert data["worst_estimate_error"] < 0.5 and "all levers:" in result.stdout
+
+
+def test_evaluate_tells_apart_checkpoints_of_several_runs(tmp_path):
+    """`hydra-rlhf evaluate runs/a runs/b`: the seeds' iter-000012 get their run's name in the table."""
+    from hydra_rlhf.cli import checkpoint_labels
+
+    one_run = [tmp_path / "run" / "checkpoints" / name for name in ("iter-000006", "iter-000012")]
+    assert list(checkpoint_labels(one_run).values()) == ["iter-000006", "iter-000012"]
+    seeds = [tmp_path / f"seed{seed}" / "checkpoints" / "iter-000012" for seed in (0, 1)]
+    assert list(checkpoint_labels(seeds).values()) == ["seed0/checkpoints/iter-000012",
+                                                       "seed1/checkpoints/iter-000012"]
