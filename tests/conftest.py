@@ -80,3 +80,6 @@ CLI = str(Path(PYTHON).parent / "hydra-rlhf")  # the console script of the venv 
 # `accelerate launch` of the same venv, on a free port: `make test` runs test files side by side (one per core),
 # and two launches on accelerate's default port would refuse each other.
 ACCELERATE_LAUNCH = [str(Path(PYTHON).parent / "accelerate"), "launch", "--main_process_port", "0"]
+# A recipe run in one process and in two (`accelerate launch --multi_gpu --num_processes 2`), for the tests that
+# check both layouts make the same run.
+LAUNCHERS = {"one": [PYTHON], "two": [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"]}

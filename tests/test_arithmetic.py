@@ -91,12 +91,12 @@ def test_configs_share_one_budget(objective):
 
 def test_configs_run_equally_long():
     """The same responses per run for every objective: iterations and passes over each batch, as the headers say."""
-    configs = {name: yaml.safe_load((ROOT / "recipes" / "configs" / f"{name}_arithmetic.yaml").read_text())
-               for name in CONFIGS}
+    texts = {name: (ROOT / "recipes" / "configs" / f"{name}_arithmetic.yaml").read_text() for name in CONFIGS}
+    configs = {name: yaml.safe_load(text) for name, text in texts.items()}
     assert len({(config["max_iterations"], config["num_epochs"]) for config in configs.values()}) == 1
     iterations = configs["ppo"]["max_iterations"]
-    for name in CONFIGS:
-        header = (ROOT / "recipes" / "configs" / f"{name}_arithmetic.yaml").read_text().split("\nmodel_name")[0]
+    for name, text in texts.items():
+        header = text.split("\nmodel_name")[0]
         assert f"32 responses per iteration, {iterations} iterations" in header, name
 
 

@@ -11,11 +11,10 @@ import psutil
 import pytest
 import torch
 
-from conftest import ACCELERATE_LAUNCH, PYTHON, ROOT, run
+from conftest import LAUNCHERS, PYTHON, ROOT, run
 from hydra_rlhf.experience import asynchronous
 from hydra_rlhf.experience.maker import ExperienceMaker
 from test_faults import ppo_config
-
 
 
 def make_trainer(tiny_model, tokenizer, tmp_path, objective="ppo", **overrides):
@@ -194,7 +193,7 @@ def test_two_processes_give_the_one_device_run(tiny_model, prompts_file, tmp_pat
     # --num_processes 2`: rank 1 generates, rank 0 learns, adapters over torch.distributed). Same schedule, so
     # the same run.
     runs = {}
-    for name, launcher in (("one", [PYTHON]), ("two", [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"])):
+    for name, launcher in LAUNCHERS.items():
         output = tmp_path / name
         run([*launcher, "recipes/ppo.py", "--config", f"recipes/configs/{config}", "--async_generation", "true",
              "--max_staleness", "1", *tiny(tiny_model, prompts_file, output)], env={"OMP_NUM_THREADS": "1"})
@@ -222,7 +221,7 @@ def test_stop_at_kl_ends_both_async_layouts_at_the_same_iteration(tiny_model, pr
     budget = max(window_means.values()) * (1 - 1e-6)
     expected = min(i for i, mean in window_means.items() if mean >= budget)
     assert budget > 0
-    for name, launcher in (("one", [PYTHON]), ("two", [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"])):
+    for name, launcher in LAUNCHERS.items():
         output = tmp_path / name
         flags = [*tiny(tiny_model, prompts_file, output), "--max_iterations", "6", "--stop_at_kl", str(budget)]
         run([*launcher, "recipes/ppo.py", *common, *flags], env={"OMP_NUM_THREADS": "1"}, timeout=300)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE_LAUNCH, CLI, PYTHON, ROOT, run
+from conftest import CLI, LAUNCHERS, PYTHON, ROOT, run
 
 
 def write_config(path: Path, tiny_model: str, prompts_file: Path, output_dir: Path, **overrides) -> Path:
@@ -128,7 +128,7 @@ def test_stop_at_kl_ends_the_run_where_the_kl_budget_is_spent(tiny_model, prompt
 def test_two_processes_keep_identical_adapters(tiny_model, prompts_file, tmp_path):
     output = tmp_path / "ddp"
     config = write_config(tmp_path / "ddp.yaml", tiny_model, prompts_file, output, eval_prompts_path="")
-    run([*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2", "recipes/ppo.py", "--config", str(config)],
+    run([*LAUNCHERS["two"], "recipes/ppo.py", "--config", str(config)],
         env={"OMP_NUM_THREADS": "1"})
     summary = json.loads((output / "summary.json").read_text())
     hashes = summary["trainable_hash_per_rank"]

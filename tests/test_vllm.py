@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ACCELERATE_LAUNCH, PYTHON, run
+from conftest import LAUNCHERS, PYTHON, run
 from test_async import tiny
 from test_faults import one_line_error
 from test_sft import sft_args
@@ -230,9 +230,8 @@ def test_reward_functions_score_the_engines_samples_on_a_plain_base(prompts_file
 def test_async_generation_samples_with_the_engine_of_its_version(sft_checkpoint, prompts_file, tmp_path):
     # The generator (a child process, or rank 1 of two) starts its own engine and gives it each adapter version
     # it samples with; both layouts make the same run, and no engine process outlives it.
-
     runs = {}
-    for name, launcher in (("one", [PYTHON]), ("two", [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"])):
+    for name, launcher in LAUNCHERS.items():
         output = tmp_path / name
         run([*launcher, "recipes/ppo.py", "--config", "recipes/configs/ppo_smollm2.yaml", "--generation_backend",
              "vllm", "--async_generation", "true", "--max_staleness", "1", "--actor_lr", "3e-3",
