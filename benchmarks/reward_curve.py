@@ -10,7 +10,7 @@ Two curves, both scored on the held-out pairs of the SFT config's ``eval_path`` 
   ``--sft_dir`` names one). Every training and held-out pair goes through it once, without the LM head, and the
   hidden states the config's ``reward_layer`` names (the final ones where it is empty) are pooled three ways
   (``last``, ``mean``, ``sum``). For each size N the reward head is
-  refit on the first N training pairs (``hydra_rlhf.sft.fit_reward_head``: L2 logistic regression, its strength
+  refit on the first N training pairs (``hydra_rlhf.model.head_fits.fit_reward_head``: L2 logistic regression, its strength
   picked by 5-fold cross-validation) and scored on the held-out pairs. One forward per pair, whatever the sizes.
   ``--margins 0.1,0.2`` adds the same for the shipped pooling on only the pairs whose judge scores differ by at
   least each margin (near-ties are the noisiest labels; ``min_score_margin`` in the SFT config).
@@ -69,7 +69,7 @@ def fit_and_score(train: tuple, held_out: tuple, indices) -> tuple[float, float]
     """(held-out accuracy, cross-validated accuracy) of a head refit on the training pairs at ``indices``."""
     import torch
 
-    from hydra_rlhf.sft import fit_reward_head
+    from hydra_rlhf.model.head_fits import fit_reward_head
 
     chosen, rejected = train
     head = torch.nn.Linear(chosen.shape[1], 1)

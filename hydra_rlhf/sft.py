@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import ModelConfig, renamed
 from .errors import check_at_least_one, check_positive
+from .model.head_fits import CriticStart, fit_reward_head
 from .model.heads import REWARD_POOLINGS, check_reward_layer, pool_response, reading_layer, save_heads
 from .model.loading import check_context, enable_activation_checkpointing, load_causal_lm, load_tokenizer, unwrapped
 from .model.lora import with_lora_adapters
@@ -176,10 +177,15 @@ class HydraSFTModel(nn.Module):
         self.reward_head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.reward_head.weight)
         nn.init.zeros_(self.reward_head.bias)
+        self.value_head: nn.Linear | None = None  # PPO's critic start where the reward head reads an inner layer
+
+    def heads(self) -> dict[str, nn.Linear]:
+        """The heads the checkpoint stores: the reward head, and the value head's start where one was fitted."""
+        return {"reward_head": self.reward_head, **({"value_head": self.value_head} if self.value_head is not None else {})}
 
     def forward(self, input_ids, attention_mask, labels_mask, lm_rows: int | None = None):
         """(mean LM loss on response tokens per sequence (lm_rows,), reward (N,), the features the reward head
-        read (N, hidden), detached).
+        read (N, hidden), the final hidden states (N, T, hidden)), the last two detached.
 
         The LM head runs only on the first ``lm_rows`` sequences (the chosen half) and only where a response
         token is predicted: the full-vocabulary projection is the costliest part of a small model's step."""
@@ -195,58 +201,22 @@ class HydraSFTModel(nn.Module):
         token_loss = F.cross_entropy(logits, input_ids[:rows, 1:][predicts_response], reduction="none")
         per_sequence = torch.zeros(rows, device=hidden.device).index_add_(
             0, predicts_response.nonzero()[:, 0], token_loss)
-        return per_sequence / predicts_response.sum(-1).clamp(min=1), rewards, features.detach()
+        return per_sequence / predicts_response.sum(-1).clamp(min=1), rewards, features.detach(), hidden.detach()
 
 
 def sft_loss(model: HydraSFTModel, batch: dict, objective: str, reward_weight: float
-             ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+             ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """One forward over [chosen; rejected]: LM loss from the chosen half, Bradley-Terry from both halves.
-    Also returns the pooled features of both halves (for ``fit_reward_head``)."""
+    Also returns the pooled features of both halves (for ``fit_reward_head``) and their final hidden states
+    (for ``CriticStart``)."""
     half = len(batch["input_ids"]) // 2
-    lm_loss, rewards, features = model(**batch, lm_rows=0 if objective == "reward" else half)
+    lm_loss, rewards, features, final_hidden = model(**batch, lm_rows=0 if objective == "reward" else half)
     margin = rewards[:half] - rewards[half:]
     bt_loss = -F.logsigmoid(margin).mean()
     lm = lm_loss.mean() if len(lm_loss) else torch.zeros((), device=rewards.device)
     loss = {"hydra": lm + reward_weight * bt_loss, "sft": lm, "reward": bt_loss}[objective]
     return loss, {"lm_loss": float(lm.detach()), "reward_loss": float(bt_loss.detach()),
-                  "reward_accuracy": float((margin > 0).float().mean())}, features
-
-
-@torch.no_grad()
-def fit_reward_head(head: nn.Linear, chosen: torch.Tensor, rejected: torch.Tensor,
-                    l2_grid=(0.01, 0.1, 1.0), folds: int = 5) -> dict:
-    """Fit the reward head to convergence on fixed features: Bradley-Terry is logistic regression on the feature
-    difference, so L-BFGS solves it in seconds where a short run's Adam steps leave it far off (on the demo
-    pairs, 50 steps leave the training loss at 0.65). Features are standardised; the L2 strength is picked by
-    k-fold cross-validation on the training pairs. The bias cancels in every pair and is set to zero."""
-    scale = torch.cat([chosen, rejected]).std(0).clamp(min=1e-6)
-    diff = ((chosen - rejected) / scale).double()
-    fold_of = torch.arange(len(diff)) % folds
-
-    def solve(x, l2):
-        weight = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            with torch.enable_grad():
-                loss = F.softplus(-(x @ weight)).mean() + l2 * weight.square().sum()
-                loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return weight.detach()
-
-    def held_out_accuracy(l2):
-        hits = [((diff[fold_of == k] @ solve(diff[fold_of != k], l2)) > 0).double().mean() for k in range(folds)]
-        return float(torch.stack(hits).mean())
-
-    scores = {l2: held_out_accuracy(l2) for l2 in l2_grid} if len(diff) >= 2 * folds else {l2_grid[1]: float("nan")}
-    best = max(scores, key=lambda l2: (scores[l2], -l2))
-    weight = solve(diff, best) / scale.double()
-    head.weight.copy_(weight.to(head.weight.dtype).unsqueeze(0))
-    head.bias.zero_()
-    return {"l2": best, "cv_accuracy": scores[best], "pairs": len(diff)}
+                  "reward_accuracy": float((margin > 0).float().mean())}, features, final_hidden
 
 
 @torch.no_grad()
@@ -289,7 +259,7 @@ def evaluate_sft(model: HydraSFTModel, rows: list[dict], pad_id: int, batch_size
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start : start + batch_size], pad_id)
         half = len(batch["input_ids"]) // 2
-        lm_loss, rewards, _ = model(**batch, lm_rows=half)
+        lm_loss, rewards, _, _ = model(**batch, lm_rows=half)
         margin = rewards[:half] - rewards[half:]
         correct += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
         response_tokens = (batch["labels_mask"][:half, 1:]).sum(-1)
@@ -366,14 +336,15 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
     generator = torch.Generator().manual_seed(config.seed)
     order: list[int] = []
     history, latest_features = [], {}  # pair index -> its (chosen, rejected) pooled features, latest seen
+    has_reward = config.sft_objective != "sft"
+    critic_start = CriticStart(model.reward_head.in_features) if has_reward and config.reward_layer is not None else None
     model.train()
     for step in tqdm(range(steps), desc=f"SFT ({config.sft_objective})"):
         if len(order) < config.batch_size:
             order += torch.randperm(len(rows), generator=generator).tolist()
         batch_indices, order = order[: config.batch_size], order[config.batch_size :]
-        batch_rows = [rows[i] for i in batch_indices]
-        loss, stats, features = sft_loss(model, collate(batch_rows, tokenizer.pad_token_id), config.sft_objective,
-                                         config.reward_weight)
+        batch = collate([rows[i] for i in batch_indices], tokenizer.pad_token_id)
+        loss, stats, features, final_hidden = sft_loss(model, batch, config.sft_objective, config.reward_weight)
         if not torch.isfinite(loss):
             logger.warning("SFT step %d: non-finite loss, step skipped.", step)
             optimizer.zero_grad(set_to_none=True)
@@ -385,22 +356,31 @@ def run_sft(model_config: ModelConfig, config: SFTConfig, console=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": float(loss.detach()), **stats})
         latest_features.update(zip(batch_indices, zip(*features.chunk(2))))
+        if critic_start is not None:
+            critic_start.add(batch_indices, final_hidden, batch["labels_mask"])
 
-    head_fit = {}
-    if config.refit_reward_head and config.sft_objective != "sft" and latest_features:
+    head_fit, value_fit = {}, {}
+    read = latest_features  # pair index -> the (chosen, rejected) features the reward head reads
+    if config.refit_reward_head and has_reward and latest_features:
         if config.refit_features == "final":
             features = pooled_features(model.lm, rows, tokenizer.pad_token_id, config.eval_batch_size,
                                        (config.reward_pooling,), (config.reward_layer,))
-            chosen, rejected = features[config.reward_layer][config.reward_pooling]
-        else:
-            chosen, rejected = (torch.stack(half) for half in zip(*latest_features.values()))
+            read = dict(enumerate(zip(*features[config.reward_layer][config.reward_pooling])))
+        chosen, rejected = (torch.stack(half) for half in zip(*read.values()))
         head_fit = {**fit_reward_head(model.reward_head, chosen, rejected), "features": config.refit_features}
         console.print(f"reward head refit on {head_fit['pairs']} training pairs ({config.refit_features} features): "
                       f"L2 {head_fit['l2']}, cross-validated accuracy {head_fit['cv_accuracy']:.1%}")
+    if critic_start is not None and latest_features:
+        model.value_head = nn.Linear(model.reward_head.in_features, 1).to(device)
+        value_fit = critic_start.fit(model.value_head, lambda pairs: tuple(
+            model.reward_head(torch.stack(half)).squeeze(-1) for half in zip(*(read[i] for i in pairs))))
+        console.print(f"value head start fitted to the reward head's scores on {value_fit['sequences']} sequences' "
+                      f"final hidden states: R^2 {value_fit['r2']:.2f} over {value_fit['states']} states")
     results = evaluate_sft(model, eval_rows, tokenizer.pad_token_id, config.eval_batch_size) if eval_rows else {}
     summary = {"objective": config.sft_objective, "finetune": config.finetune, "train_pairs": len(rows),
                "skipped": dict(skipped), "length_handling": dict(length_counts), "steps": steps,
                "eval": results, "final_train": history[-1] if history else {}, "reward_head_fit": head_fit,
+               "value_head_fit": value_fit,
                "wall_seconds": time.perf_counter() - started,
                "settings": {**asdict(model_config), **asdict(config)}}
     save_sft_checkpoint(model, model_config, tokenizer, config.output_dir, summary, history)
@@ -418,7 +398,8 @@ def save_sft_checkpoint(model: HydraSFTModel, model_config: ModelConfig, tokeniz
         merged = _merged_lm(model.lm, model_config)
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        heads = {f"reward_head.{k}": v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()}
+        heads = {f"{name}.{k}": v.detach().cpu().contiguous() for name, head in model.heads().items()
+                 for k, v in head.state_dict().items()}
         save_heads(heads, staging, model.reward_pooling, model.reward_layer)
         (staging / "sft_summary.json").write_text(json.dumps(summary, indent=2))
         (staging / "sft_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))

@@ -108,7 +108,7 @@ def test_ppo_reads_the_reward_as_hydra_sft_trained_it(hydra_checkpoint, tokenize
     [row], _ = encode_pairs(tokenizer, [pair], SFTConfig())
     batch = collate([row], tokenizer.pad_token_id)
     with torch.no_grad():
-        _, sft_rewards, _ = trained(**batch)
+        _, sft_rewards, *_ = trained(**batch)
         ppo_rewards = model.rewards(batch["input_ids"], batch["attention_mask"], len(row["prompt"]))
     assert torch.allclose(sft_rewards, ppo_rewards, atol=1e-5)
     assert sft_rewards[0] > sft_rewards[1]
@@ -128,14 +128,14 @@ def test_gradient_checkpointing_gives_the_same_sft_gradients(tiny_model, tokeniz
                                             gradient_checkpointing=checkpointing), config, "cpu")
         assert model.lm.is_activation_checkpointing == checkpointing
         model.train()
-        loss, _, _ = sft_loss(model, collate(rows, tokenizer.pad_token_id), "hydra", 1.0)
+        loss, *_ = sft_loss(model, collate(rows, tokenizer.pad_token_id), "hydra", 1.0)
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert len(grads[0]) > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_reward_head_refit_reaches_the_logistic_optimum():
-    from hydra_rlhf.sft import fit_reward_head
+    from hydra_rlhf.model.head_fits import fit_reward_head
 
     # Pairs whose chosen-minus-rejected features point along one direction, with noise; a few labels flipped.
     generator = torch.Generator().manual_seed(0)
@@ -151,6 +151,29 @@ def test_reward_head_refit_reaches_the_logistic_optimum():
     assert held_out >= 0.85  # 10% of labels flipped: ~0.9 is the ceiling
     assert torch.nn.functional.cosine_similarity(head.weight[0], direction, dim=0) > 0.9
     assert head.bias.item() == 0.0
+
+
+def test_the_critic_start_recovers_a_linear_value():
+    """Sequences whose every state reads a * v + noise, scored a . v + b: the ridge fit over all states recovers
+    the value function; states past each sequence's response (mask 0) and padding are not read."""
+    from hydra_rlhf.model.head_fits import CriticStart
+
+    generator = torch.Generator().manual_seed(0)
+    direction, bias = torch.randn(8, generator=generator), 0.7
+    per_sequence = torch.randn(40, 1, 8, generator=generator)  # 20 pairs: [chosen; rejected]
+    hidden = per_sequence + 0.01 * torch.randn(40, 12, 8, generator=generator)
+    labels_mask = torch.zeros(40, 12)
+    labels_mask[:, 4:9] = 1  # response tokens 4..8: their states are positions 3..7
+    hidden[:, 8:] = 1e3  # what no state reads: the last response token and the padding after it
+    scores = (per_sequence[:, 0] @ direction + bias).chunk(2)
+    start = CriticStart(8, ridge=1e-8)
+    for pairs in (range(10), range(10, 20)):  # two batches of 10 pairs, each [chosen; rejected]
+        rows = [*pairs, *(pair + 20 for pair in pairs)]
+        start.add(list(pairs), hidden[rows], labels_mask[rows])
+    head = torch.nn.Linear(8, 1)
+    fit = start.fit(head, lambda pairs: (scores[0][pairs], scores[1][pairs]))
+    assert fit["sequences"] == 40 and fit["states"] == 40 * 5 and fit["r2"] > 0.999
+    assert torch.allclose(head.weight[0], direction, atol=0.05) and abs(head.bias.item() - bias) < 0.05
 
 
 def test_refit_on_final_features_covers_the_pairs_the_steps_did_not_reach(tiny_model, pairs_files, tmp_path):
@@ -259,14 +282,15 @@ def test_objectives_benchmark_compares_the_three(tiny_model, pairs_files, tmp_pa
 def test_a_reward_head_on_an_inner_layer_is_read_there_by_ppo(tiny_model, pairs_files, tokenizer, tmp_path):
     """reward_layer: Hydra-SFT trains and refits the head on the hidden states after layer 1 (the refit's pass
     stops there), stores the layer with the head, and PPO's reward (hydra: the reference's pass; lora: a reward
-    pass of its own) reads the same states; the value head starts at zero, not as a copy of a head that reads
-    another layer."""
+    pass of its own) reads the same states. The value head starts as the checkpoint's fitted start (the final
+    states regressed on the reward head's scores), not as a copy of a head that reads another layer; from a
+    checkpoint without one, at zero."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from hydra_rlhf.config import HydraModelConfig
     from hydra_rlhf.model import HydraModel
-    from hydra_rlhf.model.heads import HEADS_FILE, pool_response
+    from hydra_rlhf.model.heads import HEADS_FILE, pool_response, save_heads
     from hydra_rlhf.sft import SFTConfig, collate, encode_pairs
 
     output = tmp_path / "layer1"
@@ -274,8 +298,10 @@ def test_a_reward_head_on_an_inner_layer_is_read_there_by_ppo(tiny_model, pairs_
                  "--reward_layer", "1", "--refit_features", "final"))
     summary = json.loads((output / "sft_summary.json").read_text())
     assert summary["reward_head_fit"]["pairs"] == 48 and summary["eval"]["reward_accuracy"] >= 0.9
+    assert summary["value_head_fit"]["sequences"] == 2 * 16 and summary["value_head_fit"]["r2"] > 0.5  # 2 steps of 8
     with safe_open(str(output / HEADS_FILE), framework="pt") as heads:
         assert heads.metadata() == {"reward_pooling": "sum", "reward_layer": "1"}
+        value_start = heads.get_tensor("value_head.weight")
     [row], _ = encode_pairs(tokenizer, [one_pair()], SFTConfig())
     batch = collate([row], tokenizer.pad_token_id)
     prompt_len = len(row["prompt"])
@@ -288,7 +314,7 @@ def test_a_reward_head_on_an_inner_layer_is_read_there_by_ppo(tiny_model, pairs_
     response[:, :prompt_len] = 0
     for mode in ("hydra", "lora"):
         model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output), mode=mode))
-        assert model.reward_layer == 1 and not model.value_head.weight.any()
+        assert model.reward_layer == 1 and torch.equal(model.value_head.weight, value_start) and value_start.any()
         expected = model.reward_head(pool_response(inner, response, "sum")).squeeze(-1)
         with torch.no_grad():
             _, frozen = model.frozen_scores(ids, mask, prompt_len)
@@ -299,6 +325,10 @@ def test_a_reward_head_on_an_inner_layer_is_read_there_by_ppo(tiny_model, pairs_
     model.save_pretrained(saved)
     with safe_open(str(saved / HEADS_FILE), framework="pt") as heads:
         assert heads.metadata()["reward_layer"] == "1"  # an RL checkpoint keeps the read too
+    save_heads({"reward_head.weight": model.reward_head.weight.detach(), "reward_head.bias": model.reward_head.bias},
+               output, "sum", 1)  # a checkpoint written before the value head's start was fitted
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=str(output), mode="hydra"))
+    assert not model.value_head.weight.any() and not model.value_head.bias.any()
 
 
 def test_a_reward_layer_past_the_model_is_one_line(tiny_model, pairs_files, tmp_path):

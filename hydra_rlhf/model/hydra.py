@@ -9,8 +9,8 @@ critic adapter, no value head, no value forward.
 Heads live outside peft (peft's ``disable_adapter`` would silently swap a ``modules_to_save`` head for its
 original copy): ``reward_head`` (frozen; it reads the response as Hydra-SFT trained it, at the last token, averaged or
 summed: ``reward_pooling``, from the final hidden states or those of an inner layer: ``reward_layer``, both stored
-with the head) and ``value_head`` (trainable, one value per token, initialised from the reward head where both read
-the final hidden states, else at zero).
+with the head) and ``value_head`` (trainable, one value per token, initialised from the checkpoint's fitted start or
+the reward head where these read the final hidden states, else at zero).
 
 Sequence layout used by every scoring method: ``input_ids`` (B, P + R) holds left-padded prompts of width P
 followed by right-padded responses of width R; ``attention_mask`` marks real tokens; ``response_mask``
@@ -80,11 +80,10 @@ class HydraModel(nn.Module):
     @classmethod
     def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0,
                     critic: bool = True, reward_head: bool = True) -> "HydraModel":
-        """Load the base(s) the mode's role plan names, add its adapters, and read the reward head from the base's
-        ``hydra/heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init,
-        so every process of a multi-process run starts identical. ``critic=False`` (RLOO, GRPO, online DPO)
-        builds no critic adapter, no critic base and no value head. ``reward_head=False``: the run takes its reward
-        from other sources, so a base without a trained head (any causal LM) is expected, not warned about."""
+        """Load the base(s) the mode's role plan names, add its adapters, and read the heads from the base's
+        ``hydra/heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init, so
+        every process starts identical. ``critic=False`` (RLOO, GRPO, online DPO) builds no critic adapter, base or
+        value head. ``reward_head=False``: the reward comes from other sources, so a base without a head is fine."""
         device = torch.device(device)
         dtype = resolve_dtype(config.dtype, device)
         load = lambda path: load_causal_lm(  # noqa: E731
@@ -131,13 +130,12 @@ class HydraModel(nn.Module):
             head.to(device)
 
     def load_reward_head(self, base_path: str, required: bool = True) -> None:
-        """Reward head from a Hydra-SFT checkpoint; the value head (if any) starts as its copy. A run that takes its
-        reward from other sources (``required=False``) on a base without a head starts its value head at zero: a
-        random head would hand the critic random values to unlearn, while zero is an unbiased first guess that
-        GAE corrects from the first batch on. So does the value head of a reward head that reads an inner layer."""
+        """Reward head from a Hydra-SFT checkpoint. The value head (if any) starts as the checkpoint's fitted one
+        (``head_fits.CriticStart``), or as the reward head's copy where that reads the final hidden states, or at
+        zero: an unbiased first guess that GAE corrects at once, where a random head gives values to unlearn."""
         heads = heads_path(resolve_model(base_path))
-        if heads.is_file():
-            state = self._load_heads(heads)
+        state = self._load_heads(heads) if heads.is_file() else {}
+        if state:
             self.reward_head.load_state_dict(with_prefix(state, "reward_head."))
             check_reward_layer(self.reward_layer, self.bases[self.plan["reward"][0]].config.num_hidden_layers, str(heads))
         elif required:
@@ -146,7 +144,9 @@ class HydraModel(nn.Module):
                            HEADS_FILE)
         if not self.has_critic:
             return
-        if (heads.is_file() or required) and self.reward_layer is None:
+        if "value_head.weight" in state:
+            self.value_head.load_state_dict(with_prefix(state, "value_head."))
+        elif (heads.is_file() or required) and self.reward_layer is None:
             self.value_head.load_state_dict(self.reward_head.state_dict())
         else:  # no head, or one that reads an inner layer: its weights mean nothing on the final hidden states
             nn.init.zeros_(self.value_head.weight)
