@@ -154,8 +154,8 @@ def test_reward_head_refit_reaches_the_logistic_optimum():
 
 
 def test_the_critic_start_recovers_a_linear_value():
-    """Sequences whose every state reads a * v + noise, scored a . v + b: the ridge fit over all states recovers
-    the value function; states past each sequence's response (mask 0) and padding are not read."""
+    """Sequences whose every state reads v + noise, scored direction . v + bias: the ridge fit over all states
+    recovers the value function; the last response token and the padding after it (no state) are not read."""
     from hydra_rlhf.model.head_fits import CriticStart
 
     generator = torch.Generator().manual_seed(0)

@@ -81,8 +81,9 @@ class CriticStart:
         counts = summed[:, -1]  # the bias column sums to each sequence's number of states
         diagonal = torch.diagonal(self.gram).clone()
         diagonal[-1] = 0.0  # the bias is not shrunk
-        weight = torch.linalg.solve(self.gram + self.ridge * torch.diag(diagonal), summed.T @ targets)
-        residual = (counts * targets.square()).sum() - 2 * weight @ (summed.T @ targets) + weight @ self.gram @ weight
+        moment = summed.T @ targets  # X^T y: every state of a sequence has that sequence's score as its target
+        weight = torch.linalg.solve(self.gram + self.ridge * torch.diag(diagonal), moment)
+        residual = (counts * targets.square()).sum() - 2 * weight @ moment + weight @ self.gram @ weight
         mean = (counts * targets).sum() / counts.sum()
         total = (counts * (targets - mean).square()).sum()
         head.weight.copy_(weight[:-1].to(head.weight.dtype).unsqueeze(0))

@@ -146,7 +146,7 @@ class HydraModel(nn.Module):
             return
         if "value_head.weight" in state:
             self.value_head.load_state_dict(with_prefix(state, "value_head."))
-        elif (heads.is_file() or required) and self.reward_layer is None:
+        elif (state or required) and self.reward_layer is None:
             self.value_head.load_state_dict(self.reward_head.state_dict())
         else:  # no head, or one that reads an inner layer: its weights mean nothing on the final hidden states
             nn.init.zeros_(self.value_head.weight)
