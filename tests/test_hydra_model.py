@@ -177,6 +177,35 @@ def test_quantized_base_on_cpu(tiny_model, tokenizer, quantization):
     assert model.base_copies() == 1
 
 
+def test_a_4bit_base_stays_differentiable_after_sampling(tiny_model, tokenizer):
+    """bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit weight for an inference kernel at its first forward in
+    eval mode without gradients, and then takes that kernel in training too, where it has no backward: every
+    adapter whose gradient passes through a frozen 4-bit layer learned nothing. Sampling must not change training."""
+    model = make(tiny_model, "hydra", quantization="4bit")
+    assert not any(getattr(module, "support_avx512bf16_for_cpu", False) for module in model.modules())
+    enc = tokenizer(["Tell me a joke.", "How do I water a cactus in winter?"], return_tensors="pt", padding=True)
+    seq, mask, prompt_len = enc.input_ids, enc.attention_mask, enc.input_ids.shape[1] - 3
+
+    def gradients():
+        model.train()
+        model.zero_grad()
+        model.policy_scores(seq, mask, prompt_len, values=True).logprobs.mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for adapter in ("actor", "critic"):  # a non-zero LoRA B, so the A matrices get gradients too
+        for name, param in model.named_parameters():
+            if f"lora_B.{adapter}" in name:
+                torch.nn.init.normal_(param.data, std=0.02)
+    fresh = gradients()
+    sample_batch(model, tokenizer, new_tokens=3)  # eval mode, no gradients: the forward that repacked the weights
+    model.frozen_scores(seq, mask, prompt_len)
+    after = gradients()
+    lowest_query = next(n for n in fresh if "layers.0." in n and "q_proj.lora_A" in n)
+    assert fresh[lowest_query].abs().max() > 0
+    assert set(after) == set(fresh)
+    assert max(float((after[n] - fresh[n]).abs().max()) for n in fresh) < 1e-6
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, tokenizer, mode):
     # hydra is the hard case: the critic's layers are recomputed in backward after the actor adapter is back on

@@ -299,7 +299,7 @@ def load_causal_lm(
 
     path = resolve_model(name_or_path)
     if is_random_model(path):
-        return random_causal_lm(path, dtype=dtype, quantization=quantization, device=device)
+        return keep_differentiable(random_causal_lm(path, dtype=dtype, quantization=quantization, device=device))
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     bnb = quantization_config(quantization, compute_dtype=dtype)
     if bnb is not None:
@@ -311,6 +311,17 @@ def load_causal_lm(
         raise load_error(path, error) from error
     if bnb is None and device is not None:
         model.to(device)
+    return keep_differentiable(model)
+
+
+def keep_differentiable(model):
+    """Keep every forward through a 4-bit base differentiable. On a CPU with AVX512-BF16, bitsandbytes repacks a
+    4-bit weight for a faster kernel at its first forward in eval mode without gradients (generation, scoring), and
+    every later forward takes that kernel, training ones included; it has no backward, so the gradient through the
+    frozen base (what every adapter below it learns from) silently becomes zero. Our bases are trained through."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
