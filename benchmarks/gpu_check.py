@@ -6,7 +6,7 @@
 
 One process tree under a global deadline (``--deadline`` seconds, 540): each part has a time budget, is timed,
 and is skipped with its reason when it would pass the deadline or a package it needs is missing (all parts
-together need about 1,000 s on an H200: ``--parts`` picks some, and their budgets stretch to the deadline); a
+together need about 1,100 s on an H200: ``--parts`` picks some, and their budgets stretch to the deadline); a
 part that fails records its one-line error and the others still run. Training runs are the real recipe
 (``recipes/ppo.py``) as subprocesses, and a run with the same flags is made once and shared by the parts that
 need it. Predictions come from ``python -m hydra_rlhf.cli estimate``. The parts (docs/gpu.md has the table):
@@ -24,6 +24,10 @@ need it. Predictions come from ``python -m hydra_rlhf.cli estimate``. The parts 
 * async: asynchronous training on one device (the generator a child sharing the base through CUDA IPC) against
   synchronous: speedup, and the base counted once on the device.
 * latency: seconds per PPO iteration of hydra against lora at equal batch (the Hydra paper's latency claim).
+* sharded_load: a sharded run's path on the one device: the 1B shape's 4-bit base loaded on the host, wrapped by
+  FSDP2 on a 1-rank mesh (which moves each layer's shard, its quantization state and the heads to the device),
+  then sampling, both scoring passes and a backward: everything on the device, finite non-zero adapter
+  gradients, and the device memory before and after wrapping. Two ranks need two devices (not run here).
 
 The bases are plain models or random ones, never Hydra-SFT checkpoints: reward heads are random, rewards mean
 nothing; this checks memory and speed. Without CUDA it prints one line saying so and runs a dry pass of its own
@@ -402,9 +406,58 @@ def part_latency(check: Check, models: dict, out: dict) -> None:
     out["hydra_vs_lora_time"] = out["hydra_seconds_per_iteration"] / out["lora_seconds_per_iteration"]
 
 
+def part_sharded_load(check: Check, models: dict, out: dict) -> None:
+    result = json.loads(check.command([str(Path(__file__).relative_to(ROOT)), "--sharded-worker",
+                                       json.dumps(models["sharded"])]).strip().splitlines()[-1])
+    out.update(settings=models["sharded"], **result)
+
+
+def sharded_worker(settings: dict) -> None:
+    """Run in a subprocess: HydraModel.from_config as a sharded run calls it (the bases on the host), FSDP2 on a
+    mesh of this one process, then each entry point once. Prints one JSON line."""
+    import torch
+    import torch.distributed as dist
+
+    from hydra_rlhf.config import HydraModelConfig
+    from hydra_rlhf.model.hydra import HydraModel
+    from hydra_rlhf.model.sharding import distribute
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29531"))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    on_device = (lambda: torch.cuda.memory_allocated(device)) if cuda else (lambda: 0)
+    config = HydraModelConfig(model_name_or_path=settings["model"], quantization=settings["quantization"],
+                              lora_r=16, gradient_checkpointing=True)
+    model = HydraModel.from_config(config, device=device, seed=0, load_device="cpu")
+    loaded = on_device()  # the heads only: the base waits on the host
+    distribute(model, "fsdp2", 1, device)
+    wrapped = on_device()
+    prompt, new = settings["prompt_len"], settings["gen_len"]
+    ids = torch.randint(10, 1000, (settings["batch_size"], prompt), device=device)
+    mask = torch.ones_like(ids)
+    sequences = model.generate(ids, mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    full_mask = torch.ones_like(sequences)
+    model.frozen_scores(sequences, full_mask, prompt)
+    model.train()
+    scores = model.policy_scores(sequences, full_mask, prompt, values=True)
+    (scores.logprobs.mean() + scores.values.pow(2).mean()).backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+    lora_b = [g for name, g in grads.items() if "lora_B" in name]
+    print(json.dumps({
+        "device_bytes_after_loading": loaded, "device_bytes_after_wrapping": wrapped,
+        "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "all_on_device": all(p.device.type == device.type for p in model.parameters())
+        and all(p.device.type == device.type for p in model.reward_head.parameters()),
+        "generated_tokens": sequences.shape[1] - prompt,
+        "finite_gradients": all(bool(torch.isfinite(g).all()) for g in grads.values()),
+        "nonzero_adapter_gradients": bool(lora_b) and all(bool(g.abs().sum() > 0) for g in lora_b)}))
+    dist.destroy_process_group()
+
+
 PARTS = (
     # budgets: seconds on an H200, from the first device run (a recipe run of SmolLM2's shape took 35-45 s there,
-    # a 1B one 45-55 s, most of it start-up); 8B runs not yet timed. Together they need two calls (docs/gpu.md).
+    # a 1B one 45-55 s, most of it start-up); 8B runs not yet timed. Together they need three calls (docs/gpu.md).
     Part("memory_modes", 175, ("model", "settings", "modes", "hydra_vs_lora_peak"), part_memory_modes),
     Part("random_presets", 340, ("presets", "all_within_10pct"), part_random_presets,
          needs=(*TRAINING, "bitsandbytes")),
@@ -419,6 +472,9 @@ PARTS = (
     Part("async", 100, ("model", "settings", "sync_seconds_per_iteration", "async_seconds_per_iteration", "speedup",
                        "memory_measure", "peak_memory_bytes", "extra_bytes", "base_bytes", "base_counted_once"),
          part_async),
+    Part("sharded_load", 90, ("settings", "device_bytes_after_loading", "device_bytes_after_wrapping", "peak_bytes",
+                              "all_on_device", "generated_tokens", "finite_gradients", "nonzero_adapter_gradients"),
+         part_sharded_load, needs=("bitsandbytes",)),
 )
 
 
@@ -467,6 +523,8 @@ def cuda_models() -> dict:
         "sampling": Shape(small, batch_size=16, gen_len=128, stop_at_eos=True),
         "fusion": {"model": small, "batch_size": 16, "max_new_tokens": 128, "batches": 2},
         "latency": one_b, "async": one_b,  # the sync run of async is latency's hydra run
+        "sharded": {"model": "random:llama-3.2-1b", "quantization": "4bit", "batch_size": 4, "prompt_len": 64,
+                    "gen_len": 16},
     }
 
 
@@ -491,6 +549,8 @@ def dry_models(scratch: Path) -> dict:
         "planned": {"tiny-llama": (replace(shape, gradient_checkpointing=None), "T4 16GB")},  # a plan: none needed
         "sampling": shape, "fusion": {"model": tiny, "batch_size": 2, "max_new_tokens": 8, "batches": 1},
         "latency": shape, "async": shape,
+        "sharded": {"model": f"random:{preset}", "quantization": "4bit", "batch_size": 2, "prompt_len": 8,
+                    "gen_len": 4},
     }
 
 
@@ -581,11 +641,15 @@ def main(argv: list[str] | None = None) -> int:
                              "Their budgets stretch in proportion to fill the deadline, never shrink.")
     parser.add_argument("--modes", type=names, help="memory_modes' modes (default: full,lora,j-hydra,hydra).")
     parser.add_argument("--fusion-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--sharded-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     refuse_unknown(parser, "part", args.parts, [part.name for part in PARTS])
     refuse_unknown(parser, "mode", args.modes or [], MODES)
     if args.fusion_worker:
         fusion_worker(json.loads(args.fusion_worker))
+        return 0
+    if args.sharded_worker:
+        sharded_worker(json.loads(args.sharded_worker))
         return 0
 
     started = time.monotonic()

@@ -2,14 +2,16 @@
 bytes, seconds per iteration, how far the trained weights differ, and the estimate of one rank.
 
     python benchmarks/sharding.py --json runs/sharding/sharding.json
+    python benchmarks/sharding.py --quantization 4bit --json runs/sharding/sharding-4bit.json
     torchrun --standalone --nproc_per_node 2 benchmarks/sharding.py worker smollm2-135m runs/sharding/fsdp2 --sharding fsdp2
 
-Hydra-PPO (actor and critic adapters, value head, reference and reward from the adapters-off pass), fp32 on CPU,
-gloo between the ranks. Stage 1 samples one token (its forward gathers the weights as a run's does), then its
-responses are replaced by fixed ones, a function of the iteration only, so
-one process (every row) and N ranks (each its 1/N of the rows) train on the same global batch; stages 2-6 are the
-trainer's own. The whole sampler runs once, outside the timed iterations: each rank samples 2 rows, to different
-lengths (rank r to 3 + 4r tokens), so an early rank must keep stepping with the others (its seconds are reported).
+Hydra-PPO (actor and critic adapters, value head, reference and reward from the adapters-off pass), fp32 on CPU
+(``--quantization 4bit``: the base's linear layers in NF4, the rest fp32), gloo between the ranks. Stage 1 samples
+one token (its forward gathers the weights as a run's does), then its responses are replaced by fixed ones, a
+function of the iteration only, so one process (every row) and N ranks (each its 1/N of the rows) train on the
+same global batch; stages 2-6 are the trainer's own. The whole sampler runs once, outside the timed iterations:
+each rank samples 2 rows, to different lengths (rank r to 3 + 4r tokens), so an early rank must keep stepping with
+the others (its seconds are reported).
 Memory per rank is the profiler's (live tensor storages per stage; FSDP's gathered weights included) and the peak
 resident set size of each process. ``worker`` is one such run; tests/test_sharding.py runs it on a tiny model.
 """
@@ -67,7 +69,8 @@ def worker(args: argparse.Namespace) -> None:
                       output_dir=args.output, resume=args.resume,
                       sharding=args.sharding, seed=1, actor_lr=1e-3, critic_lr=1e-3)
     path = resolve_model(args.model)
-    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=path, lora_r=args.lora_r), seed=0)
+    model = HydraModel.from_config(HydraModelConfig(model_name_or_path=path, lora_r=args.lora_r,
+                                                    quantization=args.quantization), seed=0)
     prompts = [[{"role": "user", "content": f"prompt {i}"}] for i in range(args.rows)]
     trainer = RLTrainer(model, load_tokenizer(path), config, prompts, make_accelerator())
     iterations_run = []
@@ -131,7 +134,8 @@ def launch(args: argparse.Namespace, processes: int, output: Path, *extra: str) 
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(processes)]
     command = [*([sys.executable] if processes == 1 else torchrun), __file__, "worker", args.model, str(output),
                "--rows", str(args.rows), "--prompt", str(args.prompt), "--response", str(args.response),
-               "--iterations", str(args.iterations), "--lora-r", str(args.lora_r), *extra]
+               "--iterations", str(args.iterations), "--lora-r", str(args.lora_r),
+               "--quantization", args.quantization, *extra]
     output.mkdir(parents=True, exist_ok=True)
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     return torch.load(output / f"result-{processes}.pt", weights_only=True)
@@ -144,7 +148,8 @@ def estimate_per_rank(args: argparse.Namespace, processes: int, sharding: str) -
 
     settings = EstimateSettings(mode="hydra", objective="ppo", dtype="float32", device="cpu", lora_r=args.lora_r,
                                 batch_size=args.rows // processes, max_prompt_length=args.prompt,
-                                max_new_tokens=args.response, gpus=processes, sharding=sharding)
+                                max_new_tokens=args.response, gpus=processes, sharding=sharding,
+                                quantization=args.quantization)
     return estimate(ModelShape.from_config(resolve_model(args.model)), settings).stages
 
 
@@ -169,7 +174,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     report = {
         "settings": {"model": args.model, "mode": "hydra", "objective": "ppo", "global_rows": args.rows,
                      "prompt_tokens": args.prompt, "response_tokens": args.response, "iterations": args.iterations,
-                     "lora_r": args.lora_r, "dtype": "float32", "device": "cpu", "backend": "gloo",
+                     "lora_r": args.lora_r, "quantization": args.quantization, "dtype": "float32", "device": "cpu",
+                     "backend": "gloo",
                      "omp_threads": os.environ.get("OMP_NUM_THREADS", "1")},
         "one_process": summarize_rank(one["ranks"][0], estimate_per_rank(args, 1, "none")),
         "fsdp2_ranks": [summarize_rank(rank, estimate_per_rank(args, 2, "fsdp2")) for rank in sharded["ranks"]],
@@ -215,6 +221,8 @@ def main() -> None:
         sub.add_argument("--response", type=int, default=32, help="Response tokens.")
         sub.add_argument("--iterations", type=int, default=3)
         sub.add_argument("--lora-r", dest="lora_r", type=int, default=16)
+        sub.add_argument("--quantization", default="none", choices=("none", "4bit"),
+                         help="The base: fp32, or 4-bit NF4 through bitsandbytes (QLoRA, sharded alike).")
     parser.add_argument("--model", default="smollm2-135m", help="The bundled model, or a model directory.")
     parser.add_argument("--json", type=Path, default=Path("runs/sharding/sharding.json"))
     args = parser.parse_args()

@@ -178,10 +178,10 @@ def check_sharding(sharding: str, generation_backend: str = "hf", fusion: bool =
     check_choice("sharding", sharding, SHARDINGS)
     if sharding == "none":
         return
-    if quantization != "none":
-        raise ValueError(f"sharding fsdp2 with a {quantization} bitsandbytes base is not supported yet: its packed "
-                         "weights and their quantization state do not split into FSDP shards here; use quantization "
-                         "none (bf16 shards), or a quantized base on one process.")
+    if quantization == "8bit":
+        raise ValueError("sharding fsdp2 with an 8bit bitsandbytes base: its int8 weights cannot be FSDP shards "
+                         "(FSDP shards floating-point parameters); use quantization 4bit (sharded like the rest) "
+                         "or none.")
     if fusion:
         raise ValueError("sharding fsdp2 and fusion: the fused decode loop drives the decoder step by step outside "
                          "FSDP's gather of the root's weights; use generate (fusion false) with a sharded base.")

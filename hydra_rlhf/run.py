@@ -18,7 +18,7 @@ from .model.hydra import HydraModel
 from .layout import objective_info
 from .memory.plan import AUTO_LEVERS, lever_value, plan_memory
 from .memory.profiler import stage_table, storage_bytes, wide_console
-from .model.sharding import is_distributed, trained_state
+from .model.sharding import is_distributed, load_device, trained_state
 
 logger = logging.getLogger(__name__)
 PLAN_FILE = "memory_plan.json"  # what levers auto chose for the run, and from which budget
@@ -69,7 +69,8 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
             (output / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
     tokenizer = load_tokenizer(model_config.model_name_or_path, model_config.trust_remote_code)
     model = HydraModel.from_config(model_config, device=accelerator.device, seed=config.seed,
-                                   critic=objective_info(config.objective).critic, reward_head=config.head_weight > 0)
+                                   critic=objective_info(config.objective).critic, reward_head=config.head_weight > 0,
+                                   load_device=load_device(config, accelerator.num_processes, accelerator.device))
     accelerator.init_trackers("hydra-rlhf", config={**asdict(model_config), **asdict(config)})
 
     trainer = RLTrainer(model, tokenizer, config, prompts, accelerator)

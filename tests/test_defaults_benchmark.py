@@ -100,7 +100,7 @@ def test_frozen_hash_in_place_equals_the_hash_of_copied_bytes():
 
     import torch
 
-    from hydra_rlhf.model.hydra import _hash_weights
+    from hydra_rlhf.model.sharding import weights_fingerprint
 
     model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2).to(torch.bfloat16))
     model[0].weight.data = model[0].weight.data.t().contiguous().t()  # a non-contiguous weight
@@ -108,7 +108,7 @@ def test_frozen_hash_in_place_equals_the_hash_of_copied_bytes():
     for name, tensor in sorted(model.state_dict().items()):  # what the hash was before: a copy of every weight
         digest.update(name.encode() + str(tensor.dtype).encode())
         digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    assert _hash_weights(model) == digest.hexdigest()
+    assert weights_fingerprint(model) == digest.hexdigest()
 
 
 def test_dropout_off_and_heap_trim_is_harmless():

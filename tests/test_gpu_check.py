@@ -68,6 +68,9 @@ def test_parts_that_run_on_a_cpu_have_numbers(dry_pass):
     assert parts["latency"]["hydra_vs_lora_time"] > 0
     assert parts["async"]["speedup"] > 0 and parts["async"]["base_bytes"] > 0
     assert parts["async"]["peak_memory_bytes"]["async"] > 0 and parts["async"]["base_counted_once"] is None
+    sharded = parts["sharded_load"]  # a 4-bit base loaded on the host, wrapped by FSDP2 on one rank, trained through
+    assert sharded["all_on_device"] and sharded["finite_gradients"] and sharded["nonzero_adapter_gradients"]
+    assert sharded["generated_tokens"] == sharded["settings"]["gen_len"]
 
 
 def test_parts_and_modes_select_what_runs(tmp_path):

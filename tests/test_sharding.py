@@ -108,6 +108,28 @@ def test_a_rank_killed_mid_run_resumes_on_two_ranks_to_the_unbroken_result(runs,
     assert max_difference(resumed["trained"], runs["fsdp2"]["trained"]) <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def quantized_runs(tiny_model, tmp_path_factory) -> dict:
+    """The same two PPO iterations on a 4-bit base (QLoRA): one process, and 2 sharded ranks."""
+    directory = tmp_path_factory.mktemp("sharding-4bit")
+    return {"one": worker(tiny_model, directory / "one", 1, "--quantization", "4bit", "--save-every", "0"),
+            "fsdp2": worker(tiny_model, directory / "fsdp2", 2, "--quantization", "4bit", "--sharding", "fsdp2",
+                            "--save-every", "0")}
+
+
+def test_a_4bit_base_sharded_trains_as_on_one_process(quantized_runs, runs):
+    one, sharded = quantized_runs["one"], quantized_runs["fsdp2"]
+    assert sharded["sharding"] == "fsdp2"
+    assert max_difference(sharded["trained"], one["trained"]) <= TOLERANCE
+    assert all(v.abs().sum() > 0 for n, v in one["trained"].items() if "lora_B" in n)
+    # each rank holds half the packed 4-bit weights (and the fp32 embeddings and norms), a quarter-ish of fp32's
+    assert [rank["base_bytes"] for rank in sharded["ranks"]] == [one["ranks"][0]["base_bytes"] // 2] * 2
+    assert one["ranks"][0]["base_bytes"] < runs["one"]["ranks"][0]["base_bytes"]
+    # the gathered base, quantization state included, is the one-process base, and stays frozen
+    assert sharded["frozen_before"] == sharded["frozen_after"] == one["frozen_before"] == one["frozen_after"]
+    assert [rank["sampled"] for rank in sharded["ranks"]] == [3, 7]
+
+
 def test_a_run_that_would_hold_replicas_is_refused(tiny_model):
     from hydra_rlhf.config import HydraModelConfig
     from hydra_rlhf.model.hydra import HydraModel
@@ -131,12 +153,12 @@ def test_what_sharding_cannot_run_with_is_one_line(setting, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_sharded_4bit_base_is_refused_before_anything_is_wrapped(monkeypatch):
+def test_a_sharded_8bit_base_is_refused_before_anything_is_wrapped(monkeypatch):
     from hydra_rlhf.config import RLConfig
     from hydra_rlhf.model.sharding import prepare
 
-    model = SimpleNamespace(config=SimpleNamespace(quantization="4bit"))
-    with pytest.raises(ValueError, match="4bit bitsandbytes base is not supported yet"):
+    model = SimpleNamespace(config=SimpleNamespace(quantization="8bit"))
+    with pytest.raises(ValueError, match="8bit bitsandbytes base: its int8 weights cannot be FSDP shards"):
         prepare(model, RLConfig(sharding="fsdp2"), 2, torch.device("cpu"))
     # an accelerate FSDP config asks for sharding: version 1 is refused, version 2 meets the same rules
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -162,19 +184,35 @@ def test_the_estimate_plans_one_rank_of_a_sharded_run():
         assert halves.stage_breakdown["log"][part] == one.stage_breakdown["log"][part] // (2 if part == "optimizer" else 1)
     weights = one.stage_breakdown["log"]["weights"]
     assert halves.stage_breakdown["log"]["weights"] == weights // 2  # after backward FSDP holds the shards only
-    # ... while computing, also what it gathers whole (the root unit, two layers and their all-gather buffers): for
-    # Llama-3.1-8B the root (embeddings and LM head, 2 GiB in bf16) is an eighth of the base
-    assert weights / 2 < halves.stage_breakdown["train"]["weights"] < 0.7 * weights
-    assert eighths.stage_breakdown["train"]["weights"] < 0.35 * weights
+    # ... while computing, also what it gathers whole beside its shards: the root unit (for Llama-3.1-8B the
+    # embeddings and LM head, 2 GiB in bf16, an eighth of the base), two layers and their all-gather buffers
+    root = shape.dense_params * 2
+    layer = (weights - root) // shape.num_layers
+    for n, planned in ((2, halves), (8, eighths)):
+        assert planned.stage_breakdown["train"]["weights"] == pytest.approx(weights / n + root + 4 * layer, abs=8)
     assert eighths.peak_bytes < halves.peak_bytes < one.peak_bytes
 
 
-def test_the_estimate_refuses_what_a_run_refuses(capsys):
+def test_the_estimate_plans_a_sharded_4bit_base_and_refuses_what_a_run_refuses(capsys):
     from hydra_rlhf import cli
+    from hydra_rlhf.memory.formulas import estimate, quantized_linear_bytes
+    from hydra_rlhf.memory.shape import EstimateSettings, load_preset
 
-    assert cli.main(["estimate", "--gpus", "2", "--sharding", "fsdp2", "--quant", "4bit"]) == 2
+    shape, settings = load_preset("llama-3.1-70b"), EstimateSettings(quantization="4bit", batch_size=4)
+    one, halves = estimate(shape, settings), estimate(shape, EstimateSettings(
+        quantization="4bit", batch_size=4, gpus=2, sharding="fsdp2"))
+    # after backward a rank holds half the packed weights, embeddings and norms, and the whole quantization state
+    # (absmax and codes: each layer keeps its own beside its shard)
+    state = quantized_linear_bytes(shape, settings) - shape.linear_params // 2
+    weights = one.stage_breakdown["log"]["weights"]
+    assert halves.stage_breakdown["log"]["weights"] == pytest.approx((weights - state) / 2 + state, abs=8)
+    assert 0.5 * weights < halves.stage_breakdown["log"]["weights"] < 0.52 * weights
+    assert cli.main(["estimate", "--preset", "llama-3.1-70b", "--gpus", "2", "--sharding", "fsdp2", "--quant",
+                     "4bit"]) == 0
+    capsys.readouterr()
+    assert cli.main(["estimate", "--gpus", "2", "--sharding", "fsdp2", "--quant", "8bit"]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error: sharding fsdp2 with a 4bit bitsandbytes base") and "\n" not in error
+    assert error.startswith("error: sharding fsdp2 with an 8bit bitsandbytes base") and "\n" not in error
 
 
 def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(tiny_model, prompts_file, tmp_path):

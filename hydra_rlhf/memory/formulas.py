@@ -453,21 +453,25 @@ class Estimate:
 def sharded_bytes(shape: ModelShape, s: EstimateSettings, parts: dict[str, int], stage: str) -> dict[str, int]:
     """One rank's share of ``parts`` (``stage``'s) under ``sharding fsdp2`` over N = ``s.shards`` ranks
     (model/sharding.py): weights, adapters, the value head, gradients and AdamW states are split N ways (the frozen
-    reward head stays whole). On top, what FSDP gathers whole, per base copy: the root unit (embeddings, LM head,
-    final norm), which stays gathered from the first forward after a backward to the end of the next backward
-    (every stage but ``log``), and two decoder layers (the one computing and the next, prefetched), each beside
-    its all-gather buffer; in the stage whose forward gathers the root again (``generate``), its all-gather buffer
-    too. Activations do not change: ``batch_size`` counts prompts per process. Not counted: a checkpoint's gather
+    reward head stays whole, and so does a 4-bit base's quantization state, which each layer holds beside its
+    shard). On top, what FSDP gathers whole, per base copy: the root unit (embeddings, LM head, final norm), whose
+    whole copy stays beside its shard from the first forward after a backward to the end of the next backward
+    (every stage but ``log``), and two decoder layers (the one computing and the next, prefetched), in ``train``
+    each beside its all-gather buffer (measured on CPU: the no-grad stages hold two layers' worth, not four); in
+    the stage whose forward gathers the root again (``generate``), its all-gather buffer too. Activations do not change: ``batch_size`` counts prompts per process. Not counted: a checkpoint's gather
     of the trained weights."""
     n = s.shards
     if n == 1:
         return parts
     root = shape.dense_params * s.dtype_bytes
     layer = (base_weight_bytes(shape, s) - root) // shape.num_layers  # one layer's linears and norms
-    gathered = 0 if stage == "log" else root * (n - 1) // n + 4 * layer
+    gathered = 0 if stage == "log" else root + (4 if stage == "train" else 2) * layer  # whole, beside the shards
     gathered += root if stage in ("generate", FUSED_STAGE) else 0
     reward_head = 4 * (shape.hidden_size + 1)
     split = {key: parts[key] // n for key in ("weights", "gradients", "optimizer")}
+    if s.quantization == "4bit":  # the packed weights are split; their absmax and codes stay whole on every rank
+        whole = (quantized_linear_bytes(shape, s) - math.ceil(shape.linear_params / 2)) * s.layout["base_copies"]
+        split["weights"] += whole - whole // n
     return {**parts, **split, "weights": split["weights"] + gathered * s.layout["base_copies"],
             "adapters_heads": (parts["adapters_heads"] - reward_head) // n + reward_head}
 

@@ -37,7 +37,7 @@ from ..memory.profiler import storage_bytes
 from .heads import HEADS_FILE, check_reward_layer, heads_path, pool_response, reading_layer, save_heads, with_prefix
 from .loading import MANIFEST_FILE, enable_activation_checkpointing, load_causal_lm, resolve_model, unwrapped
 from .lora import with_lora_adapters
-from .sharding import full_tensor
+from .sharding import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +79,19 @@ class HydraModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: HydraModelConfig, device: str | torch.device = "cpu", seed: int = 0,
-                    critic: bool = True, reward_head: bool = True) -> "HydraModel":
+                    critic: bool = True, reward_head: bool = True,
+                    load_device: str | torch.device | None = None) -> "HydraModel":
         """Load the base(s) the mode's role plan names, add its adapters, and read the heads from the base's
         ``hydra/heads.safetensors`` (a Hydra-SFT checkpoint) when present. ``seed`` fixes adapter and head init, so
         every process starts identical. ``critic=False`` (RLOO, GRPO, online DPO) builds no critic adapter, base or
-        value head. ``reward_head=False``: the reward comes from other sources, so a base without a head is fine."""
+        value head. ``reward_head=False``: the reward comes from other sources, so a base without a head is fine.
+        ``load_device``: where the bases load, if not on ``device`` (a sharded run's load on the host; FSDP2 then
+        moves each rank's shard to ``device``, a layer at a time)."""
         device = torch.device(device)
         dtype = resolve_dtype(config.dtype, device)
         load = lambda path: load_causal_lm(  # noqa: E731
-            path, dtype=dtype, quantization=config.quantization, device=device, trust_remote_code=config.trust_remote_code
-        )
+            path, dtype=dtype, quantization=config.quantization, device=load_device or device,
+            trust_remote_code=config.trust_remote_code)
         plan = role_plan(config.mode, critic)
         reward_path = config.reward_model_path or config.model_name_or_path
         policy_base = _frozen(load(config.model_name_or_path))  # the reference's weights
@@ -349,8 +352,8 @@ class HydraModel(nn.Module):
 
     def frozen_fingerprint(self) -> dict[str, str]:
         """sha256 of every frozen base's weights (adapters excluded) and of the reward head."""
-        prints = {"reward_head": _hash_weights(self.reward_head)}
-        prints.update({name: _hash_weights(base) for name, base in self.frozen_bases().items()})
+        prints = {"reward_head": weights_fingerprint(self.reward_head)}
+        prints.update({name: weights_fingerprint(base) for name, base in self.frozen_bases().items()})
         return prints
 
     # ---------------------------------------------------------------------------------------------- save/load
@@ -479,22 +482,3 @@ def read_manifest(directory: str | Path) -> dict:
         raise FileNotFoundError(f"{directory} is not a HydraModel checkpoint: {MANIFEST_FILE} is missing "
                                 "(a PPO run keeps its checkpoints in <output_dir>/checkpoints/iter-*).")
     return json.loads(path.read_text())
-
-
-def _hash_weights(model: nn.Module) -> str:
-    """sha256 over a module's state, adapters excluded. trl's ``hash_module`` cannot skip the adapters (which
-    train) and goes through numpy, which has no bfloat16; raw bytes cover every dtype, 4-bit storage included.
-    The bytes are hashed where they lie (a uint8 view, read through the buffer protocol): no copy of a weight is
-    made on the CPU, where a copy of the largest (the embedding, 113 MB for SmolLM2-135M in fp32) would add to the
-    process's peak."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            continue
-        # a shard: the whole tensor (every rank hashes together); no copy of a whole CPU weight
-        tensor = full_tensor(tensor.detach()).cpu().contiguous()
-        digest.update(name.encode() + str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()

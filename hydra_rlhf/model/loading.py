@@ -270,7 +270,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype = torch.float32):
-    """bitsandbytes settings for ``None``, ``"4bit"`` (NF4, double quant) or ``"8bit"``."""
+    """bitsandbytes settings for ``None``, ``"4bit"`` (NF4, double quant) or ``"8bit"``. The 4-bit weights are
+    stored in ``compute_dtype`` (bitsandbytes' ``quant_storage``: the same packed bytes, seen as that dtype), the
+    dtype of the base's other weights, so FSDP2 can shard a 4-bit base (it shards floating-point parameters, and
+    gathers each unit's in one dtype); one process computes the same either way."""
     if quantization in (None, "none"):
         return None
     from transformers import BitsAndBytesConfig
@@ -281,6 +284,7 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype = t
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype,
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

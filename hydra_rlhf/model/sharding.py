@@ -44,16 +44,29 @@ logger = logging.getLogger(__name__)
 ENTRY_POINTS = ("generate", "frozen_scores", "policy_scores", "values", "rewards")
 
 
-def prepare(model: nn.Module, config, processes: int, device: torch.device) -> str:
-    """Wrap ``model`` for a run (``config``, an RLConfig) of ``processes`` data-parallel processes; returns the
-    sharding it got. An ``accelerate launch`` with an FSDP config asks for ``fsdp2`` too (accelerate's own plugin
-    would leave a CPU run unsharded without a word, so the project applies FSDP2 itself, on every device)."""
-    sharding = config.sharding
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and sharding == "none":
+def requested_sharding(config) -> str:
+    """The sharding a run (``config``, an RLConfig) asks for: its ``sharding``, or ``fsdp2`` under an ``accelerate
+    launch`` with an FSDP config (accelerate's own plugin would leave a CPU run unsharded without a word, so the
+    project applies FSDP2 itself, on every device)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and config.sharding == "none":
         if os.environ.get("FSDP_VERSION", "1") != "2":
             raise ValueError("accelerate's FSDP config asks for FSDP version 1: set fsdp_version: 2 in it "
                              "(recipes/accelerate/fsdp2.yaml), or sharding fsdp2 without an FSDP config.")
-        sharding = "fsdp2"
+        return "fsdp2"
+    return config.sharding
+
+
+def load_device(config, processes: int, device: torch.device) -> torch.device:
+    """Where a run's bases load: on the host when they will be sharded (``fully_shard`` then moves each rank's
+    shard to ``device`` a layer at a time, so the whole base never has to fit one card; safetensors files are
+    memory-mapped, so the processes of one machine share one copy in its page cache), else on ``device``."""
+    return torch.device("cpu") if processes > 1 and requested_sharding(config) == "fsdp2" else device
+
+
+def prepare(model: nn.Module, config, processes: int, device: torch.device) -> str:
+    """Wrap ``model`` for a run (``config``, an RLConfig) of ``processes`` data-parallel processes; returns the
+    sharding it got (``requested_sharding``)."""
+    sharding = requested_sharding(config)
     check_sharding(sharding, config.generation_backend, config.fusion, config.async_generation,
                    model.config.quantization)
     if processes == 1:
@@ -104,6 +117,7 @@ def distribute(model: nn.Module, sharding: str, world: int, device: torch.device
         for layer in decoder_layers(base, "sharding fsdp2"):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(model.reward_head.parameters()))
+    model.reward_head.to(device)  # FSDP moved every other weight to the mesh's device; this one it ignores
     for name in ENTRY_POINTS:
         register_fsdp_forward_method(model, name)
     # Scores come back as views ((B, R) slices of (B, T) tensors); FSDP2 warns that an in-place op on one would
@@ -136,6 +150,32 @@ def _full_tensors_to_shards(module, state_dict, prefix, *args) -> None:
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a shard (a collective: every rank calls it), or ``tensor`` itself."""
     return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over a module's state, adapters excluded, sharded or not (a collective where it is sharded: every
+    rank calls it). trl's ``hash_module`` cannot skip the adapters (which train) and goes through numpy, which has no
+    bfloat16; raw bytes cover every dtype, 4-bit storage included. The bytes are hashed where they lie (a uint8
+    view, read through the buffer protocol): no copy of a weight is made on the CPU, where a copy of the largest
+    (the embedding, 113 MB for SmolLM2-135M in fp32) would add to the process's peak."""
+    import hashlib
+
+    state = model.state_dict()
+    # A sharded 4-bit weight's quantization state is not in state_dict (it hangs on the weight, which FSDP replaced
+    # by its shard); the layer keeps it whole, so a sharded base hashes as the same base on one process does.
+    for name, module in model.named_modules():
+        quant_state = getattr(module, "quant_state", None)
+        if hasattr(quant_state, "as_dict"):
+            for key, value in quant_state.as_dict(packed=True).items():
+                state.setdefault(f"{name}.weight.{key}", value)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        if "lora_" in name:
+            continue
+        tensor = full_tensor(tensor.detach()).cpu().contiguous()  # a shard's whole tensor; a CPU weight as it is
+        digest.update(name.encode() + str(tensor.dtype).encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
