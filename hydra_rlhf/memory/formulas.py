@@ -458,8 +458,8 @@ def sharded_bytes(shape: ModelShape, s: EstimateSettings, parts: dict[str, int],
     whole copy stays beside its shard from the first forward after a backward to the end of the next backward
     (every stage but ``log``), and two decoder layers (the one computing and the next, prefetched), in ``train``
     each beside its all-gather buffer (measured on CPU: the no-grad stages hold two layers' worth, not four); in
-    the stage whose forward gathers the root again (``generate``), its all-gather buffer too. Activations do not change: ``batch_size`` counts prompts per process. Not counted: a checkpoint's gather
-    of the trained weights."""
+    the stage whose forward gathers the root again (``generate``), its all-gather buffer too. Activations do not
+    change: ``batch_size`` counts prompts per process. Not counted: a checkpoint's gather of the trained weights."""
     n = s.shards
     if n == 1:
         return parts
