@@ -3,6 +3,7 @@ bytes, seconds per iteration, how far the trained weights differ, and the estima
 
     python benchmarks/sharding.py --json runs/sharding/sharding.json
     python benchmarks/sharding.py --quantization 4bit --json runs/sharding/sharding-4bit.json
+    python benchmarks/sharding.py --quantization 4bit --dtype bfloat16 --json runs/sharding/sharding-qlora-bf16.json
     torchrun --standalone --nproc_per_node 2 benchmarks/sharding.py worker smollm2-135m runs/sharding/fsdp2 --sharding fsdp2
 
 Hydra-PPO (actor and critic adapters, value head, reference and reward from the adapters-off pass), fp32 on CPU
@@ -70,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
                       sharding=args.sharding, seed=1, actor_lr=1e-3, critic_lr=1e-3)
     path = resolve_model(args.model)
     model = HydraModel.from_config(HydraModelConfig(model_name_or_path=path, lora_r=args.lora_r,
-                                                    quantization=args.quantization), seed=0)
+                                                    quantization=args.quantization, dtype=args.dtype), seed=0)
     prompts = [[{"role": "user", "content": f"prompt {i}"}] for i in range(args.rows)]
     trainer = RLTrainer(model, load_tokenizer(path), config, prompts, make_accelerator())
     iterations_run = []
@@ -135,7 +136,7 @@ def launch(args: argparse.Namespace, processes: int, output: Path, *extra: str) 
     command = [*([sys.executable] if processes == 1 else torchrun), __file__, "worker", args.model, str(output),
                "--rows", str(args.rows), "--prompt", str(args.prompt), "--response", str(args.response),
                "--iterations", str(args.iterations), "--lora-r", str(args.lora_r),
-               "--quantization", args.quantization, *extra]
+               "--quantization", args.quantization, "--dtype", args.dtype, *extra]
     output.mkdir(parents=True, exist_ok=True)
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     return torch.load(output / f"result-{processes}.pt", weights_only=True)
@@ -146,7 +147,7 @@ def estimate_per_rank(args: argparse.Namespace, processes: int, sharding: str) -
     from hydra_rlhf.memory.shape import EstimateSettings, ModelShape
     from hydra_rlhf.model.loading import resolve_model
 
-    settings = EstimateSettings(mode="hydra", objective="ppo", dtype="float32", device="cpu", lora_r=args.lora_r,
+    settings = EstimateSettings(mode="hydra", objective="ppo", dtype=args.dtype, device="cpu", lora_r=args.lora_r,
                                 batch_size=args.rows // processes, max_prompt_length=args.prompt,
                                 max_new_tokens=args.response, gpus=processes, sharding=sharding,
                                 quantization=args.quantization)
@@ -174,7 +175,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     report = {
         "settings": {"model": args.model, "mode": "hydra", "objective": "ppo", "global_rows": args.rows,
                      "prompt_tokens": args.prompt, "response_tokens": args.response, "iterations": args.iterations,
-                     "lora_r": args.lora_r, "quantization": args.quantization, "dtype": "float32", "device": "cpu",
+                     "lora_r": args.lora_r, "quantization": args.quantization, "dtype": args.dtype, "device": "cpu",
                      "backend": "gloo",
                      "omp_threads": os.environ.get("OMP_NUM_THREADS", "1")},
         "one_process": summarize_rank(one["ranks"][0], estimate_per_rank(args, 1, "none")),
@@ -223,6 +224,8 @@ def main() -> None:
         sub.add_argument("--lora-r", dest="lora_r", type=int, default=16)
         sub.add_argument("--quantization", default="none", choices=("none", "4bit"),
                          help="The base: fp32, or 4-bit NF4 through bitsandbytes (QLoRA, sharded alike).")
+        sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                         help="The base's dtype (bfloat16: a GPU run's mix, with fp32 adapters and heads).")
     parser.add_argument("--model", default="smollm2-135m", help="The bundled model, or a model directory.")
     parser.add_argument("--json", type=Path, default=Path("runs/sharding/sharding.json"))
     args = parser.parse_args()

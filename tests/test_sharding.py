@@ -110,17 +110,20 @@ def test_a_rank_killed_mid_run_resumes_on_two_ranks_to_the_unbroken_result(runs,
 
 @pytest.fixture(scope="module")
 def quantized_runs(tiny_model, tmp_path_factory) -> dict:
-    """The same two PPO iterations on a 4-bit base (QLoRA): one process, and 2 sharded ranks."""
+    """The same two PPO iterations on a 4-bit base (QLoRA) in a GPU run's dtypes (the base and its packed weights
+    in bf16, adapters and heads in fp32, so one FSDP unit gathers two dtypes): one process, and 2 sharded ranks."""
     directory = tmp_path_factory.mktemp("sharding-4bit")
-    return {"one": worker(tiny_model, directory / "one", 1, "--quantization", "4bit", "--save-every", "0"),
-            "fsdp2": worker(tiny_model, directory / "fsdp2", 2, "--quantization", "4bit", "--sharding", "fsdp2",
-                            "--save-every", "0")}
+    qlora = ("--quantization", "4bit", "--dtype", "bfloat16", "--save-every", "0")
+    return {"one": worker(tiny_model, directory / "one", 1, *qlora),
+            "fsdp2": worker(tiny_model, directory / "fsdp2", 2, *qlora, "--sharding", "fsdp2")}
 
 
 def test_a_4bit_base_sharded_trains_as_on_one_process(quantized_runs, runs):
     one, sharded = quantized_runs["one"], quantized_runs["fsdp2"]
     assert sharded["sharding"] == "fsdp2"
-    assert max_difference(sharded["trained"], one["trained"]) <= TOLERANCE
+    # bf16 activations: the ranks' other order of adds rounds at bf16's 3 digits (measured 1.3e-6 here)
+    assert max_difference(sharded["trained"], one["trained"]) <= 1e-5
+    assert all(v.dtype == torch.float32 for v in one["trained"].values())
     assert all(v.abs().sum() > 0 for n, v in one["trained"].items() if "lora_B" in n)
     # each rank holds half the packed 4-bit weights (and the fp32 embeddings and norms), a quarter-ish of fp32's
     assert [rank["base_bytes"] for rank in sharded["ranks"]] == [one["ranks"][0]["base_bytes"] // 2] * 2
