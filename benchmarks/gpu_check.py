@@ -447,8 +447,8 @@ def sharded_worker(settings: dict) -> None:
     print(json.dumps({
         "device_bytes_after_loading": loaded, "device_bytes_after_wrapping": wrapped,
         "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-        "all_on_device": all(p.device.type == device.type for p in model.parameters())
-        and all(p.device.type == device.type for p in model.reward_head.parameters()),
+        # the reward head FSDP ignores is one of the model's parameters too
+        "all_on_device": all(p.device.type == device.type for p in model.parameters()),
         "generated_tokens": sequences.shape[1] - prompt,
         "finite_gradients": all(bool(torch.isfinite(g).all()) for g in grads.values()),
         "nonzero_adapter_gradients": bool(lora_b) and all(bool(g.abs().sum() > 0) for g in lora_b)}))
