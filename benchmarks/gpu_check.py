@@ -420,7 +420,7 @@ def sharded_worker(settings: dict) -> None:
 
     from hydra_rlhf.config import HydraModelConfig
     from hydra_rlhf.model.hydra import HydraModel
-    from hydra_rlhf.model.sharding import distribute, end_processes
+    from hydra_rlhf.model.sharding import distribute, end_process_group
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -452,7 +452,7 @@ def sharded_worker(settings: dict) -> None:
         "generated_tokens": sequences.shape[1] - prompt,
         "finite_gradients": all(bool(torch.isfinite(g).all()) for g in grads.values()),
         "nonzero_adapter_gradients": bool(lora_b) and all(bool(g.abs().sum() > 0) for g in lora_b)}))
-    end_processes()
+    end_process_group()
 
 
 PARTS = (

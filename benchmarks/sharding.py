@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     from hydra_rlhf.memory.profiler import storage_bytes, summarize
     from hydra_rlhf.model.hydra import HydraModel
     from hydra_rlhf.model.loading import load_tokenizer, resolve_model
-    from hydra_rlhf.model.sharding import end_processes, trained_state
+    from hydra_rlhf.model.sharding import end_process_group, trained_state
     from hydra_rlhf.run import make_accelerator
     from hydra_rlhf.trainer import RLTrainer
 
@@ -119,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
               "iterations_run": iterations_run}
     if rank == 0:
         torch.save(result, Path(args.output) / f"result-{world}.pt")
-    end_processes()
+    end_process_group()
 
 
 def max_difference(a: dict, b: dict) -> float:

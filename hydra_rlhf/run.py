@@ -18,7 +18,7 @@ from .model.hydra import HydraModel
 from .layout import objective_info
 from .memory.plan import AUTO_LEVERS, lever_value, plan_memory
 from .memory.profiler import stage_table, storage_bytes, wide_console
-from .model.sharding import end_processes, is_distributed, load_device, trained_state
+from .model.sharding import end_process_group, is_distributed, load_device, trained_state
 
 logger = logging.getLogger(__name__)
 PLAN_FILE = "memory_plan.json"  # what levers auto chose for the run, and from which budget
@@ -124,7 +124,7 @@ def run_rl(model_config: HydraModelConfig, config: RLConfig, accelerator=None, c
             console.print(f"measure: {summary['measure']}")
         summary["wall_seconds"] = time.perf_counter() - started
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    end_processes(accelerator)  # last: it ends the process group the gathers above use
+    end_process_group(accelerator)  # last: it ends the process group the gathers above use
     return summary
 
 

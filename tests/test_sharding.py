@@ -246,18 +246,18 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(tiny_model, promp
 FINISHED_RANK = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from hydra_rlhf.model.sharding import end_processes
+from hydra_rlhf.model.sharding import end_process_group
 sys.setswitchinterval(5.0)  # the main thread keeps the interpreter lock from its last collective to shutdown
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (2,))  # holds the group past destroy_process_group, as a sharded model's mesh does
 gathered = torch.empty(4)
 dist.all_gather_into_tensor(gathered, torch.ones(2))
-end_processes()
+end_process_group()
 """
 
 
 def test_a_finished_rank_exits_cleanly_after_its_last_collective(tmp_path):
-    # Without the wait in end_processes, 11 of 20 such runs aborted here after their last line ("terminate called
+    # Without the wait in end_process_group, 11 of 20 such runs aborted here after their last line ("terminate called
     # without an active exception"); with it, none of 20. Five clean runs would pass by chance 2% of the time.
     script = tmp_path / "finished_rank.py"
     script.write_text(FINISHED_RANK)

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # HydraModel methods that read the root unit's parameters: each is an FSDP forward.
 ENTRY_POINTS = ("generate", "frozen_scores", "policy_scores", "values", "rewards")
-# How long a finished process lets its process groups' threads free their last tensors (``end_processes``). A
+# How long a finished process lets its process groups' threads free their last tensors (``end_process_group``). A
 # 2-process script that holds the interpreter lock from its last collective to shutdown aborted in 11 of 20 runs
 # without the wait and in none of 20 with it; 50 ms already ended every abort of another such script (40 runs).
 THREADS_FINISH_SECONDS = 0.2
@@ -216,7 +216,7 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def end_processes(accelerator=None) -> None:
+def end_process_group(accelerator=None) -> None:
     """End the run's process group (with accelerate's trackers when given ``accelerator``), then let its worker
     threads finish before Python shuts down.
 
