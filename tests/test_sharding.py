@@ -242,7 +242,6 @@ def test_accelerate_launch_with_the_fsdp2_config_shards_on_cpu(tiny_model, promp
     assert (output / "final" / "sft" / "actor" / "adapter_model.safetensors").is_file()
 
 
-
 FINISHED_RANK = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -262,7 +261,6 @@ def test_a_finished_rank_exits_cleanly_after_its_last_collective(tmp_path):
     script = tmp_path / "finished_rank.py"
     script.write_text(FINISHED_RANK)
     for _ in range(5):
-        result = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script)], timeout=120, check=False,
-                     env={"OMP_NUM_THREADS": "1"})
-        assert result.returncode == 0, result.stderr[-2000:]
+        result = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script)], timeout=120,
+                     env={"OMP_NUM_THREADS": "1"})  # fails on an abort's non-zero exit, with its stderr
         assert "terminate called" not in result.stderr

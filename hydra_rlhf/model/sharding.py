@@ -228,10 +228,10 @@ def end_process_group(accelerator=None) -> None:
     it to the end), so this waits with the lock released."""
     import time
 
-    ended = torch.distributed.is_available() and torch.distributed.is_initialized()
+    running = torch.distributed.is_available() and torch.distributed.is_initialized()
     if accelerator is not None:
         accelerator.end_training()
-    elif ended:
+    elif running:
         torch.distributed.destroy_process_group()
-    if ended:
+    if running:
         time.sleep(THREADS_FINISH_SECONDS)
